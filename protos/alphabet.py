@@ -1,0 +1,40 @@
+"""The ESM-2 alphabet, without torch: token order, accepted residues, tokenization.
+
+Mirrors `esm.data.Alphabet.from_architecture("ESM-1b")` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import re
+
+VOCAB_TOKENS: tuple[str, ...] = (
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N",
+    "F", "Y", "M", "H", "W", "C", "X", "B", "U", "Z", "O", ".", "-",
+    "<null_1>", "<mask>",
+)  # fmt: skip
+TOKEN_INDEX: dict[str, int] = {token: i for i, token in enumerate(VOCAB_TOKENS)}
+CLS_INDEX = TOKEN_INDEX["<cls>"]
+PAD_INDEX = TOKEN_INDEX["<pad>"]
+EOS_INDEX = TOKEN_INDEX["<eos>"]
+MASK_INDEX = TOKEN_INDEX["<mask>"]
+MASK_TOKEN = "<mask>"
+
+STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
+EXTENDED_RESIDUES = "XBUZO"
+GAP = "-"
+# Every single character a sequence may hold. "." is in the vocabulary but is
+# not a residue, so it is refused like any other unknown character.
+ACCEPTED_CHARACTERS = frozenset(STANDARD_RESIDUES + EXTENDED_RESIDUES + GAP)
+
+_TOKEN_PATTERN = re.compile(re.escape(MASK_TOKEN) + "|.", re.DOTALL)
+
+
+def split_tokens(sequence: str) -> list[str]:
+    """Splits a sequence into tokens: one per character, `<mask>` as one token."""
+    return _TOKEN_PATTERN.findall(sequence)
+
+
+def encode_tokens(tokens: list[str]) -> list[int]:
+    """Token ids with <cls> and <eos> around them, as fair-esm's batch converter makes."""
+    return [CLS_INDEX, *(TOKEN_INDEX[token] for token in tokens), EOS_INDEX]

@@ -1,0 +1,152 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Include(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INCLUDE_UNSPECIFIED: _ClassVar[Include]
+    INCLUDE_MEAN: _ClassVar[Include]
+    INCLUDE_PER_TOKEN: _ClassVar[Include]
+    INCLUDE_BOS: _ClassVar[Include]
+    INCLUDE_CONTACTS: _ClassVar[Include]
+    INCLUDE_LOGITS: _ClassVar[Include]
+    INCLUDE_ATTENTIONS: _ClassVar[Include]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+INCLUDE_UNSPECIFIED: Include
+INCLUDE_MEAN: Include
+INCLUDE_PER_TOKEN: Include
+INCLUDE_BOS: Include
+INCLUDE_CONTACTS: Include
+INCLUDE_LOGITS: Include
+INCLUDE_ATTENTIONS: Include
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+
+class Item(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: str
+    def __init__(self, sequence: _Optional[str] = ...) -> None: ...
+
+class EncodeParams(_message.Message):
+    __slots__ = ("repr_layers", "include", "dtype")
+    REPR_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    repr_layers: _containers.RepeatedScalarFieldContainer[int]
+    include: _containers.RepeatedScalarFieldContainer[Include]
+    dtype: DType
+    def __init__(self, repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[Include, str]]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("items", "params")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    params: EncodeParams
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., params: _Optional[_Union[EncodeParams, _Mapping]] = ...) -> None: ...
+
+class PredictParams(_message.Message):
+    __slots__ = ("dtype",)
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("items", "params")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    params: PredictParams
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., params: _Optional[_Union[PredictParams, _Mapping]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("kind", "layer", "tensor", "offset")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    kind: Include
+    layer: int
+    tensor: Tensor
+    offset: int
+    def __init__(self, kind: _Optional[_Union[Include, str]] = ..., layer: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ItemComplete(_message.Message):
+    __slots__ = ("vocab_tokens", "sequence_tokens", "model")
+    VOCAB_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    vocab_tokens: _containers.RepeatedScalarFieldContainer[str]
+    sequence_tokens: _containers.RepeatedScalarFieldContainer[str]
+    model: ModelInfo
+    def __init__(self, vocab_tokens: _Optional[_Iterable[str]] = ..., sequence_tokens: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ResultChunk(_message.Message):
+    __slots__ = ("sequence_index", "chunk", "complete")
+    SEQUENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    sequence_index: int
+    chunk: TensorChunk
+    complete: ItemComplete
+    def __init__(self, sequence_index: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., complete: _Optional[_Union[ItemComplete, _Mapping]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "checkpoint_sha256", "random_weights", "device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    checkpoint_sha256: str
+    random_weights: bool
+    device: str
+    def __init__(self, name: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "model", "last_seen_unix_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    model: ModelInfo
+    last_seen_unix_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., last_seen_unix_s: _Optional[float] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("workers", "queue_depth", "any_random_weights")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ANY_RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    queue_depth: int
+    any_random_weights: bool
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., any_random_weights: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""The packed-tensor codec: numpy arrays <-> `esm2.v1.Tensor` chunks.
+
+A tensor travels as little-endian, C-order bytes with its dtype and full shape.
+Large tensors are split into chunks of at most `MAX_CHUNK_BYTES`, so every
+message stays under gRPC's default 4 MiB limit. bfloat16 has no numpy dtype:
+it travels as the upper 16 bits of float32 (round to nearest even) and is
+decoded back to float32 exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+
+# Leaves room for the other fields of a ResultChunk under 4 MiB (4,194,304 bytes).
+MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+_WIRE_NUMPY_DTYPE = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),
+}
+
+
+def element_size(dtype: int) -> int:
+    return _WIRE_NUMPY_DTYPE[resolve_dtype(dtype)].itemsize
+
+
+def resolve_dtype(dtype: int) -> int:
+    """DTYPE_UNSPECIFIED means float32."""
+    return pb.DTYPE_FLOAT32 if dtype == pb.DTYPE_UNSPECIFIED else dtype
+
+
+def to_wire_bytes(array: np.ndarray, dtype: int) -> bytes:
+    """Encodes a float array as `dtype` bytes (little-endian, C order)."""
+    dtype = resolve_dtype(dtype)
+    if dtype == pb.DTYPE_BFLOAT16:
+        return float32_to_bfloat16_bits(array).tobytes()
+    return np.ascontiguousarray(array, dtype=_WIRE_NUMPY_DTYPE[dtype]).tobytes()
+
+
+def float32_to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4").astype(np.uint64)
+    rounding = ((bits >> 16) & 1) + 0x7FFF  # round to nearest, ties to even
+    upper = ((bits + rounding) >> 16).astype("<u2")
+    nan = np.isnan(np.asarray(array, dtype=np.float32))
+    upper[nan] = 0x7FC0
+    return upper
+
+
+def chunk_messages(
+    kind: int, layer: int, shape: tuple[int, ...], dtype: int, data: bytes, offset: int = 0
+) -> Iterator[pb.TensorChunk]:
+    """Splits `data` (bytes [offset, offset + len(data)) of a tensor) into TensorChunks."""
+    dtype = resolve_dtype(dtype)
+    view = memoryview(data)
+    start = 0
+    while True:
+        part = view[start : start + MAX_CHUNK_BYTES]
+        yield pb.TensorChunk(
+            kind=kind,
+            layer=layer,
+            offset=offset + start,
+            tensor=pb.Tensor(dtype=dtype, shape=shape, data=bytes(part)),
+        )
+        start += len(part)
+        if start >= len(data):
+            return
+
+
+class TensorAssembler:
+    """Rebuilds one tensor from its chunks, which may arrive in any order."""
+
+    def __init__(self, dtype: int, shape: tuple[int, ...]):
+        self.dtype = resolve_dtype(dtype)
+        self.shape = tuple(shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * element_size(self.dtype)
+        self._buffer = bytearray(self.nbytes)
+        self._received = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        data = chunk.tensor.data
+        end = chunk.offset + len(data)
+        if tuple(chunk.tensor.shape) != self.shape or resolve_dtype(chunk.tensor.dtype) != self.dtype:
+            raise ValueError("chunk disagrees with the tensor's dtype or shape")
+        if chunk.offset < 0 or end > self.nbytes:
+            raise ValueError(f"chunk bytes [{chunk.offset}, {end}) outside tensor of {self.nbytes}")
+        self._buffer[chunk.offset : end] = data
+        self._received += len(data)
+
+    @property
+    def complete(self) -> bool:
+        return self._received == self.nbytes
+
+    def array(self) -> np.ndarray:
+        """The tensor as numpy: float32 for FLOAT32 and BFLOAT16, float16 for FLOAT16."""
+        if not self.complete:
+            raise ValueError(f"tensor incomplete: {self._received} of {self.nbytes} bytes")
+        raw = np.frombuffer(self._buffer, dtype=_WIRE_NUMPY_DTYPE[self.dtype])
+        if self.dtype == pb.DTYPE_BFLOAT16:
+            raw = (raw.astype("<u4") << 16).view("<f4")
+        return raw.astype(raw.dtype.newbyteorder("="), copy=False).reshape(self.shape)

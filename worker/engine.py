@@ -1,0 +1,212 @@
+"""Turns a batch of work items into packed output tensors.
+
+The engine owns one model on one device. It knows nothing of Redis: the queue loop
+hands it items and an `emit` callback, and receives every output tensor as wire
+bytes as soon as it exists (attention maps while the last layer still runs), so
+no output is held longer than it must be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from esm2_service.alphabet import MASK_INDEX
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.tensors import element_size, resolve_dtype
+from esm2_service.worker.model import Esm2, ForwardPlan, PackedBatch
+
+EMBEDDING_KINDS = (pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One sequence to run and what to return for it."""
+
+    token_ids: tuple[int, ...]  # <cls> ... <eos>
+    include: frozenset[int]  # pb.INCLUDE_*; Predict asks for masked-position logits only
+    repr_layers: tuple[int, ...] = ()  # resolved, 0..num_layers
+    dtype: int = pb.DTYPE_FLOAT32
+    predict: bool = False
+
+    @property
+    def residues(self) -> int:
+        return len(self.token_ids) - 2
+
+
+@dataclass(frozen=True)
+class TensorOutput:
+    """Bytes [offset, offset + len(data)) of one output tensor of one item."""
+
+    item: int  # position of the item in the list given to `run`
+    kind: int
+    layer: int
+    shape: tuple[int, ...]
+    data: bytes
+    offset: int = 0
+
+
+Emit = Callable[[TensorOutput], None]
+
+_TORCH_WIRE_DTYPE = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+}
+
+
+def wire_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
+    """A tensor as little-endian C-order bytes of `dtype` (bfloat16 as raw bits)."""
+    converted = tensor.detach().to(_TORCH_WIRE_DTYPE[resolve_dtype(dtype)]).contiguous()
+    if converted.dtype == torch.bfloat16:
+        converted = converted.view(torch.int16)
+    return converted.cpu().numpy().tobytes()
+
+
+class Engine:
+    """Runs work items through one `Esm2` on one device."""
+
+    def __init__(self, model: Esm2, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[WorkItem], emit: Emit) -> None:
+        """Runs `items` as one packed batch; calls `emit` for every output tensor."""
+        batch = PackedBatch.from_token_lists([item.token_ids for item in items], self.device)
+        contacts = _ContactAccumulator(self.model, items)
+        attentions = _AttentionEmitter(
+            items, emit, self.model.attention_heads, self.model.num_layers
+        )
+
+        def observe(layer: int, sequence: int, first_head: int, probs: torch.Tensor) -> None:
+            if pb.INCLUDE_CONTACTS in items[sequence].include:
+                contacts.add(layer, sequence, first_head, probs)
+            if layer == self.model.num_layers and pb.INCLUDE_ATTENTIONS in items[sequence].include:
+                attentions.add(sequence, first_head, probs)
+
+        plan = ForwardPlan(
+            repr_layers=frozenset(layer for item in items for layer in _embedding_layers(item)),
+            attention_maps=self._attention_maps(items),
+            attention_observer=observe,
+        )
+        final, hidden = self.model(batch, plan)
+        for index, item in enumerate(items):
+            self._emit_embeddings(index, item, batch, hidden, emit)
+        self._emit_logits(items, batch, final, emit)
+        contacts.emit_all(emit)
+
+    def _attention_maps(self, items: Sequence[WorkItem]) -> dict[int, frozenset[int]]:
+        last = self.model.num_layers
+        maps: dict[int, set[int]] = {}
+        for index, item in enumerate(items):
+            if pb.INCLUDE_CONTACTS in item.include:
+                for layer in range(1, last + 1):
+                    maps.setdefault(layer, set()).add(index)
+            if pb.INCLUDE_ATTENTIONS in item.include:
+                maps.setdefault(last, set()).add(index)
+        return {layer: frozenset(sequences) for layer, sequences in maps.items()}
+
+    @staticmethod
+    def _emit_embeddings(index, item, batch, hidden, emit) -> None:
+        start = batch.offsets[index]
+        for layer in _embedding_layers(item):
+            states = hidden[layer]
+            residues = states[start + 1 : start + 1 + item.residues]  # (L, E)
+            tensors = {
+                pb.INCLUDE_MEAN: lambda r=residues: r.mean(0),
+                pb.INCLUDE_PER_TOKEN: lambda r=residues: r,
+                pb.INCLUDE_BOS: lambda s=states: s[start],
+            }
+            for kind in EMBEDDING_KINDS:
+                if kind in item.include:
+                    tensor = tensors[kind]()
+                    data = wire_bytes(tensor, item.dtype)
+                    emit(TensorOutput(index, kind, layer, tuple(tensor.shape), data))
+
+    def _emit_logits(self, items, batch, final, emit) -> None:
+        """One LM-head pass over every row any item needs, then sliced per item."""
+        wanted = [(index, _logit_rows(item, batch, index)) for index, item in enumerate(items)]
+        wanted = [(index, rows) for index, rows in wanted if rows is not None]
+        if not wanted:
+            return
+        logits = self.model.logits(final[torch.cat([rows for _, rows in wanted])])
+        start = 0
+        for index, rows in wanted:
+            part = logits[start : start + rows.numel()]
+            start += rows.numel()
+            data = wire_bytes(part, items[index].dtype)
+            emit(TensorOutput(index, pb.INCLUDE_LOGITS, 0, tuple(part.shape), data))
+
+
+def _embedding_layers(item: WorkItem) -> tuple[int, ...]:
+    return item.repr_layers if item.include.intersection(EMBEDDING_KINDS) else ()
+
+
+def _logit_rows(item: WorkItem, batch: PackedBatch, index: int) -> torch.Tensor | None:
+    start = batch.offsets[index]
+    if item.predict:
+        tokens = batch.tokens[batch.rows(index)]
+        return start + torch.nonzero(tokens == MASK_INDEX).flatten()
+    if pb.INCLUDE_LOGITS in item.include:
+        return torch.arange(start + 1, start + 1 + item.residues, device=batch.tokens.device)
+    return None
+
+
+class _ContactAccumulator:
+    """fair-esm's contact head, accumulated one block of attention maps at a time.
+
+    fair-esm stacks all layers x heads maps, symmetrises each, applies APC and a
+    logistic regression over the stack. All of that is linear per map up to the
+    sigmoid, so the weighted sum is built map by map and nothing is stacked:
+    sum_h w_h * APC(A_h + A_h^T) = M + M^T - a^T diag(w / a12) a, with
+    M = sum_h w_h A_h, a the row sums of each symmetrised map and a12 their totals.
+    """
+
+    def __init__(self, model: Esm2, items: Sequence[WorkItem]):
+        self.weight = model.contact_weight  # (layers, heads)
+        self.bias = model.contact_bias
+        self.items = items
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def add(self, layer: int, sequence: int, first_head: int, probs: torch.Tensor) -> None:
+        residues = self.items[sequence].residues
+        maps = probs[:, 1 : residues + 1, 1 : residues + 1]  # drop <cls>, <eos>: (h, L, L)
+        weight = self.weight[layer - 1, first_head : first_head + maps.shape[0]].to(maps.dtype)
+        weighted = torch.einsum("h,hij->ij", weight, maps)
+        row_sums = maps.sum(-1) + maps.sum(-2)  # (h, L): rows of A + A^T
+        totals = row_sums.sum(-1)  # (h,)
+        correction = (row_sums * (weight / totals).unsqueeze(-1)).transpose(0, 1) @ row_sums
+        update = weighted + weighted.transpose(0, 1) - correction
+        if sequence in self.sums:
+            self.sums[sequence] += update
+        else:
+            self.sums[sequence] = update
+
+    def emit_all(self, emit: Emit) -> None:
+        for sequence, total in sorted(self.sums.items()):
+            contacts = torch.sigmoid(total + self.bias)
+            data = wire_bytes(contacts, self.items[sequence].dtype)
+            emit(TensorOutput(sequence, pb.INCLUDE_CONTACTS, 0, tuple(contacts.shape), data))
+        self.sums.clear()
+
+
+class _AttentionEmitter:
+    """Streams last-layer attention maps out a block of heads at a time."""
+
+    def __init__(self, items: Sequence[WorkItem], emit: Emit, heads: int, layer: int):
+        self.items = items
+        self.emit = emit
+        self.heads = heads
+        self.layer = layer
+
+    def add(self, sequence: int, first_head: int, probs: torch.Tensor) -> None:
+        item = self.items[sequence]
+        residues = item.residues
+        maps = probs[:, 1 : residues + 1, 1 : residues + 1]
+        offset = first_head * residues * residues * element_size(item.dtype)
+        shape = (self.heads, residues, residues)
+        data = wire_bytes(maps, item.dtype)
+        self.emit(TensorOutput(sequence, pb.INCLUDE_ATTENTIONS, self.layer, shape, data, offset))

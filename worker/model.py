@@ -1,0 +1,261 @@
+"""ESM-2's forward pass over packed variable-length batches.
+
+The same computation as fair-esm's `ESM2.forward` (rotary attention, token-dropout
+scaling, pre-norm layers, final layer norm), arranged for serving:
+
+- Sequences are packed end to end, `(N, E)` with N the total token count, so no
+  work is spent on padding: every matrix product runs over real tokens only, and
+  attention runs per sequence.
+- Attention uses fused scaled-dot-product attention unless a caller needs the
+  maps; then they are computed a few heads at a time and handed to an observer,
+  so memory stays bounded at any length.
+- Only the requested hidden states are kept, and the LM head runs only on the
+  rows asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esm2_service.alphabet import MASK_INDEX, PAD_INDEX, VOCAB_TOKENS
+from esm2_service.worker.checkpoint import Checkpoint
+
+# fair-esm's token dropout: training masked 15% x 80% of tokens; at inference the
+# embedding is rescaled by how many tokens this sequence actually masks.
+_MASK_RATIO_TRAIN = 0.15 * 0.8
+# Bounds the memory of one explicit attention block (heads x T x T fp32 scores).
+_MAX_ATTENTION_BLOCK_BYTES = 64 * 1024 * 1024
+_LAYER_NORM_EPS = 1e-5
+
+# observer(layer, sequence, first_head, probs (heads, T, T)); layer counts from 1.
+AttentionObserver = Callable[[int, int, int, torch.Tensor], None]
+
+
+@dataclass
+class PackedBatch:
+    """Token ids of several sequences laid end to end."""
+
+    tokens: torch.Tensor  # (N,) long, each sequence as <cls> ... <eos>
+    lengths: list[int]  # tokens per sequence, <cls> and <eos> included
+    offsets: list[int] = field(init=False)  # first row of each sequence
+    positions: torch.Tensor = field(init=False)  # (N,) position within its sequence
+    sequence_ids: torch.Tensor = field(init=False)  # (N,) which sequence a row belongs to
+
+    def __post_init__(self) -> None:
+        self.offsets = [0]
+        for length in self.lengths[:-1]:
+            self.offsets.append(self.offsets[-1] + length)
+        device = self.tokens.device
+        lengths = torch.tensor(self.lengths, device=device)
+        self.sequence_ids = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+        starts = torch.tensor(self.offsets, device=device)
+        self.positions = torch.arange(self.tokens.numel(), device=device) - starts[self.sequence_ids]
+
+    @classmethod
+    def from_token_lists(cls, token_lists: Sequence[Sequence[int]], device: torch.device | str = "cpu"):
+        flat = [token for tokens in token_lists for token in tokens]
+        tokens = torch.tensor(flat, dtype=torch.long, device=device)
+        return cls(tokens=tokens, lengths=[len(tokens) for tokens in token_lists])
+
+    def rows(self, sequence: int) -> slice:
+        start = self.offsets[sequence]
+        return slice(start, start + self.lengths[sequence])
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What one forward pass must produce."""
+
+    repr_layers: frozenset[int] = frozenset()  # 0 (embeddings) .. num_layers (final, normed)
+    # Sequences whose attention maps the observer receives, per layer (1-based).
+    attention_maps: dict[int, frozenset[int]] = field(default_factory=dict)
+    attention_observer: AttentionObserver | None = None
+
+
+class RotaryTable(nn.Module):
+    """cos/sin tables of fair-esm's RotaryEmbedding, looked up by position."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cos = self._sin = None
+
+    def lookup(self, positions: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.shape[0] < max_length or self._cos.device != positions.device:
+            t = torch.arange(max(max_length, 1024), device=positions.device).type_as(self.inv_freq)
+            freqs = torch.outer(t, self.inv_freq.to(positions.device))
+            table = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = table.cos(), table.sin()
+        # (N, D) => (N, 1, D): broadcast over heads
+        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class EncoderLayer(nn.Module):
+    """One pre-norm transformer layer; q, k and v projections fused in one matrix."""
+
+    def __init__(self, embed_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = embed_dim // heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.ffn_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
+        self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
+        self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
+
+    def forward(self, x, batch, rotary, map_sequences, on_maps):
+        n, e = x.shape
+        qkv = self.qkv(self.attention_norm(x)).view(n, 3, self.heads, self.head_dim)
+        cos, sin = rotary
+        q = qkv[:, 0] * cos + _rotate_half(qkv[:, 0]) * sin  # (N, H, D)
+        k = qkv[:, 1] * cos + _rotate_half(qkv[:, 1]) * sin
+        v = qkv[:, 2]
+        context = torch.empty((n, self.heads, self.head_dim), dtype=x.dtype, device=x.device)
+        for sequence in range(len(batch.lengths)):
+            rows = batch.rows(sequence)
+            # (T, H, D) => (H, T, D)
+            qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))
+            if sequence in map_sequences:
+                out = self._attention_with_maps(qs, ks, vs, lambda h, p, s=sequence: on_maps(s, h, p))
+            else:
+                out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)
+            context[rows] = out.transpose(0, 1)
+        x = x + self.out_proj(context.view(n, e))
+        return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
+
+    def _attention_with_maps(self, q, k, v, on_maps):
+        """Explicit softmax attention, a block of heads at a time; each block's
+        probabilities (heads, T, T) go to `on_maps` before they are freed."""
+        t = q.shape[1]
+        block = max(1, min(self.heads, _MAX_ATTENTION_BLOCK_BYTES // (4 * t * t)))
+        outputs = []
+        for first in range(0, self.heads, block):
+            heads = slice(first, first + block)
+            scores = torch.matmul(q[heads] * self.scaling, k[heads].transpose(1, 2))
+            probs = torch.softmax(scores.float(), dim=-1)  # fair-esm's softmax is fp32
+            del scores
+            outputs.append(torch.matmul(probs.to(v.dtype), v[heads]))
+            on_maps(first, probs)
+        return torch.cat(outputs, dim=0)
+
+
+class LanguageModelHead(nn.Module):
+    """RobertaLMHead: dense, GELU, layer norm, then the (tied) embedding matrix."""
+
+    def __init__(self, embed_dim: int, vocab_size: int):
+        super().__init__()
+        self.dense = nn.Linear(embed_dim, embed_dim)
+        self.layer_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
+        self.weight = nn.Parameter(torch.empty(vocab_size, embed_dim))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.layer_norm(F.gelu(self.dense(x))), self.weight) + self.bias
+
+
+class Esm2(nn.Module):
+    """ESM-2 for inference on packed batches. Build with `Esm2.from_checkpoint`."""
+
+    def __init__(self, num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool):
+        super().__init__()
+        self.num_layers = num_layers
+        self.embed_dim = embed_dim
+        self.attention_heads = attention_heads
+        self.token_dropout = token_dropout
+        self.embed_tokens = nn.Embedding(len(VOCAB_TOKENS), embed_dim, padding_idx=PAD_INDEX)
+        self.layers = nn.ModuleList(EncoderLayer(embed_dim, attention_heads) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
+        self.lm_head = LanguageModelHead(embed_dim, len(VOCAB_TOKENS))
+        self.rotary = RotaryTable(embed_dim // attention_heads)
+        self.register_buffer("contact_weight", torch.zeros(num_layers, attention_heads))
+        self.register_buffer("contact_bias", torch.zeros(()))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> Esm2:
+        model = cls(
+            checkpoint.num_layers,
+            checkpoint.embed_dim,
+            checkpoint.attention_heads,
+            checkpoint.token_dropout,
+        )
+        model.load_state_dict(_state_from_fair_esm(checkpoint.state_dict, checkpoint.num_layers))
+        return model.eval()
+
+    def forward(self, batch: PackedBatch, plan: ForwardPlan) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Returns the final hidden states (N, E), after the last layer norm, and the
+        hidden states of `plan.repr_layers` by layer."""
+        x = self._embed(batch)
+        hidden = {0: x} if 0 in plan.repr_layers else {}
+        rotary = self.rotary.lookup(batch.positions, max(batch.lengths))
+        for index, layer in enumerate(self.layers, start=1):
+            map_sequences = plan.attention_maps.get(index, frozenset())
+
+            def on_maps(sequence, first_head, probs, layer_index=index):
+                plan.attention_observer(layer_index, sequence, first_head, probs)
+
+            x = layer(x, batch, rotary, map_sequences, on_maps)
+            if index in plan.repr_layers and index < self.num_layers:
+                hidden[index] = x
+        x = self.final_norm(x)
+        if self.num_layers in plan.repr_layers:
+            hidden[self.num_layers] = x
+        return x, hidden
+
+    def _embed(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.tokens)  # (N, E)
+        if self.token_dropout:
+            is_mask = batch.tokens == MASK_INDEX
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            lengths = torch.tensor(batch.lengths, device=x.device, dtype=x.dtype)
+            masked = torch.zeros(len(batch.lengths), device=x.device, dtype=x.dtype)
+            masked.index_add_(0, batch.sequence_ids, is_mask.to(x.dtype))
+            scale = (1 - _MASK_RATIO_TRAIN) / (1 - masked / lengths)
+            x = x * scale[batch.sequence_ids].unsqueeze(-1)
+        return x
+
+    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, E) final hidden states => (rows, vocab) logits."""
+        return self.lm_head(final_hidden)
+
+
+def _state_from_fair_esm(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Renames fair-esm's parameters to ours and fuses each layer's q, k, v."""
+    ours = {
+        "embed_tokens.weight": state["embed_tokens.weight"],
+        "final_norm.weight": state["emb_layer_norm_after.weight"],
+        "final_norm.bias": state["emb_layer_norm_after.bias"],
+        "contact_weight": state["contact_head.regression.weight"].reshape(num_layers, -1),
+        "contact_bias": state["contact_head.regression.bias"].reshape(()),
+    }
+    for name in ("dense.weight", "dense.bias", "layer_norm.weight", "layer_norm.bias", "weight", "bias"):
+        ours[f"lm_head.{name}"] = state[f"lm_head.{name}"]
+    renames = {
+        "self_attn_layer_norm": "attention_norm",
+        "self_attn.out_proj": "out_proj",
+        "final_layer_norm": "ffn_norm",
+        "fc1": "fc1",
+        "fc2": "fc2",
+    }
+    for i in range(num_layers):
+        theirs = f"layers.{i}."
+        for old, new in renames.items():
+            for suffix in ("weight", "bias"):
+                ours[f"layers.{i}.{new}.{suffix}"] = state[f"{theirs}{old}.{suffix}"]
+        for suffix in ("weight", "bias"):
+            parts = [state[f"{theirs}self_attn.{p}_proj.{suffix}"] for p in "qkv"]
+            ours[f"layers.{i}.qkv.{suffix}"] = torch.cat(parts, dim=0)
+    return ours
+
