@@ -1,0 +1,23 @@
+"""Python clients and the `esm2` command line of the ESM-2 8M gRPC service.
+
+Imports neither torch nor redis.
+"""
+
+from .client import AsyncEsm2Client, Esm2Client
+from .results import (
+    EncodeResult,
+    IncompleteResultError,
+    ModelInfo,
+    PredictResult,
+    ResultStreamError,
+)
+
+__all__ = [
+    "AsyncEsm2Client",
+    "EncodeResult",
+    "Esm2Client",
+    "IncompleteResultError",
+    "ModelInfo",
+    "PredictResult",
+    "ResultStreamError",
+]

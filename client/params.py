@@ -95,9 +95,7 @@ class EncodeSpec:
     def request(self, sequences: list[str]) -> pb.EncodeRequest:
         return pb.EncodeRequest(
             items=[pb.Item(sequence=sequence) for sequence in sequences],
-            params=pb.EncodeParams(
-                repr_layers=self.layers, include=self.include, dtype=self.dtype
-            ),
+            params=pb.EncodeParams(repr_layers=self.layers, include=self.include, dtype=self.dtype),
         )
 
     def result(self, item: CompletedItem, sequence_index: int) -> EncodeResult:

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from esm2_service.alphabet import MASK_TOKEN
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler
@@ -158,8 +157,8 @@ class StreamAssembler:
         for (kind, layer), assembler in tensors.items():
             if not assembler.complete:
                 raise IncompleteResultError(
-                    f"item {index}: {kind_name(kind)} layer {layer} lacks bytes "
-                    f"of its {assembler.nbytes} at the item's ItemComplete"
+                    f"item {index}: {kind_name(kind)} layer {layer} incomplete at the "
+                    f"item's ItemComplete (of {assembler.nbytes} bytes)"
                 )
         arrays = {key: assembler.array() for key, assembler in tensors.items()}
         self._done[index] = CompletedItem(index, arrays, complete)

@@ -63,10 +63,13 @@ def safe_torch_load(path: Path) -> dict:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects outside the allow-list "
-            f"(tensors, containers, argparse.Namespace). torch said: {error}"
-        ) from error
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsupported:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds {unsupported.group(1)}, outside the allow-list "
+                "(tensors, containers, argparse.Namespace); it was not unpickled"
+            ) from error
+        raise CheckpointError(f"{path} is not a readable torch checkpoint") from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {error}") from error
 

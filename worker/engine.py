@@ -8,8 +8,7 @@ no output is held longer than it must be.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
@@ -17,38 +16,10 @@ from esm2_service.alphabet import MASK_INDEX
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import element_size, resolve_dtype
 from esm2_service.worker.model import Esm2, ForwardPlan, PackedBatch
+from esm2_service.worker.work import Emit, TensorOutput, WorkItem
 
 EMBEDDING_KINDS = (pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS)
 
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One sequence to run and what to return for it."""
-
-    token_ids: tuple[int, ...]  # <cls> ... <eos>
-    include: frozenset[int]  # pb.INCLUDE_*; Predict asks for masked-position logits only
-    repr_layers: tuple[int, ...] = ()  # resolved, 0..num_layers
-    dtype: int = pb.DTYPE_FLOAT32
-    predict: bool = False
-
-    @property
-    def residues(self) -> int:
-        return len(self.token_ids) - 2
-
-
-@dataclass(frozen=True)
-class TensorOutput:
-    """Bytes [offset, offset + len(data)) of one output tensor of one item."""
-
-    item: int  # position of the item in the list given to `run`
-    kind: int
-    layer: int
-    shape: tuple[int, ...]
-    data: bytes
-    offset: int = 0
-
-
-Emit = Callable[[TensorOutput], None]
 
 _TORCH_WIRE_DTYPE = {
     pb.DTYPE_FLOAT32: torch.float32,

@@ -1,0 +1,379 @@
+"""The `esm2` command line: encode, predict and status against a running service,
+plus entry points (server, worker, serve, make-checkpoint) forwarded to the
+modules of the server and worker extras."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from esm2_service import __version__
+from esm2_service.config import env_or
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from tqdm import tqdm
+
+from .client import Esm2Client
+from .fasta import read_fasta
+from .output import NPZ_LAYOUT, npz_arrays, predict_document, predict_json, string_array
+from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, include_value
+from .results import ResultStreamError
+
+DEFAULT_TARGET = "localhost:50051"
+TARGET_ENV = "ESM2_TARGET"
+
+# command -> (module whose main(argv) runs it, extras it needs, help)
+FORWARDED: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "server": ("esm2_service.server.main", ("server",), "run the gRPC front end"),
+    "worker": ("esm2_service.worker.main", ("worker",), "run a model worker"),
+    "serve": (
+        "esm2_service.server.serve",
+        ("server", "worker"),
+        "run a server, workers and a Redis in one process tree",
+    ),
+    "make-checkpoint": (
+        "esm2_service.worker.checkpoint",
+        ("worker",),
+        "write a model checkpoint for the workers",
+    ),
+}
+# Options whose value may start with "-" ("--layers -1,0").
+_DASH_VALUE_OPTIONS = ("--layers",)
+
+Result = TypeVar("Result")
+
+
+class UsageError(Exception):
+    """A problem with the command's input, reported without a traceback (exit 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `esm2 ARGS`; returns the exit code (0 ok, 1 server error, 2 usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return forward(argv[0], argv[1:])
+    args = parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as error:
+        print_rpc_error(error)
+        return 1
+    except ResultStreamError as error:
+        print(f"error: malformed response: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def forward(command: str, argv: list[str]) -> int:
+    """Hands `argv` unchanged to the `main` of `command`'s module, imported now."""
+    module_name, extras, _ = FORWARDED[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        noun = "extra" if len(extras) == 1 else "extras"
+        print(
+            f"esm2 {command} needs the {' and '.join(extras)} {noun}: "
+            f"pip install 'esm2-service[{','.join(extras)}]' ({error})",
+            file=sys.stderr,
+        )
+        return 2
+    return module.main(argv)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed arguments of encode, predict or status; exits 2 on a usage error."""
+    return build_parser().parse_args(_join_dash_values(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esm2", description="ESM-2 8M gRPC service client.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_encode(commands)
+    _add_predict(commands)
+    status = commands.add_parser("status", help="print the service's workers and queue as JSON")
+    _add_connection_options(status)
+    status.set_defaults(handler=run_status)
+    for name, (_, _, help_text) in FORWARDED.items():
+        commands.add_parser(name, help=f"{help_text} (see esm2 {name} --help)", add_help=False)
+    return parser
+
+
+def _add_encode(commands: Any) -> None:
+    encode = commands.add_parser(
+        "encode",
+        help="embeddings and other tensors of a FASTA file, to an npz file",
+        epilog=NPZ_LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    encode.add_argument("fasta", help="input FASTA file")
+    encode.add_argument("-o", "--output", required=True, help="output .npz file")
+    encode.add_argument(
+        "--include",
+        type=_include_list,
+        default=["mean"],
+        help=f"comma-separated, any of {','.join(INCLUDE_NAMES)} (default: mean)",
+    )
+    encode.add_argument(
+        "--layers",
+        type=_int_list,
+        default=[-1],
+        help="comma-separated layers 0-6 for mean, per_token and bos; -1 is the last (default: -1)",
+    )
+    _add_dtype(encode)
+    _add_connection_options(encode)
+    _add_batching_options(encode)
+    encode.set_defaults(handler=run_encode)
+
+
+def _add_predict(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="logits and top tokens at the <mask> positions of sequences, as JSON",
+        description="Prints (or writes with -o) a JSON object: vocab_tokens, and per sequence "
+        "its id, sequence_tokens, mask_positions (indices into sequence_tokens), "
+        "predicted_tokens (the top token at each mask) and logits (one row per mask).",
+    )
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("fasta", nargs="?", help="input FASTA file")
+    source.add_argument(
+        "--sequence",
+        action="append",
+        help="a sequence with at least one <mask>; repeat for more (ids seq1, seq2, ...)",
+    )
+    predict.add_argument("-o", "--output", help="output .json file (default: stdout)")
+    _add_dtype(predict)
+    _add_connection_options(predict)
+    _add_batching_options(predict)
+    predict.set_defaults(handler=run_predict)
+
+
+def _add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", choices=list(DTYPE_NAMES), default="float32", help="wire precision"
+    )
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=env_or(TARGET_ENV, DEFAULT_TARGET),
+        help=f"service host:port (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="deadline of each request, in seconds"
+    )
+
+
+def _add_batching_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=MAX_ITEMS_PER_REQUEST,
+        choices=range(1, MAX_ITEMS_PER_REQUEST + 1),
+        metavar=f"1-{MAX_ITEMS_PER_REQUEST}",
+        help=f"sequences per request (default: {MAX_ITEMS_PER_REQUEST})",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=8,
+        help="requests in flight at once (default: 8)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _include_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        for name in names:
+            include_value(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """["--layers", "-1,0"] -> ["--layers=-1,0"], which argparse would read as an option."""
+    joined: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in _DASH_VALUE_OPTIONS:
+            value = next(tokens, None)
+            joined.append(token if value is None else f"{token}={value}")
+        else:
+            joined.append(token)
+    return joined
+
+
+def _client(args: argparse.Namespace) -> Esm2Client:
+    return Esm2Client(
+        args.target,
+        timeout_s=args.timeout,
+        max_concurrency=getattr(args, "concurrency", 1),
+        batch_size=getattr(args, "batch_size", MAX_ITEMS_PER_REQUEST),
+    )
+
+
+def _read_records(path: str) -> list[tuple[str, str]]:
+    try:
+        records = read_fasta(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if not records:
+        raise UsageError(f"{path}: no FASTA records")
+    return records
+
+
+def _run_windows(
+    records: list[tuple[str, str]],
+    call: Callable[[list[str]], list[Result]],
+    args: argparse.Namespace,
+) -> Iterator[tuple[str, Result]]:
+    """(id, result) per record, sending `batch_size * concurrency` sequences at a time."""
+    window = args.batch_size * args.concurrency
+    progress = tqdm(
+        total=len(records),
+        unit="seq",
+        file=sys.stderr,
+        disable=True if args.no_progress else None,  # None: off when stderr is no TTY
+    )
+    with progress:
+        for start in range(0, len(records), window):
+            part = records[start : start + window]
+            results = call([sequence for _, sequence in part])
+            progress.update(len(part))
+            yield from zip((record_id for record_id, _ in part), results, strict=True)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    records = _read_records(args.fasta)
+    ids = [record_id for record_id, _ in records]
+    duplicates = sorted(record_id for record_id, count in Counter(ids).items() if count > 1)
+    _check_output_dir(args.output)
+    if duplicates:
+        raise UsageError(f"{args.fasta}: duplicate record ids {duplicates}")
+    arrays: dict[str, np.ndarray] = {}
+    vocab: list[str] = []
+    random_weights = False
+    with _client(args) as client:
+        encode = partial(
+            client.encode, include=args.include, repr_layers=args.layers, dtype=args.dtype
+        )
+        for record_id, result in _run_windows(records, encode, args):
+            arrays.update(npz_arrays(record_id, result))
+            vocab = result.vocab_tokens
+            random_weights |= result.model.random_weights
+    np.savez(args.output, ids=string_array(ids), vocab_tokens=string_array(vocab), **arrays)
+    _warn_if_random(random_weights)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.fasta is not None:
+        records = _read_records(args.fasta)
+    else:
+        records = [(f"seq{i}", sequence) for i, sequence in enumerate(args.sequence, start=1)]
+    vocab: list[str] = []
+    documents: list[dict[str, Any]] = []
+    random_weights = False
+    _check_output_dir(args.output)
+    with _client(args) as client:
+        predict = partial(client.predict, dtype=args.dtype)
+        for record_id, result in _run_windows(records, predict, args):
+            documents.append(predict_json(record_id, result))
+            vocab = result.vocab_tokens
+            random_weights |= result.model.random_weights
+    _write_text(args.output, predict_document(vocab, documents))
+    _warn_if_random(random_weights)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.status()
+    print(
+        json_format.MessageToJson(
+            response,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            unquote_int64_if_possible=True,
+        )
+    )
+    _warn_if_random(response.any_random_weights)
+    return 0
+
+
+def _check_output_dir(path: str | None) -> None:
+    """Fails before any request if `path` could not be written for want of a folder."""
+    if path is not None and not Path(path).absolute().parent.is_dir():
+        raise UsageError(f"{path}: no such directory to write into")
+
+
+def _write_text(path: str | None, text: str) -> None:
+    if path is None:
+        print(text)
+        return
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text + "\n")
+
+
+def _warn_if_random(random_weights: bool) -> None:
+    if random_weights:
+        print(
+            "WARNING: the service runs RANDOM weights (a make-checkpoint --random "
+            "checkpoint); its outputs are meaningless",
+            file=sys.stderr,
+        )
+
+
+def print_rpc_error(error: grpc.RpcError) -> None:
+    """`error: CODE: details` on stderr, then one line per BadRequest field violation."""
+    print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+    for violation in _field_violations(error):
+        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+
+
+def _field_violations(error: grpc.RpcError) -> list[Any]:
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # the status details disagree with the call's code or message
+        return []
+    violations: list[Any] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend(bad_request.field_violations)
+    return violations

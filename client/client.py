@@ -1,0 +1,295 @@
+"""gRPC clients of the `esm2.v1.Esm2` service: `Esm2Client` and `AsyncEsm2Client`.
+
+Both split a list of sequences into requests of at most 8 items, run up to
+`max_concurrency` of them at once, and return one result per sequence in the
+caller's order. Server errors surface unchanged, as `grpc.RpcError` (sync) or
+`grpc.aio.AioRpcError` (async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.esm2.v1 import esm2_pb2_grpc
+
+from .params import (
+    MAX_ITEMS_PER_REQUEST,
+    EncodeSpec,
+    check_batch_size,
+    check_sequences,
+    dtype_value,
+    predict_request,
+    split_batches,
+)
+from .results import (
+    CompletedItem,
+    EncodeResult,
+    PredictResult,
+    StreamAssembler,
+    predict_result,
+)
+
+Metadata = Sequence[tuple[str, str | bytes]]
+R = TypeVar("R")
+# Turns the items of one request into the call's response stream.
+StartCall = Callable[[list[str]], Any]
+MakeResult = Callable[[CompletedItem, int], R]
+
+
+class _ClientBase:
+    """Settings both clients share; see `Esm2Client` for their meaning."""
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float | None,
+        metadata: Metadata | None,
+        max_concurrency: int,
+        batch_size: int,
+    ):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self._call_options: dict[str, Any] = {
+            "timeout": timeout_s,
+            "metadata": tuple(metadata) if metadata else None,
+        }
+        self._max_concurrency = max_concurrency
+        self._batch_size = check_batch_size(batch_size)
+
+    def _batches(self, sequences: Sequence[str]) -> list[tuple[int, list[str]]]:
+        return split_batches(check_sequences(sequences), self._batch_size)
+
+
+def _results(items: list[CompletedItem], offset: int, make_result: MakeResult[R]) -> list[R]:
+    return [make_result(item, offset + item.index) for item in items]
+
+
+class Esm2Client(_ClientBase):
+    """A blocking client; thread-safe. Use as a context manager or call `close()`.
+
+    Args:
+        target: "host:port" of the service.
+        timeout_s: deadline of each RPC in seconds; None (default) for none.
+        metadata: (key, value) pairs sent with every RPC.
+        credentials: TLS channel credentials; None (default) for a plaintext channel.
+        max_concurrency: requests in flight at once when a list is split (default 8).
+        batch_size: sequences per request, 1 to 8 (default 8).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_concurrency: int = 8,
+        batch_size: int = MAX_ITEMS_PER_REQUEST,
+    ):
+        super().__init__(
+            timeout_s=timeout_s,
+            metadata=metadata,
+            max_concurrency=max_concurrency,
+            batch_size=batch_size,
+        )
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(target, credentials)
+        self._stub = esm2_pb2_grpc.Esm2Stub(self._channel)
+
+    def __enter__(self) -> Esm2Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel; calls in progress are cancelled."""
+        self._channel.close()
+
+    def encode(
+        self,
+        sequences: Sequence[str],
+        include: Iterable[str] | str = ("mean",),
+        repr_layers: Iterable[int] | int = (-1,),
+        dtype: str = "float32",
+    ) -> list[EncodeResult]:
+        """Embeddings and other tensors of `sequences`, one result per sequence, in order.
+
+        Args:
+            sequences: protein sequences (amino-acid letters); [] returns [] without a call.
+            include: any of "mean", "per_token", "bos", "contacts", "logits", "attentions".
+            repr_layers: layers 0 to 6 for mean, per_token and bos; -1 is the last.
+            dtype: wire precision, "float32", "float16" or "bfloat16"; arrays come back
+                as float16 for "float16" and float32 otherwise.
+
+        Raises:
+            ValueError: an unknown include or dtype name.
+            grpc.RpcError: the server refused or failed the request.
+            ResultStreamError: the response stream was malformed or incomplete.
+        """
+        spec = EncodeSpec.parse(include, repr_layers, dtype)
+        return self._run(
+            sequences,
+            lambda items: self._stub.Encode(spec.request(items), **self._call_options),
+            spec.result,
+        )
+
+    def predict(self, sequences: Sequence[str], dtype: str = "float32") -> list[PredictResult]:
+        """Logits at the `<mask>` tokens of each sequence, one result per sequence, in order.
+
+        Each sequence needs at least one "<mask>". Raises as `encode` does.
+        """
+        wire_dtype = dtype_value(dtype)
+        return self._run(
+            sequences,
+            lambda items: self._stub.Predict(
+                predict_request(items, wire_dtype), **self._call_options
+            ),
+            predict_result,
+        )
+
+    def status(self) -> pb.StatusResponse:
+        """The service's workers, queue depth and whether any runs random weights."""
+        return self._stub.GetStatus(pb.StatusRequest(), **self._call_options)
+
+    def _run(
+        self, sequences: Sequence[str], start_call: StartCall, make_result: MakeResult[R]
+    ) -> list[R]:
+        batches = self._batches(sequences)
+
+        def run_batch(batch: tuple[int, list[str]]) -> list[R]:
+            offset, items = batch
+            assembler = StreamAssembler(len(items))
+            call = start_call(items)
+            try:
+                for message in call:
+                    assembler.add(message)
+            finally:
+                call.cancel()  # a no-op once the stream has ended
+            return _results(assembler.finish(), offset, make_result)
+
+        if len(batches) <= 1:
+            return [result for batch in batches for result in run_batch(batch)]
+        return _run_in_threads(run_batch, batches, min(self._max_concurrency, len(batches)))
+
+
+def _run_in_threads(
+    function: Callable[[Any], list[R]], batches: list[Any], workers: int
+) -> list[R]:
+    """`function` over `batches` on a thread pool; the first failure is raised as is."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esm2-client")
+    futures: list[Future[list[R]]] = [pool.submit(function, batch) for batch in batches]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done():
+                future.result()  # raises a failed request's exception, unchanged
+        return [result for future in futures for result in future.result()]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class AsyncEsm2Client(_ClientBase):
+    """The asyncio twin of `Esm2Client`, on `grpc.aio`; same arguments and methods.
+
+    Create it inside a running event loop; use `async with` or `await close()`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_concurrency: int = 8,
+        batch_size: int = MAX_ITEMS_PER_REQUEST,
+    ):
+        super().__init__(
+            timeout_s=timeout_s,
+            metadata=metadata,
+            max_concurrency=max_concurrency,
+            batch_size=batch_size,
+        )
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials)
+        self._stub = esm2_pb2_grpc.Esm2Stub(self._channel)
+
+    async def __aenter__(self) -> AsyncEsm2Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel; calls in progress are cancelled."""
+        await self._channel.close()
+
+    async def encode(
+        self,
+        sequences: Sequence[str],
+        include: Iterable[str] | str = ("mean",),
+        repr_layers: Iterable[int] | int = (-1,),
+        dtype: str = "float32",
+    ) -> list[EncodeResult]:
+        """See `Esm2Client.encode`; raises `grpc.aio.AioRpcError` for server errors."""
+        spec = EncodeSpec.parse(include, repr_layers, dtype)
+        return await self._run(
+            sequences,
+            lambda items: self._stub.Encode(spec.request(items), **self._call_options),
+            spec.result,
+        )
+
+    async def predict(
+        self, sequences: Sequence[str], dtype: str = "float32"
+    ) -> list[PredictResult]:
+        """See `Esm2Client.predict`; raises `grpc.aio.AioRpcError` for server errors."""
+        wire_dtype = dtype_value(dtype)
+        return await self._run(
+            sequences,
+            lambda items: self._stub.Predict(
+                predict_request(items, wire_dtype), **self._call_options
+            ),
+            predict_result,
+        )
+
+    async def status(self) -> pb.StatusResponse:
+        """See `Esm2Client.status`."""
+        return await self._stub.GetStatus(pb.StatusRequest(), **self._call_options)
+
+    async def _run(
+        self, sequences: Sequence[str], start_call: StartCall, make_result: MakeResult[R]
+    ) -> list[R]:
+        batches = self._batches(sequences)
+        semaphore = asyncio.Semaphore(self._max_concurrency)
+
+        async def run_batch(offset: int, items: list[str]) -> list[R]:
+            async with semaphore:
+                assembler = StreamAssembler(len(items))
+                call = start_call(items)
+                try:
+                    async for message in call:
+                        assembler.add(message)
+                finally:
+                    call.cancel()  # a no-op once the stream has ended
+            return _results(assembler.finish(), offset, make_result)
+
+        tasks = [asyncio.ensure_future(run_batch(*batch)) for batch in batches]
+        try:
+            per_batch = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [result for batch in per_batch for result in batch]

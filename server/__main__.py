@@ -1,0 +1,5 @@
+import sys
+
+from esm2_service.server.main import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The frontend's side of the Redis queue: enqueue items, relay their results.
+
+A request becomes one QueueItem entry per item on the shared queue stream. Workers
+write the results to the request's own reply stream; `results` reads that stream
+with blocking reads and yields each ResultChunk as soon as it arrives, deleting
+what it has relayed so Redis holds only what the client has not taken yet.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from esm2_service import queue
+from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed, QueueFull
+from esm2_service.server.validation import ValidRequest
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    max_queue_items: int = 1024  # items waiting or in progress before RESOURCE_EXHAUSTED
+    request_timeout_s: float = 600.0  # longest a request waits when its client set no deadline
+    result_ttl_s: int = 600  # reply streams expire this long after their last write
+    read_block_ms: int = 1000  # one blocking read on a reply stream
+    retry_after_s: float = 1.0  # the retry hint sent with RESOURCE_EXHAUSTED
+
+
+class Broker:
+    def __init__(self, redis: aioredis.Redis, settings: BrokerSettings):
+        self.redis = redis
+        self.settings = settings
+
+    async def submit(self, request: ValidRequest, timeout_s: float | None) -> tuple[str, float]:
+        """Queues every item of `request`; returns its id and absolute deadline (unix s)."""
+        request_id = uuid.uuid4().hex
+        now = time.time()
+        deadline = now + min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
+        try:
+            depth = await self.redis.xlen(queue.QUEUE_STREAM)
+            if depth + len(request.sequences) > self.settings.max_queue_items:
+                raise QueueFull(
+                    f"the queue holds {depth} of at most {self.settings.max_queue_items} items; "
+                    f"retry in {self.settings.retry_after_s:g} s",
+                    self.settings.retry_after_s,
+                )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index, sequence in enumerate(request.sequences):
+                    item = _queue_item(request, request_id, index, sequence, deadline, now)
+                    pipe.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: item.SerializeToString()})
+                await pipe.execute()
+        except REDIS_ERRORS as error:
+            raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
+        return request_id, deadline
+
+    async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[pb.ResultChunk]:
+        """Yields the request's ResultChunks until every item is complete."""
+        stream = queue.reply_stream(request_id)
+        last_id = "0-0"
+        remaining = items
+        # A worker that died mid-item leaves part of it written; the worker that
+        # retries the item writes it again. Each piece reaches the client once.
+        relayed: set[tuple] = set()
+        while remaining:
+            entries = await self._read(stream, last_id, deadline)
+            for entry_id, fields in entries:
+                last_id = entry_id
+                if queue.ERROR_FIELD in fields:
+                    error = qpb.ItemError.FromString(fields[queue.ERROR_FIELD])
+                    raise ItemFailed(error.sequence_index, error.code, error.message)
+                chunk = pb.ResultChunk.FromString(fields[queue.CHUNK_FIELD])
+                key = _piece_key(chunk)
+                if key in relayed:
+                    continue
+                relayed.add(key)
+                remaining -= chunk.HasField("complete")
+                yield chunk
+            if entries:
+                await self._forget(stream, [entry_id for entry_id, _ in entries])
+
+    async def _read(self, stream: str, last_id, deadline: float):
+        left_s = deadline - time.time()
+        if left_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before its results were ready")
+        block_ms = max(1, min(self.settings.read_block_ms, int(left_s * 1000)))
+        try:
+            reply = await self.redis.xread({stream: last_id}, count=64, block=block_ms)
+        except REDIS_ERRORS as error:
+            raise BackendUnavailable(f"lost the queue (Redis) while waiting for results: {error}") from error
+        return reply[0][1] if reply else []
+
+    async def _forget(self, stream: str, entry_ids) -> None:
+        try:
+            await self.redis.xdel(stream, *entry_ids)
+        except REDIS_ERRORS:
+            pass  # the stream expires on its own
+
+    async def cancel(self, request_id: str) -> None:
+        """Tells workers to skip the request's items, and drops its results."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(queue.cancel_key(request_id), 1, ex=self.settings.result_ttl_s)
+                pipe.delete(queue.reply_stream(request_id))
+                await pipe.execute()
+        except REDIS_ERRORS:
+            pass  # workers also skip items whose deadline passed
+
+    async def finish(self, request_id: str) -> None:
+        try:
+            await self.redis.delete(queue.reply_stream(request_id))
+        except REDIS_ERRORS:
+            pass
+
+
+def _piece_key(chunk: pb.ResultChunk) -> tuple:
+    if chunk.HasField("complete"):
+        return (chunk.sequence_index,)
+    piece = chunk.chunk
+    return (chunk.sequence_index, piece.kind, piece.layer, piece.offset)
+
+
+def _queue_item(request: ValidRequest, request_id, index, sequence, deadline, now) -> qpb.QueueItem:
+    return qpb.QueueItem(
+        request_id=request_id,
+        sequence_index=index,
+        task=request.task,
+        sequence=sequence,
+        repr_layers=request.repr_layers,
+        include=request.include,
+        dtype=request.dtype,
+        deadline_unix_s=deadline,
+        enqueued_unix_s=now,
+    )

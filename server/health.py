@@ -1,0 +1,49 @@
+"""gRPC health: SERVING only while Redis answers and at least one worker is alive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from grpc_health.v1 import health, health_pb2
+
+from esm2_service import queue
+from esm2_service.server.broker import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "esm2.v1.Esm2"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthMonitor:
+    """Polls Redis and the worker heartbeats; publishes the result to the health service."""
+
+    def __init__(self, redis, worker_timeout_s: float, interval_s: float):
+        self.redis = redis
+        self.worker_timeout_s = worker_timeout_s
+        self.interval_s = interval_s
+        self.servicer = health.aio.HealthServicer()
+        self._reason = None
+
+    async def check_once(self) -> str | None:
+        """None when healthy, else why not."""
+        try:
+            await self.redis.ping()
+            alive = await self.redis.zcount(queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf")
+        except REDIS_ERRORS as error:
+            return f"Redis unreachable: {error}"
+        return None if alive else "no live worker"
+
+    async def run(self) -> None:
+        while True:
+            reason = await self.check_once()
+            if reason != self._reason:
+                log.warning("health: NOT_SERVING (%s)", reason) if reason else log.info("health: SERVING")
+                self._reason = reason
+            status = NOT_SERVING if reason else SERVING
+            for name in ("", SERVICE_NAME):
+                await self.servicer.set(name, status)
+            await asyncio.sleep(self.interval_s)

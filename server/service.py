@@ -1,0 +1,81 @@
+"""The Esm2 servicer: validate, enqueue, relay. Transport only; no model here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from esm2_service import queue
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.esm2.v1 import esm2_pb2_grpc
+from esm2_service.server.broker import REDIS_ERRORS, Broker
+from esm2_service.server.errors import BackendUnavailable, to_rpc_status
+from esm2_service.server.validation import ValidRequest, validate_encode, validate_predict
+
+log = logging.getLogger(__name__)
+
+
+class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
+    def __init__(self, broker: Broker, worker_timeout_s: float):
+        self.broker = broker
+        self.worker_timeout_s = worker_timeout_s
+
+    async def Encode(self, request, context) -> AsyncIterator[pb.ResultChunk]:
+        async for chunk in self._run("Encode", validate_encode, request, context):
+            yield chunk
+
+    async def Predict(self, request, context) -> AsyncIterator[pb.ResultChunk]:
+        async for chunk in self._run("Predict", validate_predict, request, context):
+            yield chunk
+
+    async def GetStatus(self, request, context) -> pb.StatusResponse:
+        try:
+            return await read_status(self.broker.redis, self.worker_timeout_s)
+        except REDIS_ERRORS as error:
+            await _abort(context, BackendUnavailable(f"the queue (Redis) is unreachable: {error}"))
+
+    async def _run(self, method: str, validate: Callable[..., ValidRequest], request, context):
+        request_id = None
+        finished = False
+        started = time.perf_counter()
+        try:
+            valid = validate(request)
+            request_id, deadline = await self.broker.submit(valid, context.time_remaining())
+            async for chunk in self.broker.results(request_id, len(valid.sequences), deadline):
+                yield chunk
+            finished = True
+            log.info(
+                "%s request_id=%s items=%d done in %.1f ms",
+                method, request_id, len(valid.sequences), 1000 * (time.perf_counter() - started),
+            )
+        except asyncio.CancelledError:
+            log.info("%s request_id=%s cancelled by the client", method, request_id)
+            raise
+        except Exception as error:  # one table turns every error into a status
+            log.info("%s request_id=%s failed: %s", method, request_id, error)
+            await _abort(context, error)
+        finally:
+            if request_id is not None:
+                await (self.broker.finish(request_id) if finished else self.broker.cancel(request_id))
+
+
+async def _abort(context, error: Exception) -> None:
+    status = to_rpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+async def read_status(redis, worker_timeout_s: float) -> pb.StatusResponse:
+    """Live workers (heartbeat within `worker_timeout_s`), their models, the queue depth."""
+    now = time.time()
+    workers = await redis.zrangebyscore(queue.HEARTBEATS, now - worker_timeout_s, "+inf", withscores=True)
+    infos = await redis.mget([queue.worker_info_key(w.decode()) for w, _ in workers]) if workers else []
+    response = pb.StatusResponse(queue_depth=await redis.xlen(queue.QUEUE_STREAM))
+    for (worker_id, last_seen), info in zip(workers, infos, strict=True):
+        model = pb.ModelInfo.FromString(info) if info else pb.ModelInfo()
+        response.workers.add(worker_id=worker_id.decode(), model=model, last_seen_unix_s=last_seen)
+        response.any_random_weights |= model.random_weights
+    return response

@@ -1,0 +1,75 @@
+"""Frontend settings: flags override environment variables, which override defaults."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from esm2_service.config import DEFAULT_REDIS_URL, env_or, redact_url
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "[::]"
+    port: int = 50051
+    redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
+    max_queue_items: int = 1024
+    request_timeout_s: float = 600.0
+    result_ttl_s: int = 600
+    worker_timeout_s: float = 10.0
+    health_interval_s: float = 1.0
+    grace_s: float = 30.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is outside 0..65535")
+        for name in ("max_queue_items", "request_timeout_s", "result_ttl_s", "worker_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def describe(self) -> str:
+        """The settings for logs, with the Redis password hidden."""
+        return f"{self!r} redis_url={redact_url(self.redis_url)}"
+
+
+def build_parser(prog: str = "esm2 server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="The ESM-2 gRPC frontend.")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerSettings()
+    parser.add_argument("--host", default=env_or("ESM2_HOST", d.host), help="address to bind (ESM2_HOST)")
+    parser.add_argument("--port", type=int, default=int(env_or("ESM2_PORT", str(d.port))),
+                        help="gRPC port; 0 picks a free one (ESM2_PORT, default 50051)")
+    parser.add_argument("--redis-url", default=env_or("REDIS_URL", d.redis_url),
+                        help="Redis URL, e.g. redis://:password@host:6379/0 or rediss:// for TLS (REDIS_URL)")
+    parser.add_argument("--max-queue-items", type=int,
+                        default=int(env_or("ESM2_MAX_QUEUE_ITEMS", str(d.max_queue_items))),
+                        help="queued + in-progress items before new requests get RESOURCE_EXHAUSTED "
+                        "(ESM2_MAX_QUEUE_ITEMS); raise it with more workers")
+    parser.add_argument("--request-timeout-s", type=float,
+                        default=float(env_or("ESM2_REQUEST_TIMEOUT_S", str(d.request_timeout_s))),
+                        help="deadline for requests that set none (ESM2_REQUEST_TIMEOUT_S)")
+    parser.add_argument("--result-ttl-s", type=int,
+                        default=int(env_or("ESM2_RESULT_TTL_S", str(d.result_ttl_s))),
+                        help="reply streams expire this long after their last write (ESM2_RESULT_TTL_S)")
+    parser.add_argument("--worker-timeout-s", type=float,
+                        default=float(env_or("ESM2_WORKER_TIMEOUT_S", str(d.worker_timeout_s))),
+                        help="a worker is alive if it sent a heartbeat this recently (ESM2_WORKER_TIMEOUT_S)")
+    parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        redis_url=args.redis_url,
+        max_queue_items=args.max_queue_items,
+        request_timeout_s=args.request_timeout_s,
+        result_ttl_s=args.result_ttl_s,
+        worker_timeout_s=args.worker_timeout_s,
+        log_level=args.log_level,
+    )

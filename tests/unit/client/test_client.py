@@ -1,0 +1,159 @@
+"""Esm2Client and AsyncEsm2Client end to end against the fake server on loopback."""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+from esm2_service.alphabet import VOCAB_TOKENS
+from esm2_service.client import AsyncEsm2Client, Esm2Client, IncompleteResultError
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+
+ALL = ("mean", "per_token", "bos", "contacts", "logits", "attentions")
+SEQUENCES = ["A" * (n + 1) for n in range(19)]  # distinct lengths tell results apart
+
+
+def check_encode_results(results, sequences, fake_tensor) -> None:
+    assert [result.sequence_index for result in results] == list(range(len(sequences)))
+    for result, sequence in zip(results, sequences, strict=True):
+        length = len(sequence)
+        assert sorted(result.embeddings) == [0, 6]
+        expected = [
+            (result.embeddings, pb.INCLUDE_MEAN, 6),
+            (result.embeddings, pb.INCLUDE_MEAN, 0),
+            (result.per_token, pb.INCLUDE_PER_TOKEN, 0),
+            (result.bos, pb.INCLUDE_BOS, 6),
+        ]
+        for arrays, kind, layer in expected:
+            np.testing.assert_array_equal(arrays[layer], fake_tensor(kind, layer, length))
+        assert result.contacts.shape == (length, length) and result.contacts[0, 0] == length
+        assert result.logits.shape == (length, 33)
+        assert result.attentions.shape == (20, length, length)
+        assert result.vocab_tokens == list(VOCAB_TOKENS)
+        assert result.model.name == "esm2_t6_8M_UR50D"
+
+
+def test_long_lists_split_into_requests_of_eight_in_input_order(fake_server):
+    target, servicer = fake_server
+    with Esm2Client(target) as client:
+        results = client.encode(SEQUENCES, include=ALL, repr_layers=[-1, 0])
+
+    check_encode_results(results, SEQUENCES, servicer.tensor)
+    assert sorted(len(request) for request in servicer.requests) == [3, 8, 8]
+    assert sorted(sum(servicer.requests, [])) == sorted(SEQUENCES)
+
+
+def test_requests_in_flight_are_bounded_by_max_concurrency(fake_server):
+    target, servicer = fake_server
+    servicer.delay_s = 0.2
+    with Esm2Client(target, max_concurrency=2, batch_size=2) as client:
+        results = client.encode(SEQUENCES[:10])
+
+    assert [len(request) for request in servicer.requests] == [2] * 5
+    assert servicer.max_in_flight == 2
+    assert [result.embeddings[6][0] for result in results] == [n + 1.75 for n in range(10)]
+
+
+def test_tensor_over_four_mib_arrives_through_default_limits(fake_server):
+    target, servicer = fake_server
+    sequence = "M" * 260  # attentions: 20 * 260 * 260 * 4 bytes = 5.4 MB
+    with Esm2Client(target) as client:
+        (result,) = client.encode([sequence], include=["attentions"])
+
+    assert result.attentions.shape == (20, 260, 260)
+    expected = servicer.tensor(pb.INCLUDE_ATTENTIONS, 6, 260)
+    np.testing.assert_array_equal(result.attentions, expected)
+    assert result.embeddings == {}
+
+
+def test_float16_and_bfloat16_results(fake_server):
+    target, _ = fake_server
+    with Esm2Client(target) as client:
+        (half,) = client.encode(["MKV"], include=["bos"], dtype="float16")
+        (brain,) = client.encode(["MKV"], include=["bos"], dtype="bfloat16")
+
+    assert half.bos[6].dtype == np.float16 and half.bos[6][0] == -9.0
+    assert brain.bos[6].dtype == np.float32 and brain.bos[6][0] == -9.0
+
+
+def test_predict_returns_masks_in_input_order(fake_server):
+    target, servicer = fake_server
+    sequences = ["M" * n + "<mask>" + "K<mask>" for n in range(10)]
+    with Esm2Client(target) as client:
+        results = client.predict(sequences)
+
+    assert [result.sequence_index for result in results] == list(range(10))
+    for n, result in enumerate(results):
+        assert result.mask_positions == [n, n + 2]
+        assert result.predicted_tokens == [servicer.predicted_token(n + 3)] * 2
+        assert result.logits.shape == (2, 33)
+
+
+def test_empty_list_makes_no_call():
+    with Esm2Client("127.0.0.1:1") as client:  # nothing listens there
+        assert client.encode([]) == []
+        assert client.predict([]) == []
+
+
+def test_a_lone_string_is_refused(fake_server):
+    with Esm2Client(fake_server[0]) as client, pytest.raises(TypeError, match="not one string"):
+        client.encode("MKV")
+
+
+def test_server_errors_surface_unchanged(fake_server):
+    target, _ = fake_server
+    with Esm2Client(target) as client, pytest.raises(grpc.RpcError) as caught:
+        client.encode(SEQUENCES[:9] + ["MK!"])
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "invalid request"
+
+
+def test_stream_without_an_items_complete_raises(fake_server):
+    target, servicer = fake_server
+    servicer.drop_last_complete = True
+    with Esm2Client(target) as client, pytest.raises(IncompleteResultError, match=r"items \[2\]"):
+        client.encode(["M", "MK", "MKV"])
+
+
+def test_status_returns_the_response(fake_server):
+    target, servicer = fake_server
+    servicer.random_weights = True
+    with Esm2Client(target, timeout_s=5.0, metadata=[("x-user", "test")]) as client:
+        status = client.status()
+
+    assert isinstance(status, pb.StatusResponse)
+    assert status.queue_depth == 3 and status.any_random_weights
+    assert [worker.worker_id for worker in status.workers] == ["w1"]
+
+
+def test_invalid_client_settings_are_refused():
+    with pytest.raises(ValueError, match="batch_size must be 1 to 8, got 9"):
+        Esm2Client("127.0.0.1:1", batch_size=9)
+    with pytest.raises(ValueError, match="max_concurrency must be at least 1, got 0"):
+        Esm2Client("127.0.0.1:1", max_concurrency=0)
+
+
+async def test_async_client_splits_orders_and_bounds_concurrency(fake_server):
+    target, servicer = fake_server
+    servicer.delay_s = 0.1
+    async with AsyncEsm2Client(target, max_concurrency=2) as client:
+        results = await client.encode(SEQUENCES, include=ALL, repr_layers=(-1, 0))
+        predictions = await client.predict(["<mask>" * n for n in range(1, 11)])
+        status = await client.status()
+        assert await client.encode([]) == []
+
+    check_encode_results(results, SEQUENCES, servicer.tensor)
+    assert servicer.max_in_flight == 2
+    assert [len(result.mask_positions) for result in predictions] == list(range(1, 11))
+    assert status.queue_depth == 3
+
+
+async def test_async_server_errors_surface_unchanged(fake_server):
+    target, _ = fake_server
+    async with AsyncEsm2Client(target) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.predict(["<mask>"] * 12 + ["!<mask>"])
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

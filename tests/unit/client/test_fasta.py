@@ -1,0 +1,56 @@
+"""read_fasta: records, multi-line sequences and the errors it names."""
+
+from __future__ import annotations
+
+import pytest
+from esm2_service.client.fasta import read_fasta
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "input.fasta"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_records_span_lines_and_lose_whitespace(tmp_path):
+    path = write(
+        tmp_path,
+        ">sp|P69905|HBA_HUMAN Hemoglobin subunit alpha\n"
+        "MVLSPADKTN\n"
+        "  VKAAWGKVGA \t\n"
+        "\n"
+        ">second\r\n"
+        "MK<mask>V L\r\n"
+        ">third\n"
+        "ACDE",
+    )
+
+    assert read_fasta(path) == [
+        ("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGA"),
+        ("second", "MK<mask>VL"),
+        ("third", "ACDE"),
+    ]
+
+
+def test_empty_file_has_no_records(tmp_path):
+    assert read_fasta(write(tmp_path, "\n\n")) == []
+
+
+def test_text_before_the_first_header_names_its_line(tmp_path):
+    path = write(tmp_path, "\nMKV\n>a\nMKV\n")
+
+    with pytest.raises(ValueError, match=r"input\.fasta:2: sequence text before the first '>'"):
+        read_fasta(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (">a\nMKV\n>b\n\n>c\nMKV\n", r"input\.fasta:3: record 'b' has no sequence"),
+        (">a\nMKV\n>last\n", r"input\.fasta:3: record 'last' has no sequence"),
+        (">a\nMKV\n>  \nMKV\n", r"input\.fasta:3: header without an id"),
+    ],
+)
+def test_empty_records_and_headers_name_their_line(tmp_path, text, error):
+    with pytest.raises(ValueError, match=error):
+        read_fasta(write(tmp_path, text))

@@ -1,0 +1,126 @@
+"""The shared contract: generated code, alphabet, packed-tensor codec, import boundaries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esm2_service import alphabet, tensors
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_matches_the_protos():
+    sys.path.insert(0, str(ROOT / "protos"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    assert generate.stale_files() == []
+
+
+def test_generated_code_check_fails_when_a_proto_changes(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "protos"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    changed = tmp_path / "esm2" / "v1"
+    changed.mkdir(parents=True)
+    (tmp_path / "esm2" / "internal" / "v1").mkdir(parents=True)
+    for name in generate.PROTO_FILES:
+        text = (ROOT / "protos" / name).read_text()
+        (tmp_path / name).write_text(text.replace("message StatusRequest {}", "message StatusRequest { int32 x = 1; }"))
+    monkeypatch.setattr(generate, "PROTO_ROOT", tmp_path)
+    assert "esm2/v1/esm2_pb2.py" in generate.stale_files()
+
+
+def test_alphabet_matches_fair_esm():
+    import esm
+
+    reference = esm.data.Alphabet.from_architecture("ESM-1b")
+    assert list(alphabet.VOCAB_TOKENS) == reference.all_toks
+    assert (alphabet.CLS_INDEX, alphabet.EOS_INDEX, alphabet.PAD_INDEX, alphabet.MASK_INDEX) == (
+        reference.cls_idx, reference.eos_idx, reference.padding_idx, reference.mask_idx,
+    )
+    sequence = "MK<mask>X-BUZO"
+    _, _, tokens = reference.get_batch_converter()([("s", sequence)])
+    assert tokens[0].tolist() == alphabet.encode_tokens(alphabet.split_tokens(sequence))
+
+
+def test_split_tokens_keeps_mask_whole():
+    assert alphabet.split_tokens("A<mask>C") == ["A", "<mask>", "C"]
+    assert alphabet.split_tokens("<mas") == ["<", "m", "a", "s"]
+
+
+@pytest.mark.parametrize("dtype, numpy_dtype", [(pb.DTYPE_FLOAT32, np.float32), (pb.DTYPE_FLOAT16, np.float16)])
+def test_codec_round_trips_float32_and_float16(dtype, numpy_dtype):
+    array = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
+    decoded = _round_trip(array, dtype)
+    assert decoded.dtype == numpy_dtype
+    np.testing.assert_array_equal(decoded, array.astype(numpy_dtype))
+
+
+def test_codec_bfloat16_rounds_to_nearest_even_and_decodes_to_float32():
+    values = np.array([1.0, 1.00390625, 1.01171875, -2.5, np.inf, 3.0e38], dtype=np.float32)
+    decoded = _round_trip(values, pb.DTYPE_BFLOAT16)
+    assert decoded.dtype == np.float32
+    # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even mantissa wins (1.0).
+    np.testing.assert_array_equal(decoded[:5], [1.0, 1.0, 1.015625, -2.5, np.inf])
+    assert np.isnan(_round_trip(np.array([np.nan], np.float32), pb.DTYPE_BFLOAT16)[0])
+
+
+def test_codec_splits_large_tensors_under_the_default_grpc_limit():
+    array = np.arange(3 * 1024 * 1024, dtype=np.float32)  # 12 MiB
+    data = tensors.to_wire_bytes(array, pb.DTYPE_FLOAT32)
+    chunks = list(tensors.chunk_messages(pb.INCLUDE_ATTENTIONS, 6, array.shape, pb.DTYPE_FLOAT32, data))
+    assert len(chunks) == 4
+    for chunk in chunks:
+        message = pb.ResultChunk(sequence_index=7, chunk=chunk)
+        assert message.ByteSize() < 4 * 1024 * 1024
+    assembler = tensors.TensorAssembler(pb.DTYPE_FLOAT32, array.shape)
+    for chunk in reversed(chunks):  # any order
+        assembler.add(chunk)
+    np.testing.assert_array_equal(assembler.array(), array)
+
+
+def test_assembler_refuses_incomplete_or_foreign_chunks():
+    data = tensors.to_wire_bytes(np.ones((2, 2), np.float32), pb.DTYPE_FLOAT32)
+    first, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data[:8])
+    assembler = tensors.TensorAssembler(pb.DTYPE_FLOAT32, (2, 2))
+    assembler.add(first)
+    with pytest.raises(ValueError, match="incomplete: 8 of 16 bytes"):
+        assembler.array()
+    wrong_shape, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (4,), pb.DTYPE_FLOAT32, data)
+    with pytest.raises(ValueError, match="disagrees"):
+        assembler.add(wrong_shape)
+    beyond, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data, offset=8)
+    with pytest.raises(ValueError, match="outside tensor"):
+        assembler.add(beyond)
+
+
+@pytest.mark.parametrize(
+    "module, forbidden",
+    [
+        ("esm2_service.server.main", ("torch", "esm")),
+        ("esm2_service.client", ("torch", "redis", "esm")),
+        ("esm2_service.worker.queue_loop", ("torch",)),
+    ],
+)
+def test_import_boundaries(module, forbidden):
+    code = f"import sys, {module}; print(sorted(m for m in {forbidden!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def _round_trip(array: np.ndarray, dtype: int) -> np.ndarray:
+    data = tensors.to_wire_bytes(array, dtype)
+    assembler = tensors.TensorAssembler(dtype, array.shape)
+    for chunk in tensors.chunk_messages(pb.INCLUDE_MEAN, 6, array.shape, dtype, data):
+        assembler.add(chunk)
+    return assembler.array()

@@ -1,0 +1,159 @@
+"""Our packed ESM-2 forward against fair-esm's ESM2.forward, run alone per sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support import assert_close, fair_esm_outputs, read_fasta_records
+
+from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.tensors import TensorAssembler, chunk_messages
+from esm2_service.worker import model as model_module
+from esm2_service.worker.checkpoint import build_fair_esm_model, load_checkpoint
+from esm2_service.worker.engine import Engine
+from esm2_service.worker.model import Esm2
+from esm2_service.worker.work import WorkItem
+
+ALL_KINDS = frozenset(
+    [pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS, pb.INCLUDE_CONTACTS, pb.INCLUDE_LOGITS, pb.INCLUDE_ATTENTIONS]
+)
+ALL_LAYERS = (0, 1, 2, 3, 4, 5, 6)
+NAMES = {
+    pb.INCLUDE_MEAN: "mean", pb.INCLUDE_PER_TOKEN: "per_token", pb.INCLUDE_BOS: "bos",
+    pb.INCLUDE_CONTACTS: "contacts", pb.INCLUDE_LOGITS: "logits", pb.INCLUDE_ATTENTIONS: "attentions",
+}
+
+
+def work_item(sequence, include=ALL_KINDS, layers=ALL_LAYERS, dtype=pb.DTYPE_FLOAT32, predict=False):
+    tokens = tuple(encode_tokens(split_tokens(sequence)))
+    return WorkItem(tokens, frozenset(include), tuple(layers), dtype, predict)
+
+
+def run(engine, items) -> dict:
+    """Runs the engine and reassembles every emitted tensor through the wire codec."""
+    assemblers: dict = {}
+    emitted = []
+
+    def emit(output):
+        emitted.append((output.item, output.kind, output.layer))
+        dtype = items[output.item].dtype
+        key = (output.item, output.kind, output.layer)
+        assembler = assemblers.setdefault(key, TensorAssembler(dtype, output.shape))
+        for chunk in chunk_messages(output.kind, output.layer, output.shape, dtype, output.data, output.offset):
+            assembler.add(chunk)
+
+    engine.run(items, emit)
+    return {key: assembler.array() for key, assembler in assemblers.items()}, emitted
+
+
+def expected_for(reference, sequence, key_kind, layer):
+    name = NAMES[key_kind]
+    return reference[name][layer] if name in ("mean", "per_token", "bos") else reference[name]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    return Engine(Esm2.from_checkpoint(loaded)), build_fair_esm_model(loaded)
+
+
+@pytest.fixture(scope="module")
+def full(full_checkpoint):
+    loaded = load_checkpoint(full_checkpoint)
+    return Engine(Esm2.from_checkpoint(loaded)), build_fair_esm_model(loaded)
+
+
+MIXED = ["M", "MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYXBUZO-", "GSHM" * 40, "W" * 3]
+
+
+def test_every_output_matches_fair_esm_when_batched_with_other_lengths(tiny):
+    engine, reference = tiny
+    outputs, _ = run(engine, [work_item(s) for s in MIXED])
+    for index, sequence in enumerate(MIXED):
+        expected = fair_esm_outputs(reference, sequence)
+        for (item, kind, layer), actual in outputs.items():
+            if item == index:
+                assert_close(actual, expected_for(expected, sequence, kind, layer), what=f"{sequence[:8]} {NAMES[kind]} L{layer}")
+    count_per_item = 3 * len(ALL_LAYERS) + 3
+    assert len(outputs) == len(MIXED) * count_per_item
+
+
+def test_full_size_model_on_real_proteins_matches_fair_esm(full):
+    engine, reference = full
+    sequences = [sequence for _, sequence in read_fasta_records("few_proteins.fasta")]
+    layers = (0, 3, 6)
+    outputs, _ = run(engine, [work_item(s, layers=layers) for s in sequences])
+    for index, sequence in enumerate(sequences):
+        expected = fair_esm_outputs(reference, sequence, layers)
+        for (item, kind, layer), actual in outputs.items():
+            if item == index:
+                assert_close(actual, expected_for(expected, sequence, kind, layer), what=f"{NAMES[kind]} L{layer}")
+    assert outputs[(0, pb.INCLUDE_ATTENTIONS, 6)].shape == (20, len(sequences[0]), len(sequences[0]))
+    assert outputs[(1, pb.INCLUDE_CONTACTS, 0)].shape == (len(sequences[1]),) * 2
+
+
+def test_predict_returns_logits_at_the_masks_in_order(tiny):
+    engine, reference = tiny
+    sequences = ["MK<mask>AY<mask>", "<mask>", "ACD<mask>FGHI<mask><mask>KL"]
+    outputs, _ = run(engine, [work_item(s, include=(), layers=(), predict=True) for s in sequences])
+    assert len(outputs) == 3
+    for index, sequence in enumerate(sequences):
+        actual = outputs[(index, pb.INCLUDE_LOGITS, 0)]
+        expected = fair_esm_outputs(reference, sequence)["mask_logits"]
+        assert actual.shape == (sequence.count("<mask>"), 33)
+        assert_close(actual, expected, what=sequence)
+
+
+def test_attention_maps_are_processed_in_head_blocks_with_the_same_result(tiny, monkeypatch):
+    engine, reference = tiny
+    sequence = "MKTAYIAKQRQISFVKSHFSRQ" * 3
+    monkeypatch.setattr(model_module, "_MAX_ATTENTION_BLOCK_BYTES", 4 * 70 * 70)  # one head at a time
+    outputs, _ = run(engine, [work_item(sequence, include=[pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS], layers=())])
+    expected = fair_esm_outputs(reference, sequence)
+    assert_close(outputs[(0, pb.INCLUDE_CONTACTS, 0)], expected["contacts"])
+    assert_close(outputs[(0, pb.INCLUDE_ATTENTIONS, 6)], expected["attentions"])
+
+
+@pytest.mark.parametrize("dtype, atol", [(pb.DTYPE_FLOAT16, 2e-2), (pb.DTYPE_BFLOAT16, 1e-1)])
+def test_half_precision_outputs_are_rounded_fp32_outputs(tiny, dtype, atol):
+    engine, _ = tiny
+    item32 = work_item(MIXED[1])
+    outputs32, _ = run(engine, [item32])
+    outputs16, _ = run(engine, [work_item(MIXED[1], dtype=dtype)])
+    assert outputs16.keys() == outputs32.keys()
+    for key, value in outputs32.items():
+        low = outputs16[key].astype(np.float32)
+        assert np.allclose(low, value, rtol=1e-2, atol=atol), key
+
+
+def test_only_what_was_asked_is_computed(tiny, monkeypatch):
+    engine, _ = tiny
+    calls = {"lm_head": 0, "maps": 0}
+    hook = engine.model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+    original = model_module.EncoderLayer._attention_with_maps
+
+    def counting(self, *args):
+        calls["maps"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(model_module.EncoderLayer, "_attention_with_maps", counting)
+    try:
+        outputs, emitted = run(engine, [work_item("MKTAYIAK", include=[pb.INCLUDE_MEAN], layers=(2,))])
+        assert calls == {"lm_head": 0, "maps": 0}
+        assert emitted == [(0, pb.INCLUDE_MEAN, 2)]
+        run(engine, [work_item("MKTAYIAK", include=[pb.INCLUDE_ATTENTIONS], layers=())])
+        assert calls == {"lm_head": 0, "maps": 1}  # the last layer only
+        run(engine, [work_item("MKTAYIAK", include=[pb.INCLUDE_LOGITS], layers=())])
+        assert calls == {"lm_head": 1, "maps": 1}
+    finally:
+        hook.remove()
+
+
+def test_hidden_states_are_not_kept_for_unrequested_layers(tiny):
+    engine, _ = tiny
+    batch = model_module.PackedBatch.from_token_lists([encode_tokens(split_tokens("MKV"))])
+    with torch.inference_mode():
+        _, hidden = engine.model(batch, model_module.ForwardPlan(repr_layers=frozenset({0, 4})))
+    assert sorted(hidden) == [0, 4]

@@ -1,0 +1,101 @@
+"""`esm2 worker`: one model on one device, serving the Redis queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+import redis
+
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.worker.settings import WorkerSettings, build_parser, settings_from_args
+
+log = logging.getLogger("esm2_service.worker")
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def load_engine(settings: WorkerSettings):
+    """Loads the checkpoint and builds the engine; returns it with its ModelInfo."""
+    import torch
+
+    from esm2_service.worker.checkpoint import load_checkpoint
+    from esm2_service.worker.engine import Engine
+    from esm2_service.worker.model import Esm2
+
+    threads = settings.threads or available_cores()
+    torch.set_num_threads(threads)
+    checkpoint = load_checkpoint(settings.weights)
+    info = pb.ModelInfo(
+        name=checkpoint.name,
+        checkpoint_sha256=checkpoint.sha256,
+        random_weights=checkpoint.random_weights,
+        device=settings.device,
+    )
+    log.info(
+        "loaded %s (sha256 %s) on %s with %d threads",
+        checkpoint.name, checkpoint.sha256, settings.device, threads,
+    )
+    if checkpoint.random_weights:
+        log.warning("this checkpoint has RANDOM weights: outputs are meaningless (tests/benchmarks only)")
+    return Engine(Esm2.from_checkpoint(checkpoint), settings.device), info
+
+
+def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:
+    from esm2_service.worker.checkpoint import CheckpointError
+    from esm2_service.worker.queue_loop import QueueWorker, ensure_group
+
+    try:
+        engine, info = load_engine(settings)
+    except CheckpointError as error:
+        log.error("%s", error)
+        raise SystemExit(2) from error
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0,
+                                  socket_keepalive=True, health_check_interval=10)
+    ensure_group(client)
+    worker = QueueWorker(client, engine, settings, info)
+    log.info("worker %s serving (%s)", settings.worker_id, settings.describe())
+    print(f"esm2 worker {settings.worker_id} ready", flush=True)
+    worker.run(stop)
+    log.info("worker %s stopped after %d items", settings.worker_id, worker.stats["items"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"esm2 worker: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker[{settings.worker_id}] %(name)s %(message)s",
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        run_worker(settings, stop)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except redis.RedisError as error:
+        log.error("cannot reach Redis: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

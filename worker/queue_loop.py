@@ -1,0 +1,253 @@
+"""The worker's queue loop: take entries, run them, write results, then acknowledge.
+
+Knows Redis, not torch: the model sits behind a `Runner`. An entry is acknowledged
+(and deleted) only after its results and completion are written, so a worker that
+dies mid-batch loses nothing: its entries stay pending and another worker claims
+them (XAUTOCLAIM) once they have been idle `claim_idle_s`. A live worker touches
+its in-flight entries every heartbeat so they are never claimed from under it.
+An entry delivered more than `max_deliveries` times is moved to the dead-letter
+stream and its request gets an error, instead of crashing workers forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+from google.protobuf.message import DecodeError
+
+from esm2_service import queue
+from esm2_service.alphabet import VOCAB_TOKENS, encode_tokens, split_tokens
+from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.tensors import chunk_messages
+from esm2_service.worker.batching import plan_batches
+from esm2_service.worker.settings import WorkerSettings
+from esm2_service.worker.work import Runner, TensorOutput, WorkItem
+
+log = logging.getLogger(__name__)
+
+_CLAIM_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Job:
+    entry_id: bytes
+    item: qpb.QueueItem
+    work: WorkItem
+
+
+class QueueWorker:
+    def __init__(self, client: redis.Redis, runner: Runner, settings: WorkerSettings, model: pb.ModelInfo):
+        self.redis = client
+        self.runner = runner
+        self.settings = settings
+        self.model = model
+        self.in_flight: set[bytes] = set()
+        self._last_claim = 0.0
+        self.stats = {"items": 0, "batches": 0}
+
+    def run(self, stop: threading.Event) -> None:
+        """Serves the queue until `stop` is set; the batch in hand is finished first."""
+        heartbeat = threading.Thread(target=self._heartbeat_loop, args=(stop,), daemon=True)
+        heartbeat.start()
+        while not stop.is_set():
+            try:
+                self.step()
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                log.warning("the queue's consumer group is gone (Redis restarted?); recreating it")
+                ensure_group(self.redis)
+            except redis.RedisError as error:
+                log.warning("Redis error in the queue loop, retrying in 1 s: %s", error)
+                stop.wait(1.0)
+        heartbeat.join(timeout=self.settings.heartbeat_s + 1)
+        self._sign_off()
+
+    def step(self) -> int:
+        """Takes up to `batch_size` entries and runs them; returns how many it took."""
+        entries = self._claim_stale() or self._read_new()
+        jobs = [job for job in (self._admit(entry_id, fields) for entry_id, fields in entries) if job]
+        lengths = [len(job.work.token_ids) for job in jobs]
+        for batch in plan_batches(lengths, self.settings.max_batch_tokens):
+            self._run_batch([jobs[i] for i in batch])
+        return len(entries)
+
+    def _read_new(self):
+        reply = self.redis.xreadgroup(
+            queue.WORKER_GROUP, self.settings.worker_id, {queue.QUEUE_STREAM: ">"},
+            count=self.settings.batch_size, block=self.settings.block_ms,
+        )
+        return reply[0][1] if reply else []
+
+    def _claim_stale(self):
+        """Entries whose worker went silent, with their delivery counts checked."""
+        now = time.monotonic()
+        if now - self._last_claim < _CLAIM_EVERY_S:
+            return []
+        self._last_claim = now
+        # Redis 6.2 replies [next, entries]; 7.0 adds the ids of deleted entries.
+        claimed = self.redis.xautoclaim(
+            queue.QUEUE_STREAM, queue.WORKER_GROUP, self.settings.worker_id,
+            min_idle_time=int(self.settings.claim_idle_s * 1000), start_id="0-0",
+            count=self.settings.batch_size,
+        )[1]
+        if claimed:
+            log.warning("claimed %d entries from a silent worker", len(claimed))
+        return [entry for entry in claimed if entry[1] is not None and self._deliverable(entry)]
+
+    def _deliverable(self, entry) -> bool:
+        entry_id, fields = entry
+        pending = self.redis.xpending_range(
+            queue.QUEUE_STREAM, queue.WORKER_GROUP, min=entry_id, max=entry_id, count=1
+        )
+        deliveries = pending[0]["times_delivered"] if pending else 1
+        if deliveries <= self.settings.max_deliveries:
+            return True
+        item = _decode(fields)
+        reason = (
+            f"set aside after {deliveries - 1} attempts that each ended with the worker "
+            "dying; it was not retried again"
+        )
+        log.error("dead-lettering entry %s (%s)", entry_id, reason)
+        self.redis.xadd(queue.DEAD_LETTER_STREAM, {**fields, b"reason": reason}, maxlen=10_000)
+        if item is not None:
+            self._write_error(item, "INTERNAL", reason)
+        self._ack([entry_id])
+        return False
+
+    def _admit(self, entry_id: bytes, fields) -> Job | None:
+        """The job for an entry, or None (acknowledged) if it must not run."""
+        item = _decode(fields)
+        if item is None:
+            log.error("entry %s holds no valid QueueItem; dropping it", entry_id)
+            self._ack([entry_id])
+            return None
+        if item.deadline_unix_s and item.deadline_unix_s < time.time():
+            self._write_error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
+            self._ack([entry_id])
+            return None
+        if self.redis.exists(queue.cancel_key(item.request_id)):
+            self._ack([entry_id])
+            return None
+        self.in_flight.add(entry_id)
+        return Job(entry_id, item, _work_item(item))
+
+    def _run_batch(self, jobs: Sequence[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            self.runner.run([job.work for job in jobs], lambda output: self._emit(jobs, output))
+        except Exception:
+            if len(jobs) > 1:
+                log.exception("a batch of %d failed; running its items one by one", len(jobs))
+                for job in jobs:
+                    self._run_batch([job])
+                return
+            log.exception("item %s of request %s failed", jobs[0].item.sequence_index, jobs[0].item.request_id)
+            self._write_error(jobs[0].item, "INTERNAL", "the model failed on this item; see worker logs")
+            self._ack([jobs[0].entry_id])
+            return
+        for job in jobs:
+            self._write_complete(job)
+        self._ack([job.entry_id for job in jobs])
+        self.stats["items"] += len(jobs)
+        self.stats["batches"] += 1
+        log.info(
+            "batch of %d (%d tokens) in %.1f ms",
+            len(jobs), sum(len(j.work.token_ids) for j in jobs), 1000 * (time.perf_counter() - started),
+        )
+
+    def _emit(self, jobs: Sequence[Job], output: TensorOutput) -> None:
+        item = jobs[output.item].item
+        stream = queue.reply_stream(item.request_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for chunk in chunk_messages(
+            output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
+        ):
+            message = pb.ResultChunk(sequence_index=item.sequence_index, chunk=chunk)
+            pipe.xadd(stream, {queue.CHUNK_FIELD: message.SerializeToString()})
+        pipe.expire(stream, self.settings.result_ttl_s)
+        pipe.execute()
+
+    def _write_complete(self, job: Job) -> None:
+        complete = pb.ItemComplete(vocab_tokens=VOCAB_TOKENS, model=self.model)
+        if job.work.predict:
+            complete.sequence_tokens.extend(split_tokens(job.item.sequence))
+        message = pb.ResultChunk(sequence_index=job.item.sequence_index, complete=complete)
+        self._write(job.item.request_id, {queue.CHUNK_FIELD: message.SerializeToString()})
+
+    def _write_error(self, item: qpb.QueueItem, code: str, message: str) -> None:
+        error = qpb.ItemError(sequence_index=item.sequence_index, code=code, message=message)
+        self._write(item.request_id, {queue.ERROR_FIELD: error.SerializeToString()})
+
+    def _write(self, request_id: str, fields) -> None:
+        stream = queue.reply_stream(request_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(stream, fields)
+        pipe.expire(stream, self.settings.result_ttl_s)
+        pipe.execute()
+
+    def _ack(self, entry_ids: list[bytes]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *entry_ids)
+        pipe.xdel(queue.QUEUE_STREAM, *entry_ids)  # the stream's length is the backlog
+        pipe.execute()
+        self.in_flight.difference_update(entry_ids)
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.heartbeat()
+            except redis.RedisError as error:
+                log.warning("heartbeat failed: %s", error)
+            stop.wait(self.settings.heartbeat_s)
+
+    def heartbeat(self) -> None:
+        """Announces this worker and keeps its in-flight entries from being claimed."""
+        ttl_s = max(1, int(3 * self.settings.heartbeat_s))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(queue.HEARTBEATS, {self.settings.worker_id: time.time()})
+        pipe.set(queue.worker_info_key(self.settings.worker_id), self.model.SerializeToString(), ex=ttl_s)
+        in_flight = list(self.in_flight)
+        if in_flight:
+            pipe.xclaim(queue.QUEUE_STREAM, queue.WORKER_GROUP, self.settings.worker_id,
+                        min_idle_time=0, message_ids=in_flight, justid=True)
+        pipe.execute()
+
+    def _sign_off(self) -> None:
+        try:
+            self.redis.zrem(queue.HEARTBEATS, self.settings.worker_id)
+            self.redis.delete(queue.worker_info_key(self.settings.worker_id))
+        except redis.RedisError:
+            pass
+
+
+def ensure_group(client: redis.Redis) -> None:
+    """Creates the queue stream and the workers' group if missing (idempotent)."""
+    try:
+        client.xgroup_create(queue.QUEUE_STREAM, queue.WORKER_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
+
+
+def _decode(fields) -> qpb.QueueItem | None:
+    try:
+        return qpb.QueueItem.FromString(fields[queue.ITEM_FIELD])
+    except (KeyError, DecodeError):
+        return None
+
+
+def _work_item(item: qpb.QueueItem) -> WorkItem:
+    return WorkItem(
+        token_ids=tuple(encode_tokens(split_tokens(item.sequence))),
+        include=frozenset(item.include),
+        repr_layers=tuple(item.repr_layers),
+        dtype=item.dtype,
+        predict=item.task == qpb.TASK_PREDICT,
+    )

@@ -1,0 +1,97 @@
+"""Worker settings: flags override environment variables, which override defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+
+from esm2_service.config import DEFAULT_REDIS_URL, env_or, redact_url
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
+    weights: str | None = None  # a fair-esm .pt; None: fair-esm's download and cache
+    device: str = "cpu"
+    threads: int = 0  # intra-op threads; 0: the cores this process may use
+    batch_size: int = 8  # queue entries taken per read
+    max_batch_tokens: int = 4096  # tokens in one packed forward pass
+    block_ms: int = 1000  # one blocking read of the queue
+    claim_idle_s: float = 30.0  # entries pending this long with a silent worker are claimed
+    max_deliveries: int = 3  # deliveries of one entry before it is dead-lettered
+    heartbeat_s: float = 2.0
+    result_ttl_s: int = 600
+    worker_id: str = field(default_factory=_default_worker_id)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} is not cpu, cuda or cuda:N")
+        if not 1 <= self.batch_size <= 64:
+            raise ValueError(f"batch_size {self.batch_size} is outside 1..64")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (auto) or positive, got {self.threads}")
+        if self.max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
+        if self.claim_idle_s <= 2 * self.heartbeat_s:
+            raise ValueError(
+                f"claim_idle_s ({self.claim_idle_s}) must exceed twice heartbeat_s ({self.heartbeat_s}): "
+                "a live worker refreshes its entries every heartbeat"
+            )
+
+    def describe(self) -> str:
+        return f"{self!r} redis_url={redact_url(self.redis_url)}"
+
+
+def build_parser(prog: str = "esm2 worker") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="An ESM-2 model worker.")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True) -> None:
+    d = WorkerSettings()
+    if include_redis:
+        parser.add_argument("--redis-url", default=env_or("REDIS_URL", d.redis_url),
+                            help="Redis URL (REDIS_URL)")
+    parser.add_argument("--weights", default=env_or("ESM2_WEIGHTS"),
+                        help="fair-esm checkpoint .pt, its -contact-regression.pt beside it (ESM2_WEIGHTS); "
+                        "unset: download esm2_t6_8M_UR50D through fair-esm")
+    parser.add_argument("--device", default=env_or("ESM2_DEVICE", d.device), help="cpu, cuda or cuda:N (ESM2_DEVICE)")
+    parser.add_argument("--threads", type=int, default=int(env_or("ESM2_THREADS", "0")),
+                        help="intra-op threads per worker; 0: the cores available divided by the workers "
+                        "on this machine (ESM2_THREADS)")
+    parser.add_argument("--max-batch-tokens", type=int,
+                        default=int(env_or("ESM2_MAX_BATCH_TOKENS", str(d.max_batch_tokens))),
+                        help="tokens per packed forward pass (ESM2_MAX_BATCH_TOKENS)")
+    parser.add_argument("--claim-idle-s", type=float,
+                        default=float(env_or("ESM2_CLAIM_IDLE_S", str(d.claim_idle_s))),
+                        help="claim entries of a worker silent this long (ESM2_CLAIM_IDLE_S)")
+    parser.add_argument("--max-deliveries", type=int,
+                        default=int(env_or("ESM2_MAX_DELIVERIES", str(d.max_deliveries))),
+                        help="attempts per item before it is dead-lettered (ESM2_MAX_DELIVERIES)")
+    parser.add_argument("--worker-id", default=env_or("ESM2_WORKER_ID"), help="default: host-pid")
+    parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
+
+
+def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
+    values = dict(
+        redis_url=getattr(args, "redis_url", DEFAULT_REDIS_URL),
+        weights=args.weights,
+        device=args.device,
+        threads=args.threads,
+        max_batch_tokens=args.max_batch_tokens,
+        claim_idle_s=args.claim_idle_s,
+        max_deliveries=args.max_deliveries,
+        log_level=args.log_level,
+    )
+    if args.worker_id:
+        values["worker_id"] = args.worker_id
+    values.update(overrides)
+    return WorkerSettings(**values)
