@@ -26,7 +26,10 @@ _WIRE_NUMPY_DTYPE = {
 
 
 def element_size(dtype: int) -> int:
-    return _WIRE_NUMPY_DTYPE[resolve_dtype(dtype)].itemsize
+    try:
+        return _WIRE_NUMPY_DTYPE[resolve_dtype(dtype)].itemsize
+    except KeyError:
+        raise ValueError(f"unknown tensor dtype {dtype}") from None
 
 
 def resolve_dtype(dtype: int) -> int:
@@ -79,7 +82,7 @@ class TensorAssembler:
         self.shape = tuple(shape)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * element_size(self.dtype)
         self._buffer = bytearray(self.nbytes)
-        self._received = 0
+        self._ranges: dict[int, int] = {}  # offset -> length of every chunk received
 
     def add(self, chunk: pb.TensorChunk) -> None:
         data = chunk.tensor.data
@@ -89,16 +92,25 @@ class TensorAssembler:
         if chunk.offset < 0 or end > self.nbytes:
             raise ValueError(f"chunk bytes [{chunk.offset}, {end}) outside tensor of {self.nbytes}")
         self._buffer[chunk.offset : end] = data
-        self._received += len(data)
+        self._ranges[chunk.offset] = max(len(data), self._ranges.get(chunk.offset, 0))
+
+    def _covered_bytes(self) -> int:
+        """Bytes from offset 0 covered without a gap by the chunks received."""
+        covered = 0
+        for offset, length in sorted(self._ranges.items()):
+            if offset > covered:
+                break
+            covered = max(covered, offset + length)
+        return covered
 
     @property
     def complete(self) -> bool:
-        return self._received == self.nbytes
+        return self._covered_bytes() == self.nbytes
 
     def array(self) -> np.ndarray:
         """The tensor as numpy: float32 for FLOAT32 and BFLOAT16, float16 for FLOAT16."""
         if not self.complete:
-            raise ValueError(f"tensor incomplete: {self._received} of {self.nbytes} bytes")
+            raise ValueError(f"tensor incomplete: {self._covered_bytes()} of {self.nbytes} bytes")
         raw = np.frombuffer(self._buffer, dtype=_WIRE_NUMPY_DTYPE[self.dtype])
         if self.dtype == pb.DTYPE_BFLOAT16:
             raw = (raw.astype("<u4") << 16).view("<f4")

@@ -46,8 +46,11 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
+        return self.url_for_db(0)
+
+    def url_for_db(self, db: int) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def _wait_ready(self, timeout_s: float = 10.0) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

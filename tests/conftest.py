@@ -38,11 +38,11 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture
 def redis_client(redis_server):
-    """A client of the session's Redis, flushed before the test."""
+    """A client of the session's Redis on database 1 (services use 0), flushed before the test."""
     import redis
 
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
+    client = redis.Redis.from_url(redis_server.url_for_db(1))
+    client.flushdb()
     yield client
     client.close()
 
@@ -101,11 +101,16 @@ class ServiceProcesses:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            process.stdout.close()
 
 
 @pytest.fixture(scope="module")
 def service(redis_server, tiny_checkpoint) -> Iterator[ServiceProcesses]:
-    """Frontend + one worker on the tiny random checkpoint, SERVING."""
+    """Frontend + one worker on the tiny random checkpoint, SERVING, on a flushed database 0."""
+    import redis
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushdb()
     processes = ServiceProcesses(redis_server.url, tiny_checkpoint)
     try:
         processes.wait_serving()

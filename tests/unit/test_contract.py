@@ -99,6 +99,8 @@ def test_assembler_refuses_incomplete_or_foreign_chunks():
     wrong_shape, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (4,), pb.DTYPE_FLOAT32, data)
     with pytest.raises(ValueError, match="disagrees"):
         assembler.add(wrong_shape)
+    assembler.add(first)  # a duplicate chunk does not fill the gap after it
+    assert not assembler.complete
     beyond, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data, offset=8)
     with pytest.raises(ValueError, match="outside tensor"):
         assembler.add(beyond)

@@ -1,0 +1,160 @@
+"""The worker's queue loop against a real Redis, with the real (tiny) model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from esm2_service import queue
+from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.worker.checkpoint import load_checkpoint
+from esm2_service.worker.engine import Engine
+from esm2_service.worker.model import Esm2
+from esm2_service.worker.queue_loop import QueueWorker, ensure_group
+from esm2_service.worker.settings import WorkerSettings
+
+MODEL = pb.ModelInfo(name="tiny", checkpoint_sha256="ab", random_weights=True, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return Engine(Esm2.from_checkpoint(load_checkpoint(tiny_checkpoint)))
+
+
+def make_worker(redis_client, runner, worker_id="w1", **settings):
+    values = dict(worker_id=worker_id, block_ms=100, claim_idle_s=5.0, heartbeat_s=1.0, max_deliveries=2)
+    values.update(settings)
+    ensure_group(redis_client)
+    return QueueWorker(redis_client, runner, WorkerSettings(**values), MODEL)
+
+
+def enqueue(redis_client, request_id, index, sequence, *, deadline_s=60.0, task=qpb.TASK_ENCODE,
+            include=(pb.INCLUDE_MEAN,), layers=(6,)):
+    item = qpb.QueueItem(
+        request_id=request_id, sequence_index=index, task=task, sequence=sequence,
+        repr_layers=layers, include=include, dtype=pb.DTYPE_FLOAT32,
+        deadline_unix_s=time.time() + deadline_s if deadline_s else 0, enqueued_unix_s=time.time(),
+    )
+    return redis_client.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: item.SerializeToString()})
+
+
+def replies(redis_client, request_id):
+    out = []
+    for _, fields in redis_client.xrange(queue.reply_stream(request_id)):
+        if queue.ERROR_FIELD in fields:
+            out.append(qpb.ItemError.FromString(fields[queue.ERROR_FIELD]))
+        else:
+            out.append(pb.ResultChunk.FromString(fields[queue.CHUNK_FIELD]))
+    return out
+
+
+def test_items_from_several_requests_run_in_one_read_and_are_acked_after_results(redis_client, engine):
+    worker = make_worker(redis_client, engine)
+    for request, sequences in (("r1", ["MKTAYIAK", "MK"]), ("r2", ["ACDEFGHIKLMNPQRSTVWY"])):
+        for index, sequence in enumerate(sequences):
+            enqueue(redis_client, request, index, sequence)
+    assert worker.step() == 3
+    r1, r2 = replies(redis_client, "r1"), replies(redis_client, "r2")
+    assert sorted((m.sequence_index, m.WhichOneof("payload")) for m in r1) == [
+        (0, "chunk"), (0, "complete"), (1, "chunk"), (1, "complete")]
+    assert [m.WhichOneof("payload") for m in r2] == ["chunk", "complete"]
+    assert list(r2[0].chunk.tensor.shape) == [32]
+    assert r2[1].complete.model.random_weights and len(r2[1].complete.vocab_tokens) == 33
+    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+    assert redis_client.xpending(queue.QUEUE_STREAM, queue.WORKER_GROUP)["pending"] == 0
+    assert 0 < redis_client.ttl(queue.reply_stream("r1")) <= 600
+
+
+def test_predict_completion_carries_the_sequence_tokens(redis_client, engine):
+    worker = make_worker(redis_client, engine)
+    enqueue(redis_client, "p", 0, "MK<mask>A", task=qpb.TASK_PREDICT, include=(), layers=())
+    worker.step()
+    chunk, complete = replies(redis_client, "p")
+    assert chunk.chunk.kind == pb.INCLUDE_LOGITS and list(chunk.chunk.tensor.shape) == [1, 33]
+    assert list(complete.complete.sequence_tokens) == ["M", "K", "<mask>", "A"]
+
+
+def test_expired_and_cancelled_items_are_skipped(redis_client, engine):
+    worker = make_worker(redis_client, engine)
+    enqueue(redis_client, "late", 0, "MKV", deadline_s=-1)
+    enqueue(redis_client, "gone", 0, "MKV")
+    redis_client.set(queue.cancel_key("gone"), 1)
+    worker.step()
+    (error,) = replies(redis_client, "late")
+    assert error.code == "DEADLINE_EXCEEDED"
+    assert replies(redis_client, "gone") == []
+    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+
+
+def test_undecodable_entries_are_dropped_without_stopping_the_worker(redis_client, engine):
+    worker = make_worker(redis_client, engine)
+    redis_client.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: b"\xff\xfe not protobuf"})
+    redis_client.xadd(queue.QUEUE_STREAM, {b"other": b"x"})
+    enqueue(redis_client, "ok", 0, "MKV")
+    worker.step()
+    assert [m.WhichOneof("payload") for m in replies(redis_client, "ok")] == ["chunk", "complete"]
+    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+
+
+class FailsOn:
+    """A runner that raises for a given sequence length, and runs the rest."""
+
+    def __init__(self, engine, bad_tokens: int):
+        self.engine, self.bad_tokens = engine, bad_tokens
+
+    def run(self, items, emit):
+        if any(len(item.token_ids) == self.bad_tokens for item in items):
+            raise RuntimeError("boom")
+        self.engine.run(items, emit)
+
+
+def test_a_failing_item_does_not_take_its_batch_down(redis_client, engine):
+    worker = make_worker(redis_client, FailsOn(engine, bad_tokens=5))
+    enqueue(redis_client, "mixed", 0, "MKV")  # 5 tokens: fails
+    enqueue(redis_client, "mixed", 1, "MKVA")
+    enqueue(redis_client, "other", 0, "MKVAL")
+    worker.step()
+    errors = [m for m in replies(redis_client, "mixed") if isinstance(m, qpb.ItemError)]
+    assert [(e.sequence_index, e.code) for e in errors] == [(0, "INTERNAL")]
+    assert [m.WhichOneof("payload") for m in replies(redis_client, "other")] == ["chunk", "complete"]
+    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+
+
+def test_entries_of_a_dead_worker_are_claimed_and_poison_is_dead_lettered(redis_client, engine):
+    ensure_group(redis_client)
+    enqueue(redis_client, "orphan", 0, "MKV")
+    # A worker reads the entry and dies before acknowledging it.
+    redis_client.xreadgroup(queue.WORKER_GROUP, "dead", {queue.QUEUE_STREAM: ">"}, count=8)
+    survivor = make_worker(redis_client, engine, worker_id="survivor", claim_idle_s=3.0, heartbeat_s=1.0)
+    assert survivor.step() == 0  # not idle long enough yet
+    time.sleep(3.2)
+    survivor._last_claim = 0.0
+    assert survivor.step() == 1
+    assert [m.WhichOneof("payload") for m in replies(redis_client, "orphan")] == ["chunk", "complete"]
+
+    enqueue(redis_client, "poison", 0, "MKV")
+    # Delivered to one worker, then claimed by another, and each time the worker died.
+    redis_client.xreadgroup(queue.WORKER_GROUP, "dead-1", {queue.QUEUE_STREAM: ">"}, count=8)
+    redis_client.xautoclaim(queue.QUEUE_STREAM, queue.WORKER_GROUP, "dead-2", 0, "0-0")
+    time.sleep(3.2)
+    survivor._last_claim = 0.0
+    survivor.step()
+    (error,) = replies(redis_client, "poison")
+    assert error.code == "INTERNAL" and "set aside after 2 attempts" in error.message
+    assert redis_client.xlen(queue.DEAD_LETTER_STREAM) == 1
+    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+
+
+def test_heartbeat_announces_the_model_and_refreshes_entries_in_flight(redis_client, engine):
+    worker = make_worker(redis_client, engine, worker_id="hb")
+    enqueue(redis_client, "slow", 0, "MKV")
+    (entry_id, _), = redis_client.xreadgroup(queue.WORKER_GROUP, "hb", {queue.QUEUE_STREAM: ">"}, count=1)[0][1]
+    worker.in_flight.add(entry_id)
+    time.sleep(0.3)
+    worker.heartbeat()
+    pending = redis_client.xpending_range(queue.QUEUE_STREAM, queue.WORKER_GROUP, "-", "+", 1)
+    assert pending[0]["time_since_delivered"] < 200
+    assert redis_client.zscore(queue.HEARTBEATS, "hb") > time.time() - 5
+    assert pb.ModelInfo.FromString(redis_client.get(queue.worker_info_key("hb"))) == MODEL
