@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from esm2_service import __version__
-from esm2_service.config import env_or
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm import tqdm
+
+from esm2_service import __version__
+from esm2_service.config import env_or
 
 from .client import Esm2Client
 from .fasta import read_fasta
@@ -377,3 +378,7 @@ def _field_violations(error: grpc.RpcError) -> list[Any]:
             detail.Unpack(bad_request)
             violations.extend(bad_request.field_violations)
     return violations
+
+
+if __name__ == "__main__":
+    sys.exit(main())

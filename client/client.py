@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from esm2_service.alphabet import MASK_TOKEN
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler

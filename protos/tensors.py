@@ -87,7 +87,10 @@ class TensorAssembler:
     def add(self, chunk: pb.TensorChunk) -> None:
         data = chunk.tensor.data
         end = chunk.offset + len(data)
-        if tuple(chunk.tensor.shape) != self.shape or resolve_dtype(chunk.tensor.dtype) != self.dtype:
+        if (
+            tuple(chunk.tensor.shape) != self.shape
+            or resolve_dtype(chunk.tensor.dtype) != self.dtype
+        ):
             raise ValueError("chunk disagrees with the tensor's dtype or shape")
         if chunk.offset < 0 or end > self.nbytes:
             raise ValueError(f"chunk bytes [{chunk.offset}, {end}) outside tensor of {self.nbytes}")

@@ -8,6 +8,7 @@ what it has relayed so Redis holds only what the client has not taken yet.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -44,7 +45,9 @@ class Broker:
         """Queues every item of `request`; returns its id and absolute deadline (unix s)."""
         request_id = uuid.uuid4().hex
         now = time.time()
-        deadline = now + min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
+        deadline = now + min(
+            timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
+        )
         try:
             depth = await self.redis.xlen(queue.QUEUE_STREAM)
             if depth + len(request.sequences) > self.settings.max_queue_items:
@@ -62,7 +65,9 @@ class Broker:
             raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
         return request_id, deadline
 
-    async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[pb.ResultChunk]:
+    async def results(
+        self, request_id: str, items: int, deadline: float
+    ) -> AsyncIterator[pb.ResultChunk]:
         """Yields the request's ResultChunks until every item is complete."""
         stream = queue.reply_stream(request_id)
         last_id = "0-0"
@@ -95,14 +100,14 @@ class Broker:
         try:
             reply = await self.redis.xread({stream: last_id}, count=64, block=block_ms)
         except REDIS_ERRORS as error:
-            raise BackendUnavailable(f"lost the queue (Redis) while waiting for results: {error}") from error
+            raise BackendUnavailable(
+                f"lost the queue (Redis) while waiting for results: {error}"
+            ) from error
         return reply[0][1] if reply else []
 
     async def _forget(self, stream: str, entry_ids) -> None:
-        try:
+        with contextlib.suppress(*REDIS_ERRORS):  # the stream expires on its own
             await self.redis.xdel(stream, *entry_ids)
-        except REDIS_ERRORS:
-            pass  # the stream expires on its own
 
     async def cancel(self, request_id: str) -> None:
         """Tells workers to skip the request's items, and drops its results."""
@@ -115,10 +120,8 @@ class Broker:
             pass  # workers also skip items whose deadline passed
 
     async def finish(self, request_id: str) -> None:
-        try:
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.redis.delete(queue.reply_stream(request_id))
-        except REDIS_ERRORS:
-            pass
 
 
 def _piece_key(chunk: pb.ResultChunk) -> tuple:

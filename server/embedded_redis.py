@@ -33,8 +33,17 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.password = password
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(directory),
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
         ]
         if password:
             args += ["--requirepass", password]
@@ -57,7 +66,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode} on port {self.port}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode} on port {self.port}"
+                )
             try:
                 client.ping()
                 return

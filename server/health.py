@@ -32,7 +32,9 @@ class HealthMonitor:
         """None when healthy, else why not."""
         try:
             await self.redis.ping()
-            alive = await self.redis.zcount(queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf")
+            alive = await self.redis.zcount(
+                queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf"
+            )
         except REDIS_ERRORS as error:
             return f"Redis unreachable: {error}"
         return None if alive else "no live worker"
@@ -41,7 +43,9 @@ class HealthMonitor:
         while True:
             reason = await self.check_once()
             if reason != self._reason:
-                log.warning("health: NOT_SERVING (%s)", reason) if reason else log.info("health: SERVING")
+                log.warning("health: NOT_SERVING (%s)", reason) if reason else log.info(
+                    "health: SERVING"
+                )
                 self._reason = reason
             status = NOT_SERVING if reason else SERVING
             for name in ("", SERVICE_NAME):

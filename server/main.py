@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from esm2_service.esm2.v1 import esm2_pb2, esm2_pb2_grpc
 from esm2_service.server.broker import Broker, BrokerSettings
-from esm2_service.server.health import SERVICE_NAME, HealthMonitor
+from esm2_service.server.health import HealthMonitor
 from esm2_service.server.service import Esm2Service
 from esm2_service.server.settings import ServerSettings, build_parser, settings_from_args
 
@@ -29,22 +29,32 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
     """Runs the frontend until cancelled or SIGTERM/SIGINT; then drains in-flight streams."""
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0,
-                                    health_check_interval=10)
-    broker = Broker(redis, BrokerSettings(
-        max_queue_items=settings.max_queue_items,
-        request_timeout_s=settings.request_timeout_s,
-        result_ttl_s=settings.result_ttl_s,
-    ))
+    redis = aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2.0, health_check_interval=10
+    )
+    broker = Broker(
+        redis,
+        BrokerSettings(
+            max_queue_items=settings.max_queue_items,
+            request_timeout_s=settings.request_timeout_s,
+            result_ttl_s=settings.result_ttl_s,
+        ),
+    )
     monitor = HealthMonitor(redis, settings.worker_timeout_s, settings.health_interval_s)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-        ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+        ]
+    )
     esm2_pb2_grpc.add_Esm2Servicer_to_server(Esm2Service(broker, settings.worker_timeout_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(monitor.servicer, server)
     reflection.enable_server_reflection(
-        (esm2_pb2.DESCRIPTOR.services_by_name["Esm2"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            esm2_pb2.DESCRIPTOR.services_by_name["Esm2"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")

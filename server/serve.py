@@ -29,15 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esm2 serve",
         description="Run Redis (embedded unless REDIS_URL is set), the gRPC frontend and workers.",
     )
-    parser.add_argument("--port", type=int, default=int(env_or("ESM2_PORT", "50051")),
-                        help="gRPC port (ESM2_PORT, default 50051)")
-    parser.add_argument("--workers", type=int, default=int(env_or("ESM2_WORKERS", "1")),
-                        help="worker processes (ESM2_WORKERS, default 1)")
-    parser.add_argument("--weights", default=env_or("ESM2_WEIGHTS"),
-                        help="fair-esm checkpoint for every worker (ESM2_WEIGHTS)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env_or("ESM2_PORT", "50051")),
+        help="gRPC port (ESM2_PORT, default 50051)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(env_or("ESM2_WORKERS", "1")),
+        help="worker processes (ESM2_WORKERS, default 1)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=env_or("ESM2_WEIGHTS"),
+        help="fair-esm checkpoint for every worker (ESM2_WEIGHTS)",
+    )
     parser.add_argument("--device", default=env_or("ESM2_DEVICE", "cpu"))
-    parser.add_argument("--threads", type=int, default=int(env_or("ESM2_THREADS", "0")),
-                        help="threads per worker; 0: the machine's cores split among the workers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(env_or("ESM2_THREADS", "0")),
+        help="threads per worker; 0: the machine's cores split among the workers",
+    )
     return parser
 
 
@@ -51,7 +66,14 @@ def _worker_args(args: argparse.Namespace, index: int) -> list[str]:
     from esm2_service.worker.main import available_cores
 
     threads = args.threads or max(1, available_cores() // args.workers)
-    worker_args = ["--device", args.device, "--threads", str(threads), "--worker-id", f"serve-{index}"]
+    worker_args = [
+        "--device",
+        args.device,
+        "--threads",
+        str(threads),
+        "--worker-id",
+        f"serve-{index}",
+    ]
     if args.weights:
         worker_args += ["--weights", args.weights]
     return worker_args
@@ -82,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
             log.info("started an embedded Redis on port %d", embedded.port)
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
         frontend = _child("esm2_service.server", ["--port", str(args.port)], env)
-        workers = [_child("esm2_service.worker", _worker_args(args, i), env) for i in range(args.workers)]
+        workers = [
+            _child("esm2_service.worker", _worker_args(args, i), env) for i in range(args.workers)
+        ]
         stopping = []
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopping.append(True))

@@ -7,8 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-import grpc
-
 from esm2_service import queue
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
@@ -50,7 +48,10 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
             finished = True
             log.info(
                 "%s request_id=%s items=%d done in %.1f ms",
-                method, request_id, len(valid.sequences), 1000 * (time.perf_counter() - started),
+                method,
+                request_id,
+                len(valid.sequences),
+                1000 * (time.perf_counter() - started),
             )
         except asyncio.CancelledError:
             log.info("%s request_id=%s cancelled by the client", method, request_id)
@@ -60,7 +61,9 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
             await _abort(context, error)
         finally:
             if request_id is not None:
-                await (self.broker.finish(request_id) if finished else self.broker.cancel(request_id))
+                await (
+                    self.broker.finish(request_id) if finished else self.broker.cancel(request_id)
+                )
 
 
 async def _abort(context, error: Exception) -> None:
@@ -71,8 +74,12 @@ async def _abort(context, error: Exception) -> None:
 async def read_status(redis, worker_timeout_s: float) -> pb.StatusResponse:
     """Live workers (heartbeat within `worker_timeout_s`), their models, the queue depth."""
     now = time.time()
-    workers = await redis.zrangebyscore(queue.HEARTBEATS, now - worker_timeout_s, "+inf", withscores=True)
-    infos = await redis.mget([queue.worker_info_key(w.decode()) for w, _ in workers]) if workers else []
+    workers = await redis.zrangebyscore(
+        queue.HEARTBEATS, now - worker_timeout_s, "+inf", withscores=True
+    )
+    infos = (
+        await redis.mget([queue.worker_info_key(w.decode()) for w, _ in workers]) if workers else []
+    )
     response = pb.StatusResponse(queue_depth=await redis.xlen(queue.QUEUE_STREAM))
     for (worker_id, last_seen), info in zip(workers, infos, strict=True):
         model = pb.ModelInfo.FromString(info) if info else pb.ModelInfo()

@@ -41,24 +41,45 @@ def build_parser(prog: str = "esm2 server") -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServerSettings()
-    parser.add_argument("--host", default=env_or("ESM2_HOST", d.host), help="address to bind (ESM2_HOST)")
-    parser.add_argument("--port", type=int, default=int(env_or("ESM2_PORT", str(d.port))),
-                        help="gRPC port; 0 picks a free one (ESM2_PORT, default 50051)")
-    parser.add_argument("--redis-url", default=env_or("REDIS_URL", d.redis_url),
-                        help="Redis URL, e.g. redis://:password@host:6379/0 or rediss:// for TLS (REDIS_URL)")
-    parser.add_argument("--max-queue-items", type=int,
-                        default=int(env_or("ESM2_MAX_QUEUE_ITEMS", str(d.max_queue_items))),
-                        help="queued + in-progress items before new requests get RESOURCE_EXHAUSTED "
-                        "(ESM2_MAX_QUEUE_ITEMS); raise it with more workers")
-    parser.add_argument("--request-timeout-s", type=float,
-                        default=float(env_or("ESM2_REQUEST_TIMEOUT_S", str(d.request_timeout_s))),
-                        help="deadline for requests that set none (ESM2_REQUEST_TIMEOUT_S)")
-    parser.add_argument("--result-ttl-s", type=int,
-                        default=int(env_or("ESM2_RESULT_TTL_S", str(d.result_ttl_s))),
-                        help="reply streams expire this long after their last write (ESM2_RESULT_TTL_S)")
-    parser.add_argument("--worker-timeout-s", type=float,
-                        default=float(env_or("ESM2_WORKER_TIMEOUT_S", str(d.worker_timeout_s))),
-                        help="a worker is alive if it sent a heartbeat this recently (ESM2_WORKER_TIMEOUT_S)")
+    parser.add_argument(
+        "--host", default=env_or("ESM2_HOST", d.host), help="address to bind (ESM2_HOST)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env_or("ESM2_PORT", str(d.port))),
+        help="gRPC port; 0 picks a free one (ESM2_PORT, default 50051)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=env_or("REDIS_URL", d.redis_url),
+        help="Redis URL, e.g. redis://:password@host:6379/0 or rediss:// for TLS (REDIS_URL)",
+    )
+    parser.add_argument(
+        "--max-queue-items",
+        type=int,
+        default=int(env_or("ESM2_MAX_QUEUE_ITEMS", str(d.max_queue_items))),
+        help="queued + in-progress items before new requests get RESOURCE_EXHAUSTED "
+        "(ESM2_MAX_QUEUE_ITEMS); raise it with more workers",
+    )
+    parser.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=float(env_or("ESM2_REQUEST_TIMEOUT_S", str(d.request_timeout_s))),
+        help="deadline for requests that set none (ESM2_REQUEST_TIMEOUT_S)",
+    )
+    parser.add_argument(
+        "--result-ttl-s",
+        type=int,
+        default=int(env_or("ESM2_RESULT_TTL_S", str(d.result_ttl_s))),
+        help="reply streams expire this long after their last write (ESM2_RESULT_TTL_S)",
+    )
+    parser.add_argument(
+        "--worker-timeout-s",
+        type=float,
+        default=float(env_or("ESM2_WORKER_TIMEOUT_S", str(d.worker_timeout_s))),
+        help="a worker is alive if it sent a heartbeat this recently (ESM2_WORKER_TIMEOUT_S)",
+    )
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
 
 

@@ -123,21 +123,26 @@ def _character_violations(tokens: list[str], field: str, allow_mask: bool) -> li
         if token == MASK_TOKEN and not allow_mask:
             bad += 1
             if bad <= MAX_CHARACTER_VIOLATIONS:
-                violations.append(FieldViolation(
-                    field, f"<mask> at position {position}: only Predict accepts <mask>"
-                ))
+                violations.append(
+                    FieldViolation(
+                        field, f"<mask> at position {position}: only Predict accepts <mask>"
+                    )
+                )
         elif token != MASK_TOKEN and token not in ACCEPTED_CHARACTERS:
             bad += 1
             if bad <= MAX_CHARACTER_VIOLATIONS:
                 accepted = _ACCEPTED_DESCRIPTION + (", '<mask>'" if allow_mask else "")
-                violations.append(FieldViolation(
-                    field, f"character {token!r} at position {position} is not accepted ({accepted})"
-                ))
+                violations.append(
+                    FieldViolation(
+                        field,
+                        f"character {token!r} at position {position} is not accepted ({accepted})",
+                    )
+                )
         position += len(token)
     if bad > MAX_CHARACTER_VIOLATIONS:
-        violations.append(FieldViolation(
-            field, f"{bad - MAX_CHARACTER_VIOLATIONS} more characters not accepted"
-        ))
+        violations.append(
+            FieldViolation(field, f"{bad - MAX_CHARACTER_VIOLATIONS} more characters not accepted")
+        )
     return violations
 
 
@@ -162,4 +167,8 @@ def _check_include(include) -> list[FieldViolation]:
 def _check_dtype(dtype: int) -> list[FieldViolation]:
     if dtype in _DTYPES:
         return []
-    return [FieldViolation("params.dtype", f"unknown dtype {dtype}; valid: {', '.join(pb.DType.keys())}")]
+    return [
+        FieldViolation(
+            "params.dtype", f"unknown dtype {dtype}; valid: {', '.join(pb.DType.keys())}"
+        )
+    ]

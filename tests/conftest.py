@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from esm2_service.worker.checkpoint import make_random_checkpoint
@@ -50,7 +51,9 @@ def redis_client(redis_server):
 class ServiceProcesses:
     """A frontend and workers as real child processes against one Redis."""
 
-    def __init__(self, redis_url: str, weights: Path, workers: int = 1, server_args=(), worker_args=()):
+    def __init__(
+        self, redis_url: str, weights: Path, workers: int = 1, server_args=(), worker_args=()
+    ):
         self.env = {**os.environ, "REDIS_URL": redis_url, "ESM2_WEIGHTS": str(weights)}
         self.worker_args = list(worker_args)
         self.frontend = self._spawn("esm2_service.server", ["--port", "0", *server_args])
@@ -60,8 +63,11 @@ class ServiceProcesses:
 
     def _spawn(self, module: str, args: list[str]) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", module, *args], env=self.env,
-            stdout=subprocess.PIPE, stderr=None, text=True,
+            [sys.executable, "-m", module, *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
         )
 
     def start_worker(self, worker_id: str, extra_args=()) -> subprocess.Popen:
@@ -83,7 +89,9 @@ class ServiceProcesses:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=1)
+                    status = stub.Check(
+                        health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=1
+                    )
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:

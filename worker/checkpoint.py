@@ -85,10 +85,7 @@ def sha256_of(path: Path) -> str:
 def load_checkpoint(path: str | Path | None) -> Checkpoint:
     """Loads a fair-esm ESM-2 checkpoint from `path` (its regression file beside it),
     or, when `path` is None, esm2_t6_8M_UR50D through fair-esm's download and cache."""
-    if path is None:
-        model_path = _download_through_fair_esm()
-    else:
-        model_path = Path(path)
+    model_path = _download_through_fair_esm() if path is None else Path(path)
     model_data = safe_torch_load(model_path)
     regression_file = regression_path(model_path)
     if not regression_file.is_file():
@@ -199,10 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         "in fair-esm's file format. Outputs are meaningless: for tests and benchmarks only.",
     )
     parser.add_argument("out", type=Path, help="the .pt file to write")
-    parser.add_argument("--random", action="store_true", required=True,
-                        help="random weights (the only kind this command makes)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="6 layers, 32 dims, 4 heads instead of ESM-2 8M's 320 dims, 20 heads")
+    parser.add_argument(
+        "--random",
+        action="store_true",
+        required=True,
+        help="random weights (the only kind this command makes)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="6 layers, 32 dims, 4 heads instead of ESM-2 8M's 320 dims, 20 heads",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.out.suffix != ".pt":

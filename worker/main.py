@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import redis
 
@@ -20,7 +21,7 @@ def available_cores() -> int:
     """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota."""
     cores = len(os.sched_getaffinity(0))
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             cores = min(cores, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -47,10 +48,15 @@ def load_engine(settings: WorkerSettings):
     )
     log.info(
         "loaded %s (sha256 %s) on %s with %d threads",
-        checkpoint.name, checkpoint.sha256, settings.device, threads,
+        checkpoint.name,
+        checkpoint.sha256,
+        settings.device,
+        threads,
     )
     if checkpoint.random_weights:
-        log.warning("this checkpoint has RANDOM weights: outputs are meaningless (tests/benchmarks only)")
+        log.warning(
+            "this checkpoint has RANDOM weights: outputs are meaningless (tests/benchmarks only)"
+        )
     return Engine(Esm2.from_checkpoint(checkpoint), settings.device), info
 
 
@@ -63,8 +69,12 @@ def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:
     except CheckpointError as error:
         log.error("%s", error)
         raise SystemExit(2) from error
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0,
-                                  socket_keepalive=True, health_check_interval=10)
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_keepalive=True,
+        health_check_interval=10,
+    )
     ensure_group(client)
     worker = QueueWorker(client, engine, settings, info)
     log.info("worker %s serving (%s)", settings.worker_id, settings.describe())

@@ -52,12 +52,18 @@ class PackedBatch:
             self.offsets.append(self.offsets[-1] + length)
         device = self.tokens.device
         lengths = torch.tensor(self.lengths, device=device)
-        self.sequence_ids = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+        self.sequence_ids = torch.repeat_interleave(
+            torch.arange(len(self.lengths), device=device), lengths
+        )
         starts = torch.tensor(self.offsets, device=device)
-        self.positions = torch.arange(self.tokens.numel(), device=device) - starts[self.sequence_ids]
+        self.positions = (
+            torch.arange(self.tokens.numel(), device=device) - starts[self.sequence_ids]
+        )
 
     @classmethod
-    def from_token_lists(cls, token_lists: Sequence[Sequence[int]], device: torch.device | str = "cpu"):
+    def from_token_lists(
+        cls, token_lists: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+    ):
         flat = [token for tokens in token_lists for token in tokens]
         tokens = torch.tensor(flat, dtype=torch.long, device=device)
         return cls(tokens=tokens, lengths=[len(tokens) for tokens in token_lists])
@@ -87,7 +93,11 @@ class RotaryTable(nn.Module):
         self._cos = self._sin = None
 
     def lookup(self, positions: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < max_length or self._cos.device != positions.device:
+        if (
+            self._cos is None
+            or self._cos.shape[0] < max_length
+            or self._cos.device != positions.device
+        ):
             t = torch.arange(max(max_length, 1024), device=positions.device).type_as(self.inv_freq)
             freqs = torch.outer(t, self.inv_freq.to(positions.device))
             table = torch.cat((freqs, freqs), dim=-1)
@@ -129,7 +139,9 @@ class EncoderLayer(nn.Module):
             # (T, H, D) => (H, T, D)
             qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))
             if sequence in map_sequences:
-                out = self._attention_with_maps(qs, ks, vs, lambda h, p, s=sequence: on_maps(s, h, p))
+                out = self._attention_with_maps(
+                    qs, ks, vs, lambda h, p, s=sequence: on_maps(s, h, p)
+                )
             else:
                 out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)
             context[rows] = out.transpose(0, 1)
@@ -176,7 +188,9 @@ class Esm2(nn.Module):
         self.attention_heads = attention_heads
         self.token_dropout = token_dropout
         self.embed_tokens = nn.Embedding(len(VOCAB_TOKENS), embed_dim, padding_idx=PAD_INDEX)
-        self.layers = nn.ModuleList(EncoderLayer(embed_dim, attention_heads) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(embed_dim, attention_heads) for _ in range(num_layers)
+        )
         self.final_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
         self.lm_head = LanguageModelHead(embed_dim, len(VOCAB_TOKENS))
         self.rotary = RotaryTable(embed_dim // attention_heads)
@@ -194,7 +208,9 @@ class Esm2(nn.Module):
         model.load_state_dict(_state_from_fair_esm(checkpoint.state_dict, checkpoint.num_layers))
         return model.eval()
 
-    def forward(self, batch: PackedBatch, plan: ForwardPlan) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def forward(
+        self, batch: PackedBatch, plan: ForwardPlan
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Returns the final hidden states (N, E), after the last layer norm, and the
         hidden states of `plan.repr_layers` by layer."""
         x = self._embed(batch)
@@ -231,7 +247,9 @@ class Esm2(nn.Module):
         return self.lm_head(final_hidden)
 
 
-def _state_from_fair_esm(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def _state_from_fair_esm(
+    state: dict[str, torch.Tensor], num_layers: int
+) -> dict[str, torch.Tensor]:
     """Renames fair-esm's parameters to ours and fuses each layer's q, k, v."""
     ours = {
         "embed_tokens.weight": state["embed_tokens.weight"],
@@ -240,7 +258,14 @@ def _state_from_fair_esm(state: dict[str, torch.Tensor], num_layers: int) -> dic
         "contact_weight": state["contact_head.regression.weight"].reshape(num_layers, -1),
         "contact_bias": state["contact_head.regression.bias"].reshape(()),
     }
-    for name in ("dense.weight", "dense.bias", "layer_norm.weight", "layer_norm.bias", "weight", "bias"):
+    for name in (
+        "dense.weight",
+        "dense.bias",
+        "layer_norm.weight",
+        "layer_norm.bias",
+        "weight",
+        "bias",
+    ):
         ours[f"lm_head.{name}"] = state[f"lm_head.{name}"]
     renames = {
         "self_attn_layer_norm": "attention_norm",
@@ -258,4 +283,3 @@ def _state_from_fair_esm(state: dict[str, torch.Tensor], num_layers: int) -> dic
             parts = [state[f"{theirs}self_attn.{p}_proj.{suffix}"] for p in "qkv"]
             ours[f"layers.{i}.qkv.{suffix}"] = torch.cat(parts, dim=0)
     return ours
-

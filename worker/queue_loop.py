@@ -42,7 +42,9 @@ class Job:
 
 
 class QueueWorker:
-    def __init__(self, client: redis.Redis, runner: Runner, settings: WorkerSettings, model: pb.ModelInfo):
+    def __init__(
+        self, client: redis.Redis, runner: Runner, settings: WorkerSettings, model: pb.ModelInfo
+    ):
         self.redis = client
         self.runner = runner
         self.settings = settings
@@ -72,7 +74,9 @@ class QueueWorker:
     def step(self) -> int:
         """Takes up to `batch_size` entries and runs them; returns how many it took."""
         entries = self._claim_stale() or self._read_new()
-        jobs = [job for job in (self._admit(entry_id, fields) for entry_id, fields in entries) if job]
+        jobs = [
+            job for job in (self._admit(entry_id, fields) for entry_id, fields in entries) if job
+        ]
         lengths = [len(job.work.token_ids) for job in jobs]
         for batch in plan_batches(lengths, self.settings.max_batch_tokens):
             self._run_batch([jobs[i] for i in batch])
@@ -80,8 +84,11 @@ class QueueWorker:
 
     def _read_new(self):
         reply = self.redis.xreadgroup(
-            queue.WORKER_GROUP, self.settings.worker_id, {queue.QUEUE_STREAM: ">"},
-            count=self.settings.batch_size, block=self.settings.block_ms,
+            queue.WORKER_GROUP,
+            self.settings.worker_id,
+            {queue.QUEUE_STREAM: ">"},
+            count=self.settings.batch_size,
+            block=self.settings.block_ms,
         )
         return reply[0][1] if reply else []
 
@@ -93,8 +100,11 @@ class QueueWorker:
         self._last_claim = now
         # Redis 6.2 replies [next, entries]; 7.0 adds the ids of deleted entries.
         claimed = self.redis.xautoclaim(
-            queue.QUEUE_STREAM, queue.WORKER_GROUP, self.settings.worker_id,
-            min_idle_time=int(self.settings.claim_idle_s * 1000), start_id="0-0",
+            queue.QUEUE_STREAM,
+            queue.WORKER_GROUP,
+            self.settings.worker_id,
+            min_idle_time=int(self.settings.claim_idle_s * 1000),
+            start_id="0-0",
             count=self.settings.batch_size,
         )[1]
         if claimed:
@@ -148,8 +158,12 @@ class QueueWorker:
                 for job in jobs:
                     self._run_batch([job])
                 return
-            log.exception("item %s of request %s failed", jobs[0].item.sequence_index, jobs[0].item.request_id)
-            self._write_error(jobs[0].item, "INTERNAL", "the model failed on this item; see worker logs")
+            log.exception(
+                "item %s of request %s failed", jobs[0].item.sequence_index, jobs[0].item.request_id
+            )
+            self._write_error(
+                jobs[0].item, "INTERNAL", "the model failed on this item; see worker logs"
+            )
             self._ack([jobs[0].entry_id])
             return
         for job in jobs:
@@ -159,7 +173,9 @@ class QueueWorker:
         self.stats["batches"] += 1
         log.info(
             "batch of %d (%d tokens) in %.1f ms",
-            len(jobs), sum(len(j.work.token_ids) for j in jobs), 1000 * (time.perf_counter() - started),
+            len(jobs),
+            sum(len(j.work.token_ids) for j in jobs),
+            1000 * (time.perf_counter() - started),
         )
 
     def _emit(self, jobs: Sequence[Job], output: TensorOutput) -> None:
@@ -212,11 +228,19 @@ class QueueWorker:
         ttl_s = max(1, int(3 * self.settings.heartbeat_s))
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(queue.HEARTBEATS, {self.settings.worker_id: time.time()})
-        pipe.set(queue.worker_info_key(self.settings.worker_id), self.model.SerializeToString(), ex=ttl_s)
+        pipe.set(
+            queue.worker_info_key(self.settings.worker_id), self.model.SerializeToString(), ex=ttl_s
+        )
         in_flight = list(self.in_flight)
         if in_flight:
-            pipe.xclaim(queue.QUEUE_STREAM, queue.WORKER_GROUP, self.settings.worker_id,
-                        min_idle_time=0, message_ids=in_flight, justid=True)
+            pipe.xclaim(
+                queue.QUEUE_STREAM,
+                queue.WORKER_GROUP,
+                self.settings.worker_id,
+                min_idle_time=0,
+                message_ids=in_flight,
+                justid=True,
+            )
         pipe.execute()
 
     def _sign_off(self) -> None:

@@ -41,8 +41,8 @@ class WorkerSettings:
             raise ValueError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
         if self.claim_idle_s <= 2 * self.heartbeat_s:
             raise ValueError(
-                f"claim_idle_s ({self.claim_idle_s}) must exceed twice heartbeat_s ({self.heartbeat_s}): "
-                "a live worker refreshes its entries every heartbeat"
+                f"claim_idle_s ({self.claim_idle_s}) must exceed twice heartbeat_s "
+                f"({self.heartbeat_s}): a live worker refreshes its entries every heartbeat"
             )
 
     def describe(self) -> str:
@@ -58,24 +58,45 @@ def build_parser(prog: str = "esm2 worker") -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True) -> None:
     d = WorkerSettings()
     if include_redis:
-        parser.add_argument("--redis-url", default=env_or("REDIS_URL", d.redis_url),
-                            help="Redis URL (REDIS_URL)")
-    parser.add_argument("--weights", default=env_or("ESM2_WEIGHTS"),
-                        help="fair-esm checkpoint .pt, its -contact-regression.pt beside it (ESM2_WEIGHTS); "
-                        "unset: download esm2_t6_8M_UR50D through fair-esm")
-    parser.add_argument("--device", default=env_or("ESM2_DEVICE", d.device), help="cpu, cuda or cuda:N (ESM2_DEVICE)")
-    parser.add_argument("--threads", type=int, default=int(env_or("ESM2_THREADS", "0")),
-                        help="intra-op threads per worker; 0: the cores available divided by the workers "
-                        "on this machine (ESM2_THREADS)")
-    parser.add_argument("--max-batch-tokens", type=int,
-                        default=int(env_or("ESM2_MAX_BATCH_TOKENS", str(d.max_batch_tokens))),
-                        help="tokens per packed forward pass (ESM2_MAX_BATCH_TOKENS)")
-    parser.add_argument("--claim-idle-s", type=float,
-                        default=float(env_or("ESM2_CLAIM_IDLE_S", str(d.claim_idle_s))),
-                        help="claim entries of a worker silent this long (ESM2_CLAIM_IDLE_S)")
-    parser.add_argument("--max-deliveries", type=int,
-                        default=int(env_or("ESM2_MAX_DELIVERIES", str(d.max_deliveries))),
-                        help="attempts per item before it is dead-lettered (ESM2_MAX_DELIVERIES)")
+        parser.add_argument(
+            "--redis-url", default=env_or("REDIS_URL", d.redis_url), help="Redis URL (REDIS_URL)"
+        )
+    parser.add_argument(
+        "--weights",
+        default=env_or("ESM2_WEIGHTS"),
+        help="fair-esm checkpoint .pt, its -contact-regression.pt beside it (ESM2_WEIGHTS); "
+        "unset: download esm2_t6_8M_UR50D through fair-esm",
+    )
+    parser.add_argument(
+        "--device",
+        default=env_or("ESM2_DEVICE", d.device),
+        help="cpu, cuda or cuda:N (ESM2_DEVICE)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(env_or("ESM2_THREADS", "0")),
+        help="intra-op threads per worker; 0: the cores available divided by the workers "
+        "on this machine (ESM2_THREADS)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=int(env_or("ESM2_MAX_BATCH_TOKENS", str(d.max_batch_tokens))),
+        help="tokens per packed forward pass (ESM2_MAX_BATCH_TOKENS)",
+    )
+    parser.add_argument(
+        "--claim-idle-s",
+        type=float,
+        default=float(env_or("ESM2_CLAIM_IDLE_S", str(d.claim_idle_s))),
+        help="claim entries of a worker silent this long (ESM2_CLAIM_IDLE_S)",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=int(env_or("ESM2_MAX_DELIVERIES", str(d.max_deliveries))),
+        help="attempts per item before it is dead-lettered (ESM2_MAX_DELIVERIES)",
+    )
     parser.add_argument("--worker-id", default=env_or("ESM2_WORKER_ID"), help="default: host-pid")
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
 

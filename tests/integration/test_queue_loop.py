@@ -24,18 +24,35 @@ def engine(tiny_checkpoint):
 
 
 def make_worker(redis_client, runner, worker_id="w1", **settings):
-    values = dict(worker_id=worker_id, block_ms=100, claim_idle_s=5.0, heartbeat_s=1.0, max_deliveries=2)
+    values = dict(
+        worker_id=worker_id, block_ms=100, claim_idle_s=5.0, heartbeat_s=1.0, max_deliveries=2
+    )
     values.update(settings)
     ensure_group(redis_client)
     return QueueWorker(redis_client, runner, WorkerSettings(**values), MODEL)
 
 
-def enqueue(redis_client, request_id, index, sequence, *, deadline_s=60.0, task=qpb.TASK_ENCODE,
-            include=(pb.INCLUDE_MEAN,), layers=(6,)):
+def enqueue(
+    redis_client,
+    request_id,
+    index,
+    sequence,
+    *,
+    deadline_s=60.0,
+    task=qpb.TASK_ENCODE,
+    include=(pb.INCLUDE_MEAN,),
+    layers=(6,),
+):
     item = qpb.QueueItem(
-        request_id=request_id, sequence_index=index, task=task, sequence=sequence,
-        repr_layers=layers, include=include, dtype=pb.DTYPE_FLOAT32,
-        deadline_unix_s=time.time() + deadline_s if deadline_s else 0, enqueued_unix_s=time.time(),
+        request_id=request_id,
+        sequence_index=index,
+        task=task,
+        sequence=sequence,
+        repr_layers=layers,
+        include=include,
+        dtype=pb.DTYPE_FLOAT32,
+        deadline_unix_s=time.time() + deadline_s if deadline_s else 0,
+        enqueued_unix_s=time.time(),
     )
     return redis_client.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: item.SerializeToString()})
 
@@ -50,7 +67,9 @@ def replies(redis_client, request_id):
     return out
 
 
-def test_items_from_several_requests_run_in_one_read_and_are_acked_after_results(redis_client, engine):
+def test_items_from_several_requests_run_in_one_read_and_are_acked_after_results(
+    redis_client, engine
+):
     worker = make_worker(redis_client, engine)
     for request, sequences in (("r1", ["MKTAYIAK", "MK"]), ("r2", ["ACDEFGHIKLMNPQRSTVWY"])):
         for index, sequence in enumerate(sequences):
@@ -58,7 +77,11 @@ def test_items_from_several_requests_run_in_one_read_and_are_acked_after_results
     assert worker.step() == 3
     r1, r2 = replies(redis_client, "r1"), replies(redis_client, "r2")
     assert sorted((m.sequence_index, m.WhichOneof("payload")) for m in r1) == [
-        (0, "chunk"), (0, "complete"), (1, "chunk"), (1, "complete")]
+        (0, "chunk"),
+        (0, "complete"),
+        (1, "chunk"),
+        (1, "complete"),
+    ]
     assert [m.WhichOneof("payload") for m in r2] == ["chunk", "complete"]
     assert list(r2[0].chunk.tensor.shape) == [32]
     assert r2[1].complete.model.random_weights and len(r2[1].complete.vocab_tokens) == 33
@@ -118,7 +141,10 @@ def test_a_failing_item_does_not_take_its_batch_down(redis_client, engine):
     worker.step()
     errors = [m for m in replies(redis_client, "mixed") if isinstance(m, qpb.ItemError)]
     assert [(e.sequence_index, e.code) for e in errors] == [(0, "INTERNAL")]
-    assert [m.WhichOneof("payload") for m in replies(redis_client, "other")] == ["chunk", "complete"]
+    assert [m.WhichOneof("payload") for m in replies(redis_client, "other")] == [
+        "chunk",
+        "complete",
+    ]
     assert redis_client.xlen(queue.QUEUE_STREAM) == 0
 
 
@@ -127,12 +153,17 @@ def test_entries_of_a_dead_worker_are_claimed_and_poison_is_dead_lettered(redis_
     enqueue(redis_client, "orphan", 0, "MKV")
     # A worker reads the entry and dies before acknowledging it.
     redis_client.xreadgroup(queue.WORKER_GROUP, "dead", {queue.QUEUE_STREAM: ">"}, count=8)
-    survivor = make_worker(redis_client, engine, worker_id="survivor", claim_idle_s=3.0, heartbeat_s=1.0)
+    survivor = make_worker(
+        redis_client, engine, worker_id="survivor", claim_idle_s=3.0, heartbeat_s=1.0
+    )
     assert survivor.step() == 0  # not idle long enough yet
     time.sleep(3.2)
     survivor._last_claim = 0.0
     assert survivor.step() == 1
-    assert [m.WhichOneof("payload") for m in replies(redis_client, "orphan")] == ["chunk", "complete"]
+    assert [m.WhichOneof("payload") for m in replies(redis_client, "orphan")] == [
+        "chunk",
+        "complete",
+    ]
 
     enqueue(redis_client, "poison", 0, "MKV")
     # Delivered to one worker, then claimed by another, and each time the worker died.
@@ -150,7 +181,9 @@ def test_entries_of_a_dead_worker_are_claimed_and_poison_is_dead_lettered(redis_
 def test_heartbeat_announces_the_model_and_refreshes_entries_in_flight(redis_client, engine):
     worker = make_worker(redis_client, engine, worker_id="hb")
     enqueue(redis_client, "slow", 0, "MKV")
-    (entry_id, _), = redis_client.xreadgroup(queue.WORKER_GROUP, "hb", {queue.QUEUE_STREAM: ">"}, count=1)[0][1]
+    ((entry_id, _),) = redis_client.xreadgroup(
+        queue.WORKER_GROUP, "hb", {queue.QUEUE_STREAM: ">"}, count=1
+    )[0][1]
     worker.in_flight.add(entry_id)
     time.sleep(0.3)
     worker.heartbeat()

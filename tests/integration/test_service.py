@@ -95,9 +95,13 @@ def test_long_lists_are_split_into_concurrent_requests_in_input_order(client, ti
 
 def test_items_batched_across_concurrent_requests_match_fair_esm_alone(service, tiny_reference):
     lengths = [5, 300, 17, 120, 1, 64, 250, 33]
-    sequences = ["".join("ACDEFGHIKLMNPQRSTVWY"[(i * 7 + n) % 20] for i in range(n)) for n in lengths]
+    sequences = [
+        "".join("ACDEFGHIKLMNPQRSTVWY"[(i * 7 + n) % 20] for i in range(n)) for n in lengths
+    ]
     with Esm2Client(service.target) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(client.encode, [s], include=["contacts", "per_token"]) for s in sequences]
+        futures = [
+            pool.submit(client.encode, [s], include=["contacts", "per_token"]) for s in sequences
+        ]
         results = [f.result()[0] for f in futures]
     for result, sequence in zip(results, sequences, strict=True):
         expected = fair_esm_outputs(tiny_reference, sequence)
@@ -109,8 +113,10 @@ def test_responses_larger_than_4_mib_arrive_in_chunks_a_default_client_reads(ser
     sequence = "MKTAYIAKQRQISFVKSHFSRQ" * 55  # 1,210 residues: attentions are 4 x L x L fp32, 23 MB
     with grpc.insecure_channel(service.target) as channel:  # default 4 MiB receive limit
         stub = esm2_pb2_grpc.Esm2Stub(channel)
-        request = pb.EncodeRequest(items=[pb.Item(sequence=sequence)],
-                                   params=pb.EncodeParams(include=[pb.INCLUDE_ATTENTIONS]))
+        request = pb.EncodeRequest(
+            items=[pb.Item(sequence=sequence)],
+            params=pb.EncodeParams(include=[pb.INCLUDE_ATTENTIONS]),
+        )
         messages = list(stub.Encode(request, timeout=120))
     chunks = [m.chunk for m in messages if m.HasField("chunk")]
     assert len(chunks) >= 6
@@ -125,25 +131,35 @@ def test_invalid_requests_are_rejected_with_every_violation_before_queueing(serv
     with grpc.insecure_channel(service.target) as channel:
         stub = esm2_pb2_grpc.Esm2Stub(channel)
         request = pb.EncodeRequest(
-            items=[pb.Item(sequence="MKV"), pb.Item(sequence="MKV"), pb.Item(sequence="MKV"),
-                   pb.Item(sequence="MK1V")],
+            items=[
+                pb.Item(sequence="MKV"),
+                pb.Item(sequence="MKV"),
+                pb.Item(sequence="MKV"),
+                pb.Item(sequence="MK1V"),
+            ],
             params=pb.EncodeParams(repr_layers=[12], include=[99]),
         )
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.Encode(request, timeout=10))
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(raised.value) == [
-            ("items[3].sequence",
-             "character '1' at position 3 is not accepted (accepted: ACDEFGHIKLMNPQRSTVWY, XBUZO, '-')"),
+            (
+                "items[3].sequence",
+                "character '1' at position 3 is not accepted "
+                "(accepted: ACDEFGHIKLMNPQRSTVWY, XBUZO, '-')",
+            ),
             ("params.repr_layers[0]", "layer 12 is outside -7..6"),
-            ("params.include[0]",
-             "unknown output 99; valid: INCLUDE_MEAN, INCLUDE_PER_TOKEN, INCLUDE_BOS, INCLUDE_CONTACTS, "
-             "INCLUDE_LOGITS, INCLUDE_ATTENTIONS"),
+            (
+                "params.include[0]",
+                "unknown output 99; valid: INCLUDE_MEAN, INCLUDE_PER_TOKEN, INCLUDE_BOS, "
+                "INCLUDE_CONTACTS, INCLUDE_LOGITS, INCLUDE_ATTENTIONS",
+            ),
         ]
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.Predict(pb.PredictRequest(items=[pb.Item(sequence="MKV")]), timeout=10))
         assert bad_request_fields(raised.value) == [
-            ("items[0].sequence", "no <mask>; Predict needs at least one per item")]
+            ("items[0].sequence", "no <mask>; Predict needs at least one per item")
+        ]
     assert redis_client.xinfo_stream(queue.QUEUE_STREAM)["last-generated-id"] == before
 
 
@@ -173,8 +189,13 @@ def test_status_health_and_reflection(service):
         status = esm2_pb2_grpc.Esm2Stub(channel).GetStatus(pb.StatusRequest(), timeout=5)
         health = health_pb2_grpc.HealthStub(channel)
         check = health.Check(health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=5)
-        services = next(iter(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
+        services = next(
+            iter(
+                reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+                )
+            )
+        )
     assert [w.worker_id for w in status.workers] == ["test-worker-0"]
     assert status.any_random_weights and status.workers[0].model.random_weights
     assert len(status.workers[0].model.checkpoint_sha256) == 64

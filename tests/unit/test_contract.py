@@ -35,7 +35,9 @@ def test_generated_code_check_fails_when_a_proto_changes(tmp_path, monkeypatch):
     (tmp_path / "esm2" / "internal" / "v1").mkdir(parents=True)
     for name in generate.PROTO_FILES:
         text = (ROOT / "protos" / name).read_text()
-        (tmp_path / name).write_text(text.replace("message StatusRequest {}", "message StatusRequest { int32 x = 1; }"))
+        (tmp_path / name).write_text(
+            text.replace("message StatusRequest {}", "message StatusRequest { int32 x = 1; }")
+        )
     monkeypatch.setattr(generate, "PROTO_ROOT", tmp_path)
     assert "esm2/v1/esm2_pb2.py" in generate.stale_files()
 
@@ -45,9 +47,12 @@ def test_alphabet_matches_fair_esm():
 
     reference = esm.data.Alphabet.from_architecture("ESM-1b")
     assert list(alphabet.VOCAB_TOKENS) == reference.all_toks
-    assert (alphabet.CLS_INDEX, alphabet.EOS_INDEX, alphabet.PAD_INDEX, alphabet.MASK_INDEX) == (
-        reference.cls_idx, reference.eos_idx, reference.padding_idx, reference.mask_idx,
-    )
+    assert (
+        reference.cls_idx,
+        reference.eos_idx,
+        reference.padding_idx,
+        reference.mask_idx,
+    ) == (alphabet.CLS_INDEX, alphabet.EOS_INDEX, alphabet.PAD_INDEX, alphabet.MASK_INDEX)
     sequence = "MK<mask>X-BUZO"
     _, _, tokens = reference.get_batch_converter()([("s", sequence)])
     assert tokens[0].tolist() == alphabet.encode_tokens(alphabet.split_tokens(sequence))
@@ -58,7 +63,9 @@ def test_split_tokens_keeps_mask_whole():
     assert alphabet.split_tokens("<mas") == ["<", "m", "a", "s"]
 
 
-@pytest.mark.parametrize("dtype, numpy_dtype", [(pb.DTYPE_FLOAT32, np.float32), (pb.DTYPE_FLOAT16, np.float16)])
+@pytest.mark.parametrize(
+    "dtype, numpy_dtype", [(pb.DTYPE_FLOAT32, np.float32), (pb.DTYPE_FLOAT16, np.float16)]
+)
 def test_codec_round_trips_float32_and_float16(dtype, numpy_dtype):
     array = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
     decoded = _round_trip(array, dtype)
@@ -78,7 +85,9 @@ def test_codec_bfloat16_rounds_to_nearest_even_and_decodes_to_float32():
 def test_codec_splits_large_tensors_under_the_default_grpc_limit():
     array = np.arange(3 * 1024 * 1024, dtype=np.float32)  # 12 MiB
     data = tensors.to_wire_bytes(array, pb.DTYPE_FLOAT32)
-    chunks = list(tensors.chunk_messages(pb.INCLUDE_ATTENTIONS, 6, array.shape, pb.DTYPE_FLOAT32, data))
+    chunks = list(
+        tensors.chunk_messages(pb.INCLUDE_ATTENTIONS, 6, array.shape, pb.DTYPE_FLOAT32, data)
+    )
     assert len(chunks) == 4
     for chunk in chunks:
         message = pb.ResultChunk(sequence_index=7, chunk=chunk)
@@ -91,17 +100,19 @@ def test_codec_splits_large_tensors_under_the_default_grpc_limit():
 
 def test_assembler_refuses_incomplete_or_foreign_chunks():
     data = tensors.to_wire_bytes(np.ones((2, 2), np.float32), pb.DTYPE_FLOAT32)
-    first, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data[:8])
+    (first,) = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data[:8])
     assembler = tensors.TensorAssembler(pb.DTYPE_FLOAT32, (2, 2))
     assembler.add(first)
     with pytest.raises(ValueError, match="incomplete: 8 of 16 bytes"):
         assembler.array()
-    wrong_shape, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (4,), pb.DTYPE_FLOAT32, data)
+    (wrong_shape,) = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (4,), pb.DTYPE_FLOAT32, data)
     with pytest.raises(ValueError, match="disagrees"):
         assembler.add(wrong_shape)
     assembler.add(first)  # a duplicate chunk does not fill the gap after it
     assert not assembler.complete
-    beyond, = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data, offset=8)
+    (beyond,) = tensors.chunk_messages(
+        pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data, offset=8
+    )
     with pytest.raises(ValueError, match="outside tensor"):
         assembler.add(beyond)
 
@@ -116,7 +127,9 @@ def test_assembler_refuses_incomplete_or_foreign_chunks():
 )
 def test_import_boundaries(module, forbidden):
     code = f"import sys, {module}; print(sorted(m for m in {forbidden!r} if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 

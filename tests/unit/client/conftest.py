@@ -14,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
 from esm2_service.alphabet import TOKEN_INDEX, VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.tensors import chunk_messages, resolve_dtype, to_wire_bytes
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 LAYERED = (pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS)
 MODEL = pb.ModelInfo(name="esm2_t6_8M_UR50D", checkpoint_sha256="ab" * 32, device="cpu")

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.client import EncodeResult
 from esm2_service.client.cli import main, parse_args

@@ -6,6 +6,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
+
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.client import AsyncEsm2Client, Esm2Client, IncompleteResultError
 from esm2_service.esm2.v1 import esm2_pb2 as pb

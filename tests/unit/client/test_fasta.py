@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from esm2_service.client.fasta import read_fasta
 
 

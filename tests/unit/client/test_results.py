@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.client import IncompleteResultError, ModelInfo, ResultStreamError
 from esm2_service.client.params import (

@@ -13,11 +13,15 @@ from esm2_service.server.validation import (
 
 
 def encode(*sequences, **params) -> pb.EncodeRequest:
-    return pb.EncodeRequest(items=[pb.Item(sequence=s) for s in sequences], params=pb.EncodeParams(**params))
+    return pb.EncodeRequest(
+        items=[pb.Item(sequence=s) for s in sequences], params=pb.EncodeParams(**params)
+    )
 
 
 def predict(*sequences, **params) -> pb.PredictRequest:
-    return pb.PredictRequest(items=[pb.Item(sequence=s) for s in sequences], params=pb.PredictParams(**params))
+    return pb.PredictRequest(
+        items=[pb.Item(sequence=s) for s in sequences], params=pb.PredictParams(**params)
+    )
 
 
 def violations(validate, request) -> list[tuple[str, str]]:
@@ -37,13 +41,19 @@ def test_encode_defaults_resolve_to_mean_of_the_last_layer_in_float32():
 
 def test_layers_resolve_negative_indices_and_deduplicate():
     assert resolve_layers([-1, 6, 0, -7, -3]) == (0, 4, 6)
-    valid = validate_encode(encode("MK", repr_layers=[-1, 6, 0], include=[pb.INCLUDE_BOS, pb.INCLUDE_MEAN, pb.INCLUDE_BOS]))
+    valid = validate_encode(
+        encode(
+            "MK", repr_layers=[-1, 6, 0], include=[pb.INCLUDE_BOS, pb.INCLUDE_MEAN, pb.INCLUDE_BOS]
+        )
+    )
     assert valid.repr_layers == (0, 6)
     assert valid.include == (pb.INCLUDE_MEAN, pb.INCLUDE_BOS)
 
 
 def test_every_violation_is_reported_at_once_with_field_and_position():
-    request = encode("MKa", "", "M K", repr_layers=[7, -8, 3], include=[pb.INCLUDE_MEAN, 42], dtype=9)
+    request = encode(
+        "MKa", "", "M K", repr_layers=[7, -8, 3], include=[pb.INCLUDE_MEAN, 42], dtype=9
+    )
     found = violations(validate_encode, request)
     fields = [field for field, _ in found]
     assert fields == [

@@ -17,16 +17,29 @@ from esm2_service.worker.model import Esm2
 from esm2_service.worker.work import WorkItem
 
 ALL_KINDS = frozenset(
-    [pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS, pb.INCLUDE_CONTACTS, pb.INCLUDE_LOGITS, pb.INCLUDE_ATTENTIONS]
+    [
+        pb.INCLUDE_MEAN,
+        pb.INCLUDE_PER_TOKEN,
+        pb.INCLUDE_BOS,
+        pb.INCLUDE_CONTACTS,
+        pb.INCLUDE_LOGITS,
+        pb.INCLUDE_ATTENTIONS,
+    ]
 )
 ALL_LAYERS = (0, 1, 2, 3, 4, 5, 6)
 NAMES = {
-    pb.INCLUDE_MEAN: "mean", pb.INCLUDE_PER_TOKEN: "per_token", pb.INCLUDE_BOS: "bos",
-    pb.INCLUDE_CONTACTS: "contacts", pb.INCLUDE_LOGITS: "logits", pb.INCLUDE_ATTENTIONS: "attentions",
+    pb.INCLUDE_MEAN: "mean",
+    pb.INCLUDE_PER_TOKEN: "per_token",
+    pb.INCLUDE_BOS: "bos",
+    pb.INCLUDE_CONTACTS: "contacts",
+    pb.INCLUDE_LOGITS: "logits",
+    pb.INCLUDE_ATTENTIONS: "attentions",
 }
 
 
-def work_item(sequence, include=ALL_KINDS, layers=ALL_LAYERS, dtype=pb.DTYPE_FLOAT32, predict=False):
+def work_item(
+    sequence, include=ALL_KINDS, layers=ALL_LAYERS, dtype=pb.DTYPE_FLOAT32, predict=False
+):
     tokens = tuple(encode_tokens(split_tokens(sequence)))
     return WorkItem(tokens, frozenset(include), tuple(layers), dtype, predict)
 
@@ -41,7 +54,9 @@ def run(engine, items) -> dict:
         dtype = items[output.item].dtype
         key = (output.item, output.kind, output.layer)
         assembler = assemblers.setdefault(key, TensorAssembler(dtype, output.shape))
-        for chunk in chunk_messages(output.kind, output.layer, output.shape, dtype, output.data, output.offset):
+        for chunk in chunk_messages(
+            output.kind, output.layer, output.shape, dtype, output.data, output.offset
+        ):
             assembler.add(chunk)
 
     engine.run(items, emit)
@@ -75,7 +90,11 @@ def test_every_output_matches_fair_esm_when_batched_with_other_lengths(tiny):
         expected = fair_esm_outputs(reference, sequence)
         for (item, kind, layer), actual in outputs.items():
             if item == index:
-                assert_close(actual, expected_for(expected, sequence, kind, layer), what=f"{sequence[:8]} {NAMES[kind]} L{layer}")
+                assert_close(
+                    actual,
+                    expected_for(expected, sequence, kind, layer),
+                    what=f"{sequence[:8]} {NAMES[kind]} L{layer}",
+                )
     count_per_item = 3 * len(ALL_LAYERS) + 3
     assert len(outputs) == len(MIXED) * count_per_item
 
@@ -89,8 +108,16 @@ def test_full_size_model_on_real_proteins_matches_fair_esm(full):
         expected = fair_esm_outputs(reference, sequence, layers)
         for (item, kind, layer), actual in outputs.items():
             if item == index:
-                assert_close(actual, expected_for(expected, sequence, kind, layer), what=f"{NAMES[kind]} L{layer}")
-    assert outputs[(0, pb.INCLUDE_ATTENTIONS, 6)].shape == (20, len(sequences[0]), len(sequences[0]))
+                assert_close(
+                    actual,
+                    expected_for(expected, sequence, kind, layer),
+                    what=f"{NAMES[kind]} L{layer}",
+                )
+    assert outputs[(0, pb.INCLUDE_ATTENTIONS, 6)].shape == (
+        20,
+        len(sequences[0]),
+        len(sequences[0]),
+    )
     assert outputs[(1, pb.INCLUDE_CONTACTS, 0)].shape == (len(sequences[1]),) * 2
 
 
@@ -109,8 +136,13 @@ def test_predict_returns_logits_at_the_masks_in_order(tiny):
 def test_attention_maps_are_processed_in_head_blocks_with_the_same_result(tiny, monkeypatch):
     engine, reference = tiny
     sequence = "MKTAYIAKQRQISFVKSHFSRQ" * 3
-    monkeypatch.setattr(model_module, "_MAX_ATTENTION_BLOCK_BYTES", 4 * 70 * 70)  # one head at a time
-    outputs, _ = run(engine, [work_item(sequence, include=[pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS], layers=())])
+    monkeypatch.setattr(
+        model_module, "_MAX_ATTENTION_BLOCK_BYTES", 4 * 70 * 70
+    )  # one head at a time
+    outputs, _ = run(
+        engine,
+        [work_item(sequence, include=[pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS], layers=())],
+    )
     expected = fair_esm_outputs(reference, sequence)
     assert_close(outputs[(0, pb.INCLUDE_CONTACTS, 0)], expected["contacts"])
     assert_close(outputs[(0, pb.INCLUDE_ATTENTIONS, 6)], expected["attentions"])
@@ -131,7 +163,9 @@ def test_half_precision_outputs_are_rounded_fp32_outputs(tiny, dtype, atol):
 def test_only_what_was_asked_is_computed(tiny, monkeypatch):
     engine, _ = tiny
     calls = {"lm_head": 0, "maps": 0}
-    hook = engine.model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+    hook = engine.model.lm_head.register_forward_hook(
+        lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1)
+    )
     original = model_module.EncoderLayer._attention_with_maps
 
     def counting(self, *args):
@@ -140,7 +174,9 @@ def test_only_what_was_asked_is_computed(tiny, monkeypatch):
 
     monkeypatch.setattr(model_module.EncoderLayer, "_attention_with_maps", counting)
     try:
-        outputs, emitted = run(engine, [work_item("MKTAYIAK", include=[pb.INCLUDE_MEAN], layers=(2,))])
+        outputs, emitted = run(
+            engine, [work_item("MKTAYIAK", include=[pb.INCLUDE_MEAN], layers=(2,))]
+        )
         assert calls == {"lm_head": 0, "maps": 0}
         assert emitted == [(0, pb.INCLUDE_MEAN, 2)]
         run(engine, [work_item("MKTAYIAK", include=[pb.INCLUDE_ATTENTIONS], layers=())])

@@ -1,0 +1,146 @@
+"""The `esm2` command line against live processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import SHARED_DATA, assert_close, fair_esm_outputs, read_fasta_records
+
+from esm2_service.server.embedded_redis import free_port
+
+ESM2 = [sys.executable, "-m", "esm2_service.client.cli"]
+
+
+def esm2(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*ESM2, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_encode_a_real_fasta_to_npz(service, tiny_reference, tmp_path):
+    out = tmp_path / "few.npz"
+    result = esm2(
+        "encode",
+        SHARED_DATA / "few_proteins.fasta",
+        "-o",
+        out,
+        "--include",
+        "mean,contacts",
+        "--layers",
+        "-1,0",
+        "--target",
+        service.target,
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    records = read_fasta_records("few_proteins.fasta")
+    with np.load(out) as data:
+        assert list(data["ids"]) == [record_id for record_id, _ in records]
+        for record_id, sequence in records:
+            expected = fair_esm_outputs(tiny_reference, sequence, layers=(0, 6))
+            assert_close(data[f"{record_id}/mean/layer6"], expected["mean"][6])
+            assert_close(data[f"{record_id}/mean/layer0"], expected["mean"][0])
+            assert_close(data[f"{record_id}/contacts"], expected["contacts"])
+
+
+def test_predict_and_status_print_json(service):
+    result = esm2("predict", "--sequence", "MK<mask>AY", "--target", service.target)
+    assert result.returncode == 0, result.stderr
+    assert "MK<mask>AY" in result.stdout or "<mask>" in result.stdout
+    status = esm2("status", "--target", service.target)
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["any_random_weights"] is True
+    assert "random" in status.stderr.lower()
+
+
+def test_server_errors_print_the_violations_and_exit_1(service):
+    result = esm2("predict", "--sequence", "MKAY", "--target", service.target)
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert "items[0].sequence" in result.stderr and "no <mask>" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoint, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    process = subprocess.Popen(
+        [*ESM2, "serve", "--port", str(port), "--workers", "2", "--weights", str(tiny_checkpoint)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_serving(f"127.0.0.1:{port}")
+        fasta = tmp_path / "two.fasta"
+        fasta.write_text(">a\nMKTAYIAK\n>b\nACDEFG\n")
+        result = esm2("encode", fasta, "-o", tmp_path / "two.npz", "--target", f"127.0.0.1:{port}")
+        assert result.returncode == 0, result.stderr
+        children = _descendants(process.pid)
+        assert len(children) >= 4  # redis-server, frontend, two workers
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert process.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert [pid for pid in children if _alive(pid)] == []
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+    assert "Traceback" not in stderr
+
+
+def _wait_serving(target: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"esm2 serve on {target} never reported SERVING")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children start their own sessions)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
