@@ -132,18 +132,18 @@ class EncoderLayer(nn.Module):
         cos, sin = rotary
         q = qkv[:, 0] * cos + _rotate_half(qkv[:, 0]) * sin  # (N, H, D)
         k = qkv[:, 1] * cos + _rotate_half(qkv[:, 1]) * sin
-        v = qkv[:, 2]
+        v = qkv[:, 2].contiguous()  # fused attention kernels want unit stride per token
         context = torch.empty((n, self.heads, self.head_dim), dtype=x.dtype, device=x.device)
         for sequence in range(len(batch.lengths)):
             rows = batch.rows(sequence)
-            # (T, H, D) => (H, T, D)
-            qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))
+            # (T, H, D) => (1, H, T, D): 4-D inputs reach the fused CPU and GPU kernels
+            qs, ks, vs = (t[rows].unsqueeze(0).transpose(1, 2) for t in (q, k, v))
             if sequence in map_sequences:
                 out = self._attention_with_maps(
-                    qs, ks, vs, lambda h, p, s=sequence: on_maps(s, h, p)
+                    qs[0], ks[0], vs[0], lambda h, p, s=sequence: on_maps(s, h, p)
                 )
             else:
-                out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)
+                out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)[0]
             context[rows] = out.transpose(0, 1)
         x = x + self.out_proj(context.view(n, e))
         return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
