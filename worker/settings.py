@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         "--threads",
         type=int,
         default=int(env_or("ESM2_THREADS", "0")),
-        help="intra-op threads per worker; 0: the cores available divided by the workers "
-        "on this machine (ESM2_THREADS)",
+        help="torch intra-op threads; 0: every core this process may use (ESM2_THREADS). "
+        "esm2 serve divides the cores among its workers(ESM2_THREADS)",
     )
     parser.add_argument(
         "--max-batch-tokens",

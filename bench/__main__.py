@@ -1,0 +1,170 @@
+"""`python -m bench`: fair-esm, HF transformers, our engine and our service on one corpus.
+
+Run from the repository root (`make bench ARGS="--corpus all"`). Prints a table,
+writes bench/results/latest.json and latest.md. Child processes (Redis, frontend,
+workers) are stopped on exit, error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench.corpus import CACHE_DIR, Corpus, ensure_checkpoint, load_corpora, random_sequence
+from bench.report import machine_info, ratios, render_table, write_results
+
+STAGES = ("reference", "hf", "engine", "service")
+LATENCY_RESIDUES = 100
+LATENCY_TARGET_MS = 3.0
+LATENCY_WARMUP = 10
+_started = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, so stdout holds only the table."""
+    print(f"[bench {time.monotonic() - _started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", choices=("lognormal", "real", "all"), default="lognormal")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=STAGES,
+        help="run only this throughput stage (repeatable; default: all). Latency and "
+        "memory run with the service stage.",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads here and in the worker (default 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed passes per throughput (median; default 2)"
+    )
+    parser.add_argument(
+        "--latency-calls", type=int, default=50, help="timed calls per latency (default 50)"
+    )
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    return parser
+
+
+def run_in_process(stages, corpus: Corpus, checkpoint, engine, repeats: int) -> dict:
+    """Throughputs of the in-process stages on `corpus`, by stage name."""
+    from bench import baselines
+
+    measured = {}
+    if "reference" in stages:
+        progress(f"fair-esm on {corpus.name} (slow: tens of seconds per pass)")
+        measured["reference"] = baselines.fair_esm_throughput(checkpoint, corpus, repeats)
+    if "hf" in stages:
+        progress(f"HF transformers EsmModel (sdpa) on {corpus.name}")
+        measured["hf"] = baselines.hf_throughput(corpus, repeats)
+    if "engine" in stages:
+        progress(f"our engine in-process on {corpus.name}")
+        measured["engine"] = baselines.engine_throughput(engine, corpus, repeats)
+    return measured
+
+
+def run_service(args, checkpoint_path, corpora, results, engine_latency) -> None:
+    """Starts Redis, the frontend and one worker; runs the service throughput per
+    corpus, the latency and the memory check; stops every process it started."""
+    from bench.memory import memory_check
+    from bench.service import ServiceProcesses, service_latency, service_throughput
+
+    progress("starting redis-server, the frontend and worker bench-0")
+    with ServiceProcesses(checkpoint_path, args.threads, CACHE_DIR / "logs") as service:
+        service.start_worker("bench-0")
+        service.wait_serving()
+        log = service.log_path("bench-0")
+        for corpus in corpora:
+            progress(f"service end to end on {corpus.name}")
+            throughput, busy = service_throughput(service.target, corpus, args.repeats, log)
+            results["corpora"][corpus.name]["throughput"]["service"] = throughput.to_json()
+            results["corpora"][corpus.name]["service_worker"] = busy
+        if engine_latency is not None:
+            progress(f"service latency, {args.latency_calls} calls")
+            sequence = latency_sequence()
+            served = service_latency(service.target, sequence, LATENCY_WARMUP, args.latency_calls)
+            results["latency"] = latency_result(engine_latency, served)
+        if not args.skip_memory:
+            progress("memory check: fresh worker, 8 x 2048 residues, every output")
+            results["memory"] = memory_check(service)
+    progress("service stopped")
+
+
+def latency_sequence() -> str:
+    """The fixed random 100-residue sequence of the latency checks."""
+    return random_sequence(np.random.default_rng(100), LATENCY_RESIDUES)
+
+
+def latency_result(engine, service) -> dict:
+    overhead = service.p50 - engine.p50
+    return {
+        "residues": LATENCY_RESIDUES,
+        "engine": engine.to_json(),
+        "service": service.to_json(),
+        "p50_overhead_ms": round(overhead, 3),
+        "target_ms": LATENCY_TARGET_MS,
+        "pass": overhead <= LATENCY_TARGET_MS,
+    }
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every `finally`, stopping children
+
+
+def run(args) -> dict:
+    """Every selected measurement; returns the results dict."""
+    from bench import baselines
+    from esm2_service.worker.checkpoint import load_checkpoint
+
+    stages = set(args.only or STAGES)
+    with_service = "service" in stages
+    corpora = load_corpora(args.corpus)
+    checkpoint_path = ensure_checkpoint()
+    checkpoint = load_checkpoint(checkpoint_path)
+    engine = baselines.build_engine(checkpoint)
+    results = {"machine": machine_info(), "settings": vars(args) | {"batch_size": 8}}
+    results["checkpoint"] = {"path": str(checkpoint_path), "random_weights": True}
+    results["corpora"] = {}
+    for corpus in corpora:
+        for record_id, reason in corpus.skipped:
+            progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
+        progress(corpus.describe())
+        measured = run_in_process(stages, corpus, checkpoint, engine, args.repeats)
+        throughput = {key: value.to_json() for key, value in measured.items()}
+        results["corpora"][corpus.name] = {"corpus": corpus.summary(), "throughput": throughput}
+    engine_latency = None
+    if with_service and not args.skip_latency:
+        progress(f"in-process engine latency, {args.latency_calls} calls")
+        engine_latency = baselines.engine_latency(
+            engine, latency_sequence(), LATENCY_WARMUP, args.latency_calls
+        )
+    if with_service:
+        run_service(args, checkpoint_path, corpora, results, engine_latency)
+    for result in results["corpora"].values():
+        result["ratios"] = ratios(result["throughput"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or args.latency_calls < 1:
+        build_parser().error("--threads, --repeats and --latency-calls must be at least 1")
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    torch.set_num_threads(args.threads)
+    results = run(args)
+    print(render_table(results), flush=True)
+    json_path, markdown_path = write_results(results)
+    progress(f"wrote {json_path} and {markdown_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

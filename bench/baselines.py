@@ -1,0 +1,159 @@
+"""In-process throughput: fair-esm (the reference), Hugging Face `EsmModel`, our engine.
+
+Every measurement counts residues only (no <cls>/<eos>, no padding) and returns
+the mean embedding of the last layer per sequence, the job the service is timed on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from bench.corpus import Corpus
+from bench.timing import Latency, Throughput, time_calls, time_passes
+from esm2_service.alphabet import PAD_INDEX, encode_tokens, split_tokens
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.worker.checkpoint import Checkpoint, build_fair_esm_model
+from esm2_service.worker.work import TensorOutput, WorkItem
+
+BATCH_SIZE = 8
+
+
+def chunked(values: Sequence, size: int = BATCH_SIZE) -> list[list]:
+    """`values` in consecutive lists of at most `size`."""
+    return [list(values[start : start + size]) for start in range(0, len(values), size)]
+
+
+def fair_esm_throughput(checkpoint: Checkpoint, corpus: Corpus, repeats: int) -> Throughput:
+    """fair-esm's `ESM2.forward` in batches of 8 in arrival order, padded by its own
+    batch converter; warmed up with one batch."""
+    import esm
+
+    model = build_fair_esm_model(checkpoint)
+    convert = esm.data.Alphabet.from_architecture("ESM-1b").get_batch_converter()
+    batches = chunked(list(zip(corpus.ids, corpus.sequences, strict=True)))
+    last = model.num_layers
+
+    def run_batch(batch):
+        _, strings, tokens = convert(batch)
+        states = model(tokens, repr_layers=[last])["representations"][last]
+        return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(strings)]
+
+    def run_pass():
+        for batch in batches:
+            run_batch(batch)
+
+    with torch.inference_mode():
+        run_batch(batches[0])
+        seconds = time_passes(run_pass, repeats)
+    return Throughput(
+        "fair-esm ESM2.forward, batches of 8, arrival order", corpus.residues, seconds
+    )
+
+
+def hf_esm_model() -> torch.nn.Module:
+    """transformers' `EsmModel` in the ESM-2 8M shape, random init, SDPA attention."""
+    import transformers
+    from transformers import EsmConfig, EsmModel
+
+    transformers.logging.set_verbosity_error()
+    config = EsmConfig(
+        vocab_size=33,
+        hidden_size=320,
+        num_hidden_layers=6,
+        num_attention_heads=20,
+        intermediate_size=1280,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        mask_token_id=32,
+        pad_token_id=PAD_INDEX,
+        layer_norm_eps=1e-5,
+        emb_layer_norm_before=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=1026,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return EsmModel(config, add_pooling_layer=False).eval()
+
+
+def _padded(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, attention mask), both (batch, longest + 2), padded with <pad>."""
+    token_lists = [encode_tokens(split_tokens(sequence)) for sequence in sequences]
+    width = max(len(tokens) for tokens in token_lists)
+    ids = torch.full((len(token_lists), width), PAD_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def hf_throughput(corpus: Corpus, repeats: int) -> Throughput:
+    """HF `EsmModel` (sdpa) in batches of 8 sorted by length; warmed up with one batch."""
+    model = hf_esm_model()
+    batches = chunked(sorted(corpus.sequences, key=len))
+
+    def run_batch(batch):
+        ids, mask = _padded(batch)
+        states = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(batch)]
+
+    def run_pass():
+        for batch in batches:
+            run_batch(batch)
+
+    with torch.inference_mode():
+        run_batch(batches[0])
+        seconds = time_passes(run_pass, repeats)
+    label = "HF transformers EsmModel (sdpa), batches of 8, length-sorted"
+    return Throughput(label, corpus.residues, seconds)
+
+
+def work_item(sequence: str, last_layer: int = 6) -> WorkItem:
+    """The work item a worker builds for an Encode of `sequence` (mean, last layer)."""
+    return WorkItem(
+        token_ids=tuple(encode_tokens(split_tokens(sequence))),
+        include=frozenset([pb.INCLUDE_MEAN]),
+        repr_layers=(last_layer,),
+    )
+
+
+def _discard(output: TensorOutput) -> None:
+    """An `emit` that drops every output."""
+
+
+def build_engine(checkpoint: Checkpoint):
+    """Our serving engine on `checkpoint`, as a worker builds it."""
+    from esm2_service.worker.engine import Engine
+    from esm2_service.worker.model import Esm2
+
+    return Engine(Esm2.from_checkpoint(checkpoint))
+
+
+def engine_throughput(engine, corpus: Corpus, repeats: int) -> Throughput:
+    """`engine.run` in packed batches of 8 sorted by length; warmed up with one pass."""
+    batches = chunked(sorted(corpus.sequences, key=len))
+    last = engine.model.num_layers
+
+    def run_pass():
+        for batch in batches:
+            engine.run([work_item(sequence, last) for sequence in batch], _discard)
+
+    run_pass()
+    seconds = time_passes(run_pass, repeats)
+    label = "our engine in-process (no service), batches of 8, length-sorted"
+    return Throughput(label, corpus.residues, seconds)
+
+
+def engine_latency(engine, sequence: str, warmup: int, repeats: int) -> Latency:
+    """ms of `engine.run` on one item (mean, last layer), called sequentially."""
+    last = engine.model.num_layers
+    return time_calls(
+        lambda: engine.run([work_item(sequence, last)], _discard),
+        warmup,
+        repeats,
+        "engine.run in-process, 1 item",
+    )

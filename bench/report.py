@@ -1,0 +1,217 @@
+"""Results: the machine, the console table, `latest.json` and `latest.md`.
+
+Everything is rendered from one JSON-able results dict, so the table, the JSON
+and the markdown always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GB = 1000**3
+MB = 1000**2
+# (numerator, denominator, target or None): throughput ratios worth printing.
+RATIOS = (
+    ("service", "reference", 10.0),
+    ("service", "hf", 1.75),
+    ("service", "engine", None),
+    ("engine", "reference", None),
+    ("engine", "hf", None),
+)
+SHORT_NAMES = {
+    "reference": "fair-esm (arrival)",
+    "hf": "HF sdpa (sorted)",
+    "engine": "engine in-process",
+    "service": "service e2e",
+}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict:
+    """Where and when the numbers were taken."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "fair_esm": _version("fair-esm"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def ratios(throughput: dict) -> list[dict]:
+    """Every ratio of RATIOS whose two throughputs were measured."""
+    found = []
+    for top, bottom, target in RATIOS:
+        if top in throughput and bottom in throughput:
+            value = throughput[top]["tokens_per_s"] / throughput[bottom]["tokens_per_s"]
+            row = {"name": f"{top} / {bottom}", "value": round(value, 3), "target": target}
+            row["pass"] = None if target is None else value >= target
+            found.append(row)
+    return found
+
+
+def _verdict(passed: bool | None) -> str:
+    return "" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def _corpus_lines(name: str, result: dict) -> list[str]:
+    corpus = result["corpus"]
+    lines = [
+        f"== corpus {name}: {corpus['sequences']} sequences, {corpus['residues']:,} residues, "
+        f"lengths {corpus['min_length']}..{corpus['max_length']} "
+        f"(median {corpus['median_length']:g}) ==",
+        f"{'':64} {'tokens/s':>10} {'median s':>9} {'passes':>6}",
+    ]
+    for row in result["throughput"].values():
+        lines.append(
+            f"{row['label']:64} {row['tokens_per_s']:>10,.0f} {row['median_seconds']:>9.2f} "
+            f"{len(row['pass_seconds']):>6}"
+        )
+    for row in result["ratios"]:
+        target = f"target >= {row['target']:g}x" if row["target"] else ""
+        lines.append(
+            f"  {row['name']:24} {row['value']:>7.2f}x  {target:16} {_verdict(row['pass'])}"
+        )
+    busy = result.get("service_worker")
+    if busy:
+        lines.append(
+            f"  worker during timed service passes: {busy['batches']} batches, "
+            f"{busy['items']} items, engine+Redis writes {busy['busy_ms'] / 1000:.2f} s "
+            f"of {busy['wall_s']:.2f} s wall ({busy['busy_share']:.0%})"
+        )
+    return lines
+
+
+def _latency_lines(latency: dict) -> list[str]:
+    engine, service = latency["engine"], latency["service"]
+    return [
+        f"== latency: one {latency['residues']}-residue Encode (mean, last layer), "
+        f"{service['calls']} sequential calls after warm-up ==",
+        f"  in-process engine.run p50 {engine['p50_ms']:7.2f} ms p99 {engine['p99_ms']:7.2f} ms",
+        f"  service end to end    p50 {service['p50_ms']:7.2f} ms p99 {service['p99_ms']:7.2f} ms",
+        f"  service p50 - in-process p50 = {latency['p50_overhead_ms']:.2f} ms  "
+        f"(target <= {latency['target_ms']:g} ms)  {_verdict(latency['pass'])}",
+    ]
+
+
+def _memory_lines(memory: dict) -> list[str]:
+    response = memory["response"]
+    loaded = memory["worker_peak_rss_after_load_bytes"] / MB
+    peak = memory["worker_peak_rss_after_request_bytes"] / MB
+    return [
+        f"== memory: one Encode of {memory['request']} (fresh worker) ==",
+        f"  worker peak RSS after load     {loaded:8,.0f} MB",
+        f"  worker peak RSS after request  {peak:8,.0f} MB  "
+        f"(target <= {memory['target_bytes'] / GB:g} GB)  {_verdict(memory['pass'])}",
+        f"  frontend peak RSS {memory['frontend_peak_rss_after_bytes'] / MB:,.0f} MB, "
+        f"redis-server peak RSS {memory['redis_peak_rss_bytes'] / MB:,.0f} MB",
+        f"  response: {response['tensor_bytes']:,} tensor bytes (expected "
+        f"{memory['expected_tensor_bytes']:,}), {response['message_bytes']:,} bytes in "
+        f"{response['messages']:,} messages, {response['items_complete']} items, "
+        f"{response['seconds']:.1f} s",
+    ]
+
+
+def render_table(results: dict) -> str:
+    """The console report."""
+    machine = results["machine"]
+    lines = [
+        f"ESM-2 8M benchmark, {machine['date']}: {machine['cpu_model']}, "
+        f"{machine['cores_available']} cores, torch {machine['torch']}, "
+        f"{results['settings']['threads']} threads",
+    ]
+    for name, result in results["corpora"].items():
+        lines += ["", *_corpus_lines(name, result)]
+    if "latency" in results:
+        lines += ["", *_latency_lines(results["latency"])]
+    if "memory" in results:
+        lines += ["", *_memory_lines(results["memory"])]
+    return "\n".join(lines)
+
+
+def _markdown_throughput(results: dict) -> list[str]:
+    lines = [
+        "| corpus | " + " | ".join(SHORT_NAMES.values()) + " | service / fair-esm | service / HF |",
+        "|---|" + "---:|" * (len(SHORT_NAMES) + 2),
+    ]
+    for name, result in results["corpora"].items():
+        cells = [
+            f"{result['throughput'][key]['tokens_per_s']:,.0f}"
+            if key in result["throughput"]
+            else "-"
+            for key in SHORT_NAMES
+        ]
+        by_name = {row["name"]: f"{row['value']:.2f}x" for row in result["ratios"]}
+        cells += [by_name.get("service / reference", "-"), by_name.get("service / hf", "-")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    """A small markdown summary for the README."""
+    machine = results["machine"]
+    lines = [
+        f"Throughput in residues/s (ESM-2 8M shape, mean embedding of the last layer, "
+        f"batches of 8, {results['settings']['threads']} threads; {machine['cpu_model']}, "
+        f"{machine['cores_available']} cores, torch {machine['torch']}, {machine['date'][:10]}):",
+        "",
+        *_markdown_throughput(results),
+    ]
+    if "latency" in results:
+        latency = results["latency"]
+        lines += [
+            "",
+            f"Latency of one {latency['residues']}-residue Encode: service p50 "
+            f"{latency['service']['p50_ms']:.1f} ms, p99 {latency['service']['p99_ms']:.1f} ms; "
+            f"in-process engine p50 {latency['engine']['p50_ms']:.1f} ms.",
+        ]
+    if "memory" in results:
+        memory = results["memory"]
+        lines += [
+            "",
+            f"Memory: one Encode of {memory['request']} "
+            f"({memory['response']['tensor_bytes'] / GB:.2f} GB of tensors) peaks the worker at "
+            f"{memory['worker_peak_rss_after_request_bytes'] / GB:.2f} GB RSS "
+            f"({memory['worker_peak_rss_after_load_bytes'] / GB:.2f} GB after load).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, directory: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Writes latest.json and latest.md (through a temporary file each); returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / "latest.json", directory / "latest.md")
+    texts = (json.dumps(results, indent=2) + "\n", render_markdown(results))
+    for path, text in zip(paths, texts, strict=True):
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(path)
+    return paths

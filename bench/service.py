@@ -1,0 +1,197 @@
+"""The service as real processes (Redis, gRPC frontend, workers) and its end-to-end timings."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.corpus import Corpus
+from bench.timing import Latency, Throughput, time_calls, time_passes
+from esm2_service.client import Esm2Client
+
+SERVICE_NAME = "esm2.v1.Esm2"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+_BATCH_LOG = re.compile(r"batch of (\d+) \((\d+) tokens\) in ([\d.]+) ms")
+
+
+def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
+    """The first stdout line of `process` ('' if it exits first); TimeoutError after `timeout_s`."""
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True)
+    reader.start()
+    try:
+        return lines.get(timeout=timeout_s)
+    except queue.Empty:
+        raise TimeoutError(f"no output from pid {process.pid} in {timeout_s:g} s") from None
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S."""
+    if process is None:
+        return
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+class ServiceProcesses:
+    """An embedded Redis, the gRPC frontend and workers as child processes.
+
+    Use as a context manager: every process it started is stopped on exit, error or not.
+    Each child's stderr (its log) goes to `log_dir/<name>.log`.
+    """
+
+    def __init__(self, weights: Path, threads: int, log_dir: Path):
+        self.weights = weights
+        self.threads = threads
+        self.log_dir = log_dir
+        self.redis = None
+        self.frontend: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.target = ""
+        self._redis_dir = tempfile.TemporaryDirectory(prefix="esm2-bench-redis-")
+
+    def __enter__(self) -> ServiceProcesses:
+        try:
+            self._start_frontend()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path(name).open("w") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                env={**os.environ, "REDIS_URL": self.redis.url},
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+
+    def _start_frontend(self) -> None:
+        from esm2_service.server.embedded_redis import EmbeddedRedis
+
+        self.redis = EmbeddedRedis(Path(self._redis_dir.name))
+        self.frontend = self._spawn("frontend", "esm2_service.server", ["--port", "0"])
+        line = _first_line(self.frontend, START_TIMEOUT_S)
+        if "listening on port" not in line:
+            raise RuntimeError(
+                f"frontend did not start ({line!r}); see {self.log_path('frontend')}"
+            )
+        self.target = f"127.0.0.1:{int(line.rsplit(' ', 1)[1])}"
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen:
+        """Starts a worker and returns once it has loaded the model and said 'ready'."""
+        args = ["--threads", str(self.threads), "--worker-id", worker_id]
+        args += ["--weights", str(self.weights)]
+        process = self._spawn(worker_id, "esm2_service.worker", args)
+        self.workers[worker_id] = process
+        line = _first_line(process, START_TIMEOUT_S)
+        if "ready" not in line:
+            raise RuntimeError(f"worker {worker_id} did not start; see {self.log_path(worker_id)}")
+        return process
+
+    def stop_worker(self, worker_id: str) -> None:
+        _stop(self.workers.pop(worker_id))
+
+    def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Blocks until gRPC health reports SERVING for the Esm2 service."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    if stub.Check(request, timeout=1).status == serving:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"the service never reported SERVING in {timeout_s:g} s")
+
+    def stop(self) -> None:
+        """Stops workers, then the frontend, then Redis; safe to call more than once."""
+        for worker_id in list(self.workers):
+            self.stop_worker(worker_id)
+        _stop(self.frontend)
+        self.frontend = None
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        self._redis_dir.cleanup()
+
+
+def service_throughput(
+    target: str, corpus: Corpus, repeats: int, worker_log: Path
+) -> tuple[Throughput, dict]:
+    """`Esm2Client.encode` of the whole corpus (requests of 8, sent concurrently),
+    mean of the last layer; one untimed warm-up pass first. Also returns what the
+    worker logged about its batches during the timed passes (see `worker_busy`)."""
+    with Esm2Client(target, timeout_s=600) as client:
+
+        def run_pass():
+            client.encode(corpus.sequences, include=["mean"], repr_layers=[-1])
+
+        run_pass()
+        time.sleep(0.2)  # lets the worker log the warm-up's last batch
+        offset = worker_log.stat().st_size
+        seconds = time_passes(run_pass, repeats)
+    time.sleep(0.2)
+    busy = worker_busy(worker_log, offset)
+    busy["wall_s"] = round(sum(seconds), 3)
+    busy["busy_share"] = round(busy["busy_ms"] / 1000 / sum(seconds), 3)
+    label = "our service end to end (client, gRPC, Redis, 1 worker)"
+    return Throughput(label, corpus.residues, seconds), busy
+
+
+def service_latency(target: str, sequence: str, warmup: int, repeats: int) -> Latency:
+    """ms of one-item Encode requests (mean, last layer), sent one after another."""
+    with Esm2Client(target, timeout_s=60) as client:
+        return time_calls(
+            lambda: client.encode([sequence], include=["mean"], repr_layers=[-1]),
+            warmup,
+            repeats,
+            "service Encode end to end, 1 item",
+        )
+
+
+def worker_busy(log_path: Path, start_offset: int) -> dict:
+    """Batches the worker logged after byte `start_offset` of its log: count, items,
+    tokens and the ms its engine spent on them (model plus writing results to Redis)."""
+    with log_path.open() as log:
+        log.seek(start_offset)
+        found = [_BATCH_LOG.search(line) for line in log]
+    batches = [(int(m[1]), int(m[2]), float(m[3])) for m in found if m]
+    return {
+        "batches": len(batches),
+        "items": sum(items for items, _, _ in batches),
+        "tokens": sum(tokens for _, tokens, _ in batches),
+        "busy_ms": round(sum(ms for _, _, ms in batches), 1),
+    }
