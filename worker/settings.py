@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         type=int,
         default=int(env_or("ESM2_THREADS", "0")),
         help="torch intra-op threads; 0: every core this process may use (ESM2_THREADS). "
-        "esm2 serve divides the cores among its workers(ESM2_THREADS)",
+        "esm2 serve divides the cores among its workers",
     )
     parser.add_argument(
         "--max-batch-tokens",
