@@ -81,10 +81,9 @@ def run_service(args, checkpoint_path, corpora, results, engine_latency) -> None
     with ServiceProcesses(checkpoint_path, args.threads, CACHE_DIR / "logs") as service:
         service.start_worker("bench-0")
         service.wait_serving()
-        log = service.log_path("bench-0")
         for corpus in corpora:
             progress(f"service end to end on {corpus.name}")
-            throughput, busy = service_throughput(service.target, corpus, args.repeats, log)
+            throughput, busy = service_throughput(service, corpus, args.repeats, "bench-0")
             results["corpora"][corpus.name]["throughput"]["service"] = throughput.to_json()
             results["corpora"][corpus.name]["service_worker"] = busy
         if engine_latency is not None:

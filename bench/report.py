@@ -107,6 +107,8 @@ def _corpus_lines(name: str, result: dict) -> list[str]:
             f"{busy['items']} items, engine+Redis writes {busy['busy_ms'] / 1000:.2f} s "
             f"of {busy['wall_s']:.2f} s wall ({busy['busy_share']:.0%})"
         )
+        cpu = ", ".join(f"{role} {seconds:.1f}" for role, seconds in busy["cpu_s"].items())
+        lines.append(f"  CPU seconds in those passes: {cpu}")
     return lines
 
 

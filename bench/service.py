@@ -35,6 +35,12 @@ def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
         raise TimeoutError(f"no output from pid {process.pid} in {timeout_s:g} s") from None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds `pid` has used so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _stop(process: subprocess.Popen | None) -> None:
     """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S."""
     if process is None:
@@ -115,6 +121,17 @@ class ServiceProcesses:
             raise RuntimeError(f"worker {worker_id} did not start; see {self.log_path(worker_id)}")
         return process
 
+    def pids(self) -> dict[str, int]:
+        """Every running process of the benchmark by role, this one ("client") included."""
+        found = {"client": os.getpid(), "frontend": self.frontend.pid}
+        found["redis-server"] = self.redis.process.pid
+        found.update({f"worker {w}": p.pid for w, p in self.workers.items()})
+        return found
+
+    def cpu_snapshot(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of `pids`."""
+        return {role: cpu_seconds(pid) for role, pid in self.pids().items()}
+
     def stop_worker(self, worker_id: str) -> None:
         _stop(self.workers.pop(worker_id))
 
@@ -149,26 +166,30 @@ class ServiceProcesses:
 
 
 def service_throughput(
-    target: str, corpus: Corpus, repeats: int, worker_log: Path
+    service: ServiceProcesses, corpus: Corpus, repeats: int, worker_id: str
 ) -> tuple[Throughput, dict]:
     """`Esm2Client.encode` of the whole corpus (requests of 8, sent concurrently),
-    mean of the last layer; one untimed warm-up pass first. Also returns what the
-    worker logged about its batches during the timed passes (see `worker_busy`)."""
-    with Esm2Client(target, timeout_s=600) as client:
+    mean of the last layer; one untimed warm-up pass first. Also returns where time
+    went in the timed passes: the worker's logged batches (see `worker_busy`) and the
+    CPU seconds of every process."""
+    log = service.log_path(worker_id)
+    with Esm2Client(service.target, timeout_s=600) as client:
 
         def run_pass():
             client.encode(corpus.sequences, include=["mean"], repr_layers=[-1])
 
         run_pass()
         time.sleep(0.2)  # lets the worker log the warm-up's last batch
-        offset = worker_log.stat().st_size
+        offset, cpu_before = log.stat().st_size, service.cpu_snapshot()
         seconds = time_passes(run_pass, repeats)
+        cpu_after = service.cpu_snapshot()
     time.sleep(0.2)
-    busy = worker_busy(worker_log, offset)
-    busy["wall_s"] = round(sum(seconds), 3)
-    busy["busy_share"] = round(busy["busy_ms"] / 1000 / sum(seconds), 3)
+    profile = worker_busy(log, offset)
+    profile["wall_s"] = round(sum(seconds), 3)
+    profile["busy_share"] = round(profile["busy_ms"] / 1000 / sum(seconds), 3)
+    profile["cpu_s"] = {role: round(cpu_after[role] - cpu_before[role], 2) for role in cpu_after}
     label = "our service end to end (client, gRPC, Redis, 1 worker)"
-    return Throughput(label, corpus.residues, seconds), busy
+    return Throughput(label, corpus.residues, seconds), profile
 
 
 def service_latency(target: str, sequence: str, warmup: int, repeats: int) -> Latency:

@@ -39,9 +39,22 @@ def wire_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
 class Engine:
     """Runs work items through one `Esm2` on one device."""
 
-    def __init__(self, model: Esm2, device: torch.device | str = "cpu"):
+    def __init__(
+        self, model: Esm2, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        """`dtype` is the compute precision: float32, or float16/bfloat16 on GPUs (attention
+        probabilities for contacts and attentions are always float32)."""
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+
+    def warm_up(self) -> None:
+        """Runs every code path once, so the first request pays no start-up cost."""
+        include = frozenset(EMBEDDING_KINDS + (pb.INCLUDE_CONTACTS, pb.INCLUDE_LOGITS))
+        items = [
+            WorkItem((0, 5, 6, 7, 2), include, (0, self.model.num_layers)),
+            WorkItem((0, 32, 8, 2), frozenset(), predict=True),
+        ]
+        self.run(items, lambda output: None)
 
     @torch.inference_mode()
     def run(self, items: Sequence[WorkItem], emit: Emit) -> None:

@@ -45,19 +45,24 @@ def load_engine(settings: WorkerSettings):
         checkpoint_sha256=checkpoint.sha256,
         random_weights=checkpoint.random_weights,
         device=settings.device,
+        precision=settings.precision,
     )
     log.info(
-        "loaded %s (sha256 %s) on %s with %d threads",
+        "loaded %s (sha256 %s) on %s, %s, %d threads",
         checkpoint.name,
         checkpoint.sha256,
         settings.device,
+        settings.precision,
         threads,
     )
     if checkpoint.random_weights:
         log.warning(
             "this checkpoint has RANDOM weights: outputs are meaningless (tests/benchmarks only)"
         )
-    return Engine(Esm2.from_checkpoint(checkpoint), settings.device), info
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    engine = Engine(Esm2.from_checkpoint(checkpoint), settings.device, dtype[settings.precision])
+    engine.warm_up()
+    return engine, info
 
 
 def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:

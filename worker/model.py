@@ -83,27 +83,26 @@ class ForwardPlan:
     attention_observer: AttentionObserver | None = None
 
 
-class RotaryTable(nn.Module):
-    """cos/sin tables of fair-esm's RotaryEmbedding, looked up by position."""
+class RotaryTable:
+    """cos/sin tables of fair-esm's RotaryEmbedding, looked up by position.
+
+    Computed in float32 whatever the model's precision, then cast, as fair-esm does."""
 
     def __init__(self, head_dim: int):
-        super().__init__()
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cos = self._sin = None
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def lookup(self, positions: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            self._cos is None
-            or self._cos.shape[0] < max_length
-            or self._cos.device != positions.device
-        ):
-            t = torch.arange(max(max_length, 1024), device=positions.device).type_as(self.inv_freq)
+    def lookup(self, positions: torch.Tensor, max_length: int, dtype: torch.dtype):
+        """(N,) positions => cos, sin of shape (N, 1, D), broadcast over heads."""
+        key = (positions.device, dtype)
+        cos, sin = self._tables.get(key, (None, None))
+        if cos is None or cos.shape[0] < max_length:
+            t = torch.arange(max(max_length, 1024), device=positions.device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(positions.device))
             table = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = table.cos(), table.sin()
-        # (N, D) => (N, 1, D): broadcast over heads
-        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+            cos, sin = table.cos().to(dtype), table.sin().to(dtype)
+            self._tables[key] = (cos, sin)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +214,7 @@ class Esm2(nn.Module):
         hidden states of `plan.repr_layers` by layer."""
         x = self._embed(batch)
         hidden = {0: x} if 0 in plan.repr_layers else {}
-        rotary = self.rotary.lookup(batch.positions, max(batch.lengths))
+        rotary = self.rotary.lookup(batch.positions, max(batch.lengths), x.dtype)
         for index, layer in enumerate(self.layers, start=1):
             map_sequences = plan.attention_maps.get(index, frozenset())
 

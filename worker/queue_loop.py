@@ -21,13 +21,13 @@ import redis
 from google.protobuf.message import DecodeError
 
 from esm2_service import queue
-from esm2_service.alphabet import VOCAB_TOKENS, encode_tokens, split_tokens
+from esm2_service.alphabet import encode_tokens, split_tokens
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
-from esm2_service.tensors import chunk_messages
 from esm2_service.worker.batching import plan_batches
+from esm2_service.worker.replies import ReplyWriter
 from esm2_service.worker.settings import WorkerSettings
-from esm2_service.worker.work import Runner, TensorOutput, WorkItem
+from esm2_service.worker.work import Runner, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,15 @@ class QueueWorker:
         self.runner = runner
         self.settings = settings
         self.model = model
+        self.replies = ReplyWriter(
+            client,
+            model,
+            result_ttl_s=settings.result_ttl_s,
+            max_reply_chunks=settings.max_reply_chunks,
+            reader_stall_s=settings.reader_stall_s,
+        )
         self.in_flight: set[bytes] = set()
+        self.held: list[Job] = []
         self._last_claim = 0.0
         self.stats = {"items": 0, "batches": 0}
 
@@ -68,31 +76,38 @@ class QueueWorker:
             except redis.RedisError as error:
                 log.warning("Redis error in the queue loop, retrying in 1 s: %s", error)
                 stop.wait(1.0)
+        self._hand_back(self.held)
         heartbeat.join(timeout=self.settings.heartbeat_s + 1)
         self._sign_off()
 
     def step(self) -> int:
-        """Takes up to `batch_size` entries and runs them; returns how many it took."""
-        entries = self._claim_stale() or self._read_new()
-        jobs = [
-            job for job in (self._admit(entry_id, fields) for entry_id, fields in entries) if job
-        ]
+        """Runs one packed batch: the shortest of the jobs held over from the last step
+        and the entries taken now (up to `batch_size` in all). Jobs that do not fit the
+        token budget are held for the next step, where newly queued short items can
+        overtake them. Returns how many entries it took from Redis."""
+        room = self.settings.batch_size - len(self.held)
+        entries = (self._claim_stale(room) or self._read_new(room)) if room > 0 else []
+        admitted = (self._admit(entry_id, fields) for entry_id, fields in entries)
+        jobs = self.held + [job for job in admitted if job]
+        if not jobs:
+            return len(entries)
         lengths = [len(job.work.token_ids) for job in jobs]
-        for batch in plan_batches(lengths, self.settings.max_batch_tokens):
-            self._run_batch([jobs[i] for i in batch])
+        first, *rest = plan_batches(lengths, self.settings.max_batch_tokens)
+        self.held = [jobs[i] for batch in rest for i in batch]
+        self._run_batch([jobs[i] for i in first])
         return len(entries)
 
-    def _read_new(self):
+    def _read_new(self, count: int):
         reply = self.redis.xreadgroup(
             queue.WORKER_GROUP,
             self.settings.worker_id,
             {queue.QUEUE_STREAM: ">"},
-            count=self.settings.batch_size,
-            block=self.settings.block_ms,
+            count=count,
+            block=None if self.held else self.settings.block_ms,  # never idle with work in hand
         )
         return reply[0][1] if reply else []
 
-    def _claim_stale(self):
+    def _claim_stale(self, count: int):
         """Entries whose worker went silent, with their delivery counts checked."""
         now = time.monotonic()
         if now - self._last_claim < _CLAIM_EVERY_S:
@@ -105,7 +120,7 @@ class QueueWorker:
             self.settings.worker_id,
             min_idle_time=int(self.settings.claim_idle_s * 1000),
             start_id="0-0",
-            count=self.settings.batch_size,
+            count=count,
         )[1]
         if claimed:
             log.warning("claimed %d entries from a silent worker", len(claimed))
@@ -127,7 +142,7 @@ class QueueWorker:
         log.error("dead-lettering entry %s (%s)", entry_id, reason)
         self.redis.xadd(queue.DEAD_LETTER_STREAM, {**fields, b"reason": reason}, maxlen=10_000)
         if item is not None:
-            self._write_error(item, "INTERNAL", reason)
+            self.replies.error(item, "INTERNAL", reason)
         self._ack([entry_id])
         return False
 
@@ -139,7 +154,7 @@ class QueueWorker:
             self._ack([entry_id])
             return None
         if item.deadline_unix_s and item.deadline_unix_s < time.time():
-            self._write_error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
+            self.replies.error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
             self._ack([entry_id])
             return None
         if self.redis.exists(queue.cancel_key(item.request_id)):
@@ -151,7 +166,10 @@ class QueueWorker:
     def _run_batch(self, jobs: Sequence[Job]) -> None:
         started = time.perf_counter()
         try:
-            self.runner.run([job.work for job in jobs], lambda output: self._emit(jobs, output))
+            self.runner.run(
+                [job.work for job in jobs],
+                lambda output: self.replies.emit(jobs[output.item].item, output),
+            )
         except Exception:
             if len(jobs) > 1:
                 log.exception("a batch of %d failed; running its items one by one", len(jobs))
@@ -161,13 +179,13 @@ class QueueWorker:
             log.exception(
                 "item %s of request %s failed", jobs[0].item.sequence_index, jobs[0].item.request_id
             )
-            self._write_error(
+            self.replies.error(
                 jobs[0].item, "INTERNAL", "the model failed on this item; see worker logs"
             )
             self._ack([jobs[0].entry_id])
             return
         for job in jobs:
-            self._write_complete(job)
+            self.replies.complete(job.item, job.work.predict)
         self._ack([job.entry_id for job in jobs])
         self.stats["items"] += len(jobs)
         self.stats["batches"] += 1
@@ -178,42 +196,28 @@ class QueueWorker:
             1000 * (time.perf_counter() - started),
         )
 
-    def _emit(self, jobs: Sequence[Job], output: TensorOutput) -> None:
-        item = jobs[output.item].item
-        stream = queue.reply_stream(item.request_id)
-        pipe = self.redis.pipeline(transaction=False)
-        for chunk in chunk_messages(
-            output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
-        ):
-            message = pb.ResultChunk(sequence_index=item.sequence_index, chunk=chunk)
-            pipe.xadd(stream, {queue.CHUNK_FIELD: message.SerializeToString()})
-        pipe.expire(stream, self.settings.result_ttl_s)
-        pipe.execute()
-
-    def _write_complete(self, job: Job) -> None:
-        complete = pb.ItemComplete(vocab_tokens=VOCAB_TOKENS, model=self.model)
-        if job.work.predict:
-            complete.sequence_tokens.extend(split_tokens(job.item.sequence))
-        message = pb.ResultChunk(sequence_index=job.item.sequence_index, complete=complete)
-        self._write(job.item.request_id, {queue.CHUNK_FIELD: message.SerializeToString()})
-
-    def _write_error(self, item: qpb.QueueItem, code: str, message: str) -> None:
-        error = qpb.ItemError(sequence_index=item.sequence_index, code=code, message=message)
-        self._write(item.request_id, {queue.ERROR_FIELD: error.SerializeToString()})
-
-    def _write(self, request_id: str, fields) -> None:
-        stream = queue.reply_stream(request_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(stream, fields)
-        pipe.expire(stream, self.settings.result_ttl_s)
-        pipe.execute()
-
     def _ack(self, entry_ids: list[bytes]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *entry_ids)
         pipe.xdel(queue.QUEUE_STREAM, *entry_ids)  # the stream's length is the backlog
         pipe.execute()
         self.in_flight.difference_update(entry_ids)
+
+    def _hand_back(self, jobs: Sequence[Job]) -> None:
+        """Returns held jobs to the queue at once (at its tail), so a worker that stops
+        does not leave them waiting `claim_idle_s` for another to claim them."""
+        if not jobs:
+            return
+        entry_ids = [job.entry_id for job in jobs]
+        pipe = self.redis.pipeline(transaction=True)
+        for job in jobs:
+            pipe.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: job.item.SerializeToString()})
+        pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *entry_ids)
+        pipe.xdel(queue.QUEUE_STREAM, *entry_ids)
+        pipe.execute()
+        self.in_flight.difference_update(entry_ids)
+        self.held = []
+        log.info("handed %d queued items back", len(jobs))
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
         while not stop.is_set():

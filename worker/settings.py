@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from esm2_service.config import DEFAULT_REDIS_URL, env_or, redact_url
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -19,6 +21,7 @@ class WorkerSettings:
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     weights: str | None = None  # a fair-esm .pt; None: fair-esm's download and cache
     device: str = "cpu"
+    precision: str = "fp32"  # fp16 / bf16: CUDA only
     threads: int = 0  # intra-op threads; 0: the cores this process may use
     batch_size: int = 8  # queue entries taken per read
     max_batch_tokens: int = 4096  # tokens in one packed forward pass
@@ -27,12 +30,21 @@ class WorkerSettings:
     max_deliveries: int = 3  # deliveries of one entry before it is dead-lettered
     heartbeat_s: float = 2.0
     result_ttl_s: int = 600
+    max_reply_chunks: int = 64  # ~4 MiB each: a reply stream's bound before the worker waits
+    reader_stall_s: float = 60.0  # a reader silent this long has the rest of its item dropped
     worker_id: str = field(default_factory=_default_worker_id)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} is not cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"precision {self.precision} needs a CUDA device: on CPUs without half-precision "
+                "units it is slower than fp32 and less exact"
+            )
         if not 1 <= self.batch_size <= 64:
             raise ValueError(f"batch_size {self.batch_size} is outside 1..64")
         if self.threads < 0:
@@ -73,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         help="cpu, cuda or cuda:N (ESM2_DEVICE)",
     )
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=env_or("ESM2_PRECISION", d.precision),
+        help="compute precision (ESM2_PRECISION); fp16/bf16: CUDA only, within 1e-2 of fp32",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=int(env_or("ESM2_THREADS", "0")),
@@ -106,6 +124,7 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         redis_url=getattr(args, "redis_url", DEFAULT_REDIS_URL),
         weights=args.weights,
         device=args.device,
+        precision=args.precision,
         threads=args.threads,
         max_batch_tokens=args.max_batch_tokens,
         claim_idle_s=args.claim_idle_s,

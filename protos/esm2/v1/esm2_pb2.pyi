@@ -116,16 +116,18 @@ class ResultChunk(_message.Message):
     def __init__(self, sequence_index: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., complete: _Optional[_Union[ItemComplete, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "checkpoint_sha256", "random_weights", "device")
+    __slots__ = ("name", "checkpoint_sha256", "random_weights", "device", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     checkpoint_sha256: str
     random_weights: bool
     device: str
-    def __init__(self, name: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
