@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 
 from bench.corpus import random_sequence
+from bench.procfs import status_bytes
 from bench.service import ServiceProcesses
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
@@ -26,14 +26,6 @@ INCLUDE = (
 )
 TARGET_BYTES = 3 * 1000**3  # "3 GB"
 WORKER_ID = "bench-mem"
-
-
-def status_bytes(pid: int, field: str) -> int:
-    """A memory field of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: current), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(f"{field} not in /proc/{pid}/status")
 
 
 def expected_bytes(residues: int = RESIDUES, items: int = ITEMS) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from bench.corpus import Corpus
+from bench.procfs import cpu_seconds
 from bench.timing import Latency, Throughput, time_calls, time_passes
 from esm2_service.client import Esm2Client
 
@@ -33,12 +34,6 @@ def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
         return lines.get(timeout=timeout_s)
     except queue.Empty:
         raise TimeoutError(f"no output from pid {process.pid} in {timeout_s:g} s") from None
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds `pid` has used so far (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(process: subprocess.Popen | None) -> None:

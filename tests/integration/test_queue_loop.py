@@ -191,3 +191,96 @@ def test_heartbeat_announces_the_model_and_refreshes_entries_in_flight(redis_cli
     assert pending[0]["time_since_delivered"] < 200
     assert redis_client.zscore(queue.HEARTBEATS, "hb") > time.time() - 5
     assert pb.ModelInfo.FromString(redis_client.get(queue.worker_info_key("hb"))) == MODEL
+
+
+class Recording:
+    """Records which sequences each batch ran, then runs them for real."""
+
+    def __init__(self, engine):
+        self.engine, self.batches = engine, []
+
+    def run(self, items, emit):
+        self.batches.append([item.residues for item in items])
+        self.engine.run(items, emit)
+
+
+def test_a_short_item_queued_later_overtakes_held_long_ones(redis_client, engine):
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner, max_batch_tokens=210, batch_size=4)
+    for index in range(3):
+        enqueue(redis_client, "long", index, "A" * 100)
+    worker.step()  # two long items fit the budget; the third is held
+    assert runner.batches == [[100, 100]] and len(worker.held) == 1
+    enqueue(redis_client, "short", 0, "MKV")
+    worker.step()
+    assert runner.batches[1] == [3, 100]  # the short item runs in the very next batch
+    assert worker.held == []
+    assert replies(redis_client, "short")[-1].WhichOneof("payload") == "complete"
+
+
+def test_a_stopping_worker_hands_held_items_back_at_once(redis_client, engine):
+    worker = make_worker(redis_client, engine, max_batch_tokens=110)
+    for index in range(2):
+        enqueue(redis_client, "r", index, "A" * 100)
+    worker.step()
+    assert len(worker.held) == 1
+    worker._hand_back(worker.held)
+    assert redis_client.xpending(queue.QUEUE_STREAM, queue.WORKER_GROUP)["pending"] == 0
+    (entry,) = redis_client.xrange(queue.QUEUE_STREAM)
+    assert qpb.QueueItem.FromString(entry[1][queue.ITEM_FIELD]).sequence_index == 1
+    other = make_worker(redis_client, engine, worker_id="other")
+    assert other.step() == 1
+
+
+def test_a_reader_that_stops_reading_bounds_the_reply_stream(redis_client, engine):
+    worker = make_worker(redis_client, engine, max_reply_chunks=2, reader_stall_s=0.5)
+    enqueue(
+        redis_client,
+        "slow",
+        0,
+        "MKTAYIAK",
+        include=(pb.INCLUDE_MEAN, pb.INCLUDE_BOS),
+        layers=(0, 1, 2, 3),
+    )
+    started = time.monotonic()
+    worker.step()
+    assert time.monotonic() - started >= 0.5
+    messages = replies(redis_client, "slow")
+    assert len([m for m in messages if isinstance(m, pb.ResultChunk)]) == 3  # then it gave up
+    assert (
+        messages[-1].code == "RESOURCE_EXHAUSTED"
+        and "read no results for 0.5 s" in messages[-1].message
+    )
+    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+
+
+def test_a_reader_that_keeps_up_gets_everything_despite_the_bound(redis_client, engine):
+    import threading
+
+    worker = make_worker(redis_client, engine, max_reply_chunks=1, reader_stall_s=5)
+    enqueue(
+        redis_client,
+        "paced",
+        0,
+        "MKTAYIAK",
+        include=(pb.INCLUDE_MEAN, pb.INCLUDE_BOS),
+        layers=(0, 1, 2, 3),
+    )
+    received, stop = [], threading.Event()
+
+    def reader():  # the frontend's part: read, relay, delete
+        last = "0-0"
+        while not stop.is_set():
+            reply = redis_client.xread({queue.reply_stream("paced"): last}, block=50)
+            for entry_id, fields in reply[0][1] if reply else []:
+                received.append(pb.ResultChunk.FromString(fields[queue.CHUNK_FIELD]))
+                redis_client.xdel(queue.reply_stream("paced"), entry_id)
+                last = entry_id
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    worker.step()
+    time.sleep(0.2)
+    stop.set()
+    thread.join()
+    assert len(received) == 9 and received[-1].WhichOneof("payload") == "complete"
