@@ -46,10 +46,9 @@ def fair_esm_throughput(checkpoint: Checkpoint, corpus: Corpus, repeats: int) ->
 
     with torch.inference_mode():
         run_batch(batches[0])
-        seconds = time_passes(run_pass, repeats)
-    return Throughput(
-        "fair-esm ESM2.forward, batches of 8, arrival order", corpus.residues, seconds
-    )
+        timed = time_passes(run_pass, repeats)
+    label = "fair-esm ESM2.forward, batches of 8, arrival order"
+    return Throughput(label, corpus.residues, *timed)
 
 
 def hf_esm_model() -> torch.nn.Module:
@@ -107,9 +106,9 @@ def hf_throughput(corpus: Corpus, repeats: int) -> Throughput:
 
     with torch.inference_mode():
         run_batch(batches[0])
-        seconds = time_passes(run_pass, repeats)
-    label = "HF transformers EsmModel (sdpa), batches of 8, length-sorted"
-    return Throughput(label, corpus.residues, seconds)
+        timed = time_passes(run_pass, repeats)
+    label = "HF EsmModel (sdpa), batches of 8, length-sorted"
+    return Throughput(label, corpus.residues, *timed)
 
 
 def work_item(sequence: str, last_layer: int = 6) -> WorkItem:
@@ -143,9 +142,9 @@ def engine_throughput(engine, corpus: Corpus, repeats: int) -> Throughput:
             engine.run([work_item(sequence, last) for sequence in batch], _discard)
 
     run_pass()
-    seconds = time_passes(run_pass, repeats)
-    label = "our engine in-process (no service), batches of 8, length-sorted"
-    return Throughput(label, corpus.residues, seconds)
+    timed = time_passes(run_pass, repeats)
+    label = "our engine in-process, batches of 8, length-sorted"
+    return Throughput(label, corpus.residues, *timed)
 
 
 def engine_latency(engine, sequence: str, warmup: int, repeats: int) -> Latency:

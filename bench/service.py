@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ SERVICE_NAME = "esm2.v1.Esm2"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 _BATCH_LOG = re.compile(r"batch of (\d+) \((\d+) tokens\) in ([\d.]+) ms")
+_REQUEST_LOG = re.compile(r"Encode request_id=\S+ items=\d+ done in ([\d.]+) ms")
 
 
 def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
@@ -160,6 +162,20 @@ class ServiceProcesses:
         self._redis_dir.cleanup()
 
 
+class LogMarks:
+    """The current ends of some log files, to read later only what was logged since."""
+
+    def __init__(self, *paths: Path):
+        self.offsets = {path: path.stat().st_size for path in paths}
+
+    def matches(self, path: Path, pattern: re.Pattern) -> list[re.Match]:
+        """Matches of `pattern` in the lines `path` got after this mark."""
+        time.sleep(0.2)  # a process may log a moment after its reply went out
+        with path.open() as log:
+            log.seek(self.offsets[path])
+            return [match for match in map(pattern.search, log) if match]
+
+
 def service_throughput(
     service: ServiceProcesses, corpus: Corpus, repeats: int, worker_id: str
 ) -> tuple[Throughput, dict]:
@@ -175,36 +191,50 @@ def service_throughput(
 
         run_pass()
         time.sleep(0.2)  # lets the worker log the warm-up's last batch
-        offset, cpu_before = log.stat().st_size, service.cpu_snapshot()
-        seconds = time_passes(run_pass, repeats)
+        marks, cpu_before = LogMarks(log), service.cpu_snapshot()
+        seconds, foreign = time_passes(run_pass, repeats, service.pids().values())
         cpu_after = service.cpu_snapshot()
-    time.sleep(0.2)
-    profile = worker_busy(log, offset)
+    profile = worker_busy(marks.matches(log, _BATCH_LOG))
     profile["wall_s"] = round(sum(seconds), 3)
     profile["busy_share"] = round(profile["busy_ms"] / 1000 / sum(seconds), 3)
     profile["cpu_s"] = {role: round(cpu_after[role] - cpu_before[role], 2) for role in cpu_after}
-    label = "our service end to end (client, gRPC, Redis, 1 worker)"
-    return Throughput(label, corpus.residues, seconds), profile
+    label = "our service e2e: client, gRPC, Redis, 1 worker"
+    return Throughput(label, corpus.residues, seconds, foreign), profile
 
 
-def service_latency(target: str, sequence: str, warmup: int, repeats: int) -> Latency:
-    """ms of one-item Encode requests (mean, last layer), sent one after another."""
-    with Esm2Client(target, timeout_s=60) as client:
-        return time_calls(
-            lambda: client.encode([sequence], include=["mean"], repr_layers=[-1]),
-            warmup,
-            repeats,
-            "service Encode end to end, 1 item",
-        )
+def service_latency(
+    service: ServiceProcesses, sequence: str, warmup: int, repeats: int, worker_id: str
+) -> tuple[Latency, dict]:
+    """ms of one-item Encode requests (mean, last layer), sent one after another; and
+    the p50 of what the worker (engine plus Redis writes) and the frontend (receipt to
+    last reply) logged for the same calls."""
+    worker_log, frontend_log = service.log_path(worker_id), service.log_path("frontend")
+    with Esm2Client(service.target, timeout_s=60) as client:
+
+        def call():
+            client.encode([sequence], include=["mean"], repr_layers=[-1])
+
+        for _ in range(warmup):
+            call()
+        time.sleep(0.2)
+        marks = LogMarks(worker_log, frontend_log)
+        pids = service.pids().values()
+        latency = time_calls(call, 0, repeats, "service Encode end to end, 1 item", pids)
+    worker_ms = [float(match[3]) for match in marks.matches(worker_log, _BATCH_LOG)]
+    frontend_ms = [float(match[1]) for match in marks.matches(frontend_log, _REQUEST_LOG)]
+    breakdown = {
+        "worker_batch_p50_ms": round(statistics.median(worker_ms), 3) if worker_ms else None,
+        "frontend_request_p50_ms": round(statistics.median(frontend_ms), 3)
+        if frontend_ms
+        else None,
+    }
+    return latency, breakdown
 
 
-def worker_busy(log_path: Path, start_offset: int) -> dict:
-    """Batches the worker logged after byte `start_offset` of its log: count, items,
-    tokens and the ms its engine spent on them (model plus writing results to Redis)."""
-    with log_path.open() as log:
-        log.seek(start_offset)
-        found = [_BATCH_LOG.search(line) for line in log]
-    batches = [(int(m[1]), int(m[2]), float(m[3])) for m in found if m]
+def worker_busy(batch_lines: list[re.Match]) -> dict:
+    """Totals of the worker's "batch of N (T tokens) in X ms" lines: batches, items,
+    tokens and ms spent (engine plus writing results to Redis)."""
+    batches = [(int(m[1]), int(m[2]), float(m[3])) for m in batch_lines]
     return {
         "batches": len(batches),
         "items": sum(items for items, _, _ in batches),

@@ -1,50 +1,73 @@
-"""Timing helpers: repeated wall-clock passes and latency percentiles."""
+"""Timing helpers: repeated wall-clock passes and latency percentiles.
+
+The machine may be shared, so every timing also records how many CPU seconds
+processes other than the measured ones used meanwhile (`ForeignCpu`).
+"""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from bench.procfs import ForeignCpu
+
 
 @dataclass(frozen=True)
 class Throughput:
-    """Timed passes over one corpus; tokens/s counts residues only."""
+    """Timed passes over one corpus; tokens/s counts residues only, of the fastest pass."""
 
     label: str
     residues: int
     seconds: list[float]  # wall seconds of each timed pass
+    foreign_cpu_s: list[float]  # CPU seconds other processes used during each pass
 
     @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
+    def best(self) -> int:
+        """Index of the fastest pass: the least disturbed on a shared machine."""
+        return min(range(len(self.seconds)), key=self.seconds.__getitem__)
+
+    @property
+    def best_s(self) -> float:
+        return self.seconds[self.best]
 
     @property
     def tokens_per_s(self) -> float:
-        """Residues per wall second of the median pass."""
-        return self.residues / self.median_s
+        """Residues per wall second of the fastest pass."""
+        return self.residues / self.best_s
 
     def to_json(self) -> dict:
         return {
             "label": self.label,
             "residues": self.residues,
             "pass_seconds": [round(s, 4) for s in self.seconds],
-            "median_seconds": round(self.median_s, 4),
+            "pass_foreign_cpu_s": [round(s, 2) for s in self.foreign_cpu_s],
+            "best_seconds": round(self.best_s, 4),
+            "median_seconds": round(statistics.median(self.seconds), 4),
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "median_tokens_per_s": round(self.residues / statistics.median(self.seconds), 1),
+            "best_pass_foreign_cpu_s": round(self.foreign_cpu_s[self.best], 2),
         }
 
 
-def time_passes(run_pass: Callable[[], object], repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls of `run_pass`."""
-    seconds = []
+def time_passes(
+    run_pass: Callable[[], object], repeats: int, pids: Iterable[int] | None = None
+) -> tuple[list[float], list[float]]:
+    """Wall seconds of `repeats` calls of `run_pass`, and the CPU seconds processes
+    other than `pids` (default: this one) used during each."""
+    foreign = ForeignCpu(pids if pids is not None else [os.getpid()])
+    seconds, foreign_cpu = [], []
     for _ in range(repeats):
+        foreign.start()
         started = time.perf_counter()
         run_pass()
         seconds.append(time.perf_counter() - started)
-    return seconds
+        foreign_cpu.append(foreign.stop())
+    return seconds, foreign_cpu
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,7 @@ class Latency:
 
     label: str
     milliseconds: list[float]
+    foreign_cpu_s: float  # CPU seconds other processes used during all the calls
 
     def percentile(self, q: float) -> float:
         """The q-th percentile (0..100) in ms, linearly interpolated."""
@@ -75,11 +99,25 @@ class Latency:
             "p99_ms": round(self.p99, 3),
             "min_ms": round(min(self.milliseconds), 3),
             "max_ms": round(max(self.milliseconds), 3),
+            "foreign_cpu_s": round(self.foreign_cpu_s, 2),
         }
 
 
-def time_calls(call: Callable[[], object], warmup: int, repeats: int, label: str) -> Latency:
+def time_calls(
+    call: Callable[[], object],
+    warmup: int,
+    repeats: int,
+    label: str,
+    pids: Iterable[int] | None = None,
+) -> Latency:
     """`warmup` untimed calls, then the ms of each of `repeats` sequential calls."""
     for _ in range(warmup):
         call()
-    return Latency(label, [1000 * s for s in time_passes(call, repeats)])
+    foreign = ForeignCpu(pids if pids is not None else [os.getpid()])
+    foreign.start()
+    milliseconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        milliseconds.append(1000 * (time.perf_counter() - started))
+    return Latency(label, milliseconds, foreign.stop())

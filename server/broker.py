@@ -65,10 +65,8 @@ class Broker:
             raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
         return request_id, deadline
 
-    async def results(
-        self, request_id: str, items: int, deadline: float
-    ) -> AsyncIterator[pb.ResultChunk]:
-        """Yields the request's ResultChunks until every item is complete."""
+    async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[bytes]:
+        """Yields the request's serialized ResultChunks until every item is complete."""
         stream = queue.reply_stream(request_id)
         last_id = "0-0"
         remaining = items
@@ -88,7 +86,7 @@ class Broker:
                     continue
                 relayed.add(key)
                 remaining -= chunk.HasField("complete")
-                yield chunk
+                yield fields[queue.CHUNK_FIELD]
             if entries:
                 await self._forget(stream, [entry_id for entry_id, _ in entries])
 

@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from esm2_service.esm2.v1 import esm2_pb2, esm2_pb2_grpc
+from esm2_service.esm2.v1 import esm2_pb2
 from esm2_service.server.broker import Broker, BrokerSettings
+from esm2_service.server.handlers import add_esm2_service
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.service import Esm2Service
 from esm2_service.server.settings import ServerSettings, build_parser, settings_from_args
@@ -47,7 +48,7 @@ async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) ->
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
         ]
     )
-    esm2_pb2_grpc.add_Esm2Servicer_to_server(Esm2Service(broker, settings.worker_timeout_s), server)
+    add_esm2_service(Esm2Service(broker, settings.worker_timeout_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(monitor.servicer, server)
     reflection.enable_server_reflection(
         (

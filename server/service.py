@@ -12,7 +12,13 @@ from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.broker import REDIS_ERRORS, Broker
 from esm2_service.server.errors import BackendUnavailable, to_rpc_status
-from esm2_service.server.validation import ValidRequest, validate_encode, validate_predict
+from esm2_service.server.validation import (
+    InvalidRequest,
+    ValidRequest,
+    check_decoded,
+    validate_encode,
+    validate_predict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +28,23 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
         self.broker = broker
         self.worker_timeout_s = worker_timeout_s
 
-    async def Encode(self, request, context) -> AsyncIterator[pb.ResultChunk]:
+    # Streams yield ResultChunks already serialized by the workers.
+    async def Encode(self, request, context) -> AsyncIterator[bytes]:
         async for chunk in self._run("Encode", validate_encode, request, context):
             yield chunk
 
-    async def Predict(self, request, context) -> AsyncIterator[pb.ResultChunk]:
+    async def Predict(self, request, context) -> AsyncIterator[bytes]:
         async for chunk in self._run("Predict", validate_predict, request, context):
             yield chunk
 
     async def GetStatus(self, request, context) -> pb.StatusResponse:
         try:
+            check_decoded(request)
             return await read_status(self.broker.redis, self.worker_timeout_s)
         except REDIS_ERRORS as error:
             await _abort(context, BackendUnavailable(f"the queue (Redis) is unreachable: {error}"))
+        except InvalidRequest as error:
+            await _abort(context, error)
 
     async def _run(self, method: str, validate: Callable[..., ValidRequest], request, context):
         request_id = None

@@ -41,6 +41,22 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class Undecodable:
+    """A request body that did not parse as the protobuf message `message_name`."""
+
+    message_name: str
+    error: str
+
+
+def check_decoded(request):
+    """The request itself, or InvalidRequest if its bytes did not decode."""
+    if isinstance(request, Undecodable):
+        description = f"not a valid {request.message_name} message: {request.error}"
+        raise InvalidRequest([FieldViolation("request", description)])
+    return request
+
+
+@dataclass(frozen=True)
 class ValidRequest:
     """A request that passed validation, with its defaults resolved."""
 
@@ -55,7 +71,8 @@ class ValidRequest:
         return tuple(len(split_tokens(sequence)) for sequence in self.sequences)
 
 
-def validate_encode(request: pb.EncodeRequest) -> ValidRequest:
+def validate_encode(request: pb.EncodeRequest | Undecodable) -> ValidRequest:
+    request = check_decoded(request)
     violations = _check_items(request.items, allow_mask=False)
     violations += _check_layers(request.params.repr_layers)
     violations += _check_include(request.params.include)
@@ -71,7 +88,8 @@ def validate_encode(request: pb.EncodeRequest) -> ValidRequest:
     )
 
 
-def validate_predict(request: pb.PredictRequest) -> ValidRequest:
+def validate_predict(request: pb.PredictRequest | Undecodable) -> ValidRequest:
+    request = check_decoded(request)
     violations = _check_items(request.items, allow_mask=True)
     violations += _check_dtype(request.params.dtype)
     if violations:

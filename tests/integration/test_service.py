@@ -202,3 +202,21 @@ def test_status_health_and_reflection(service):
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     names = {s.name for s in services.list_services_response.service}
     assert {"esm2.v1.Esm2", "grpc.health.v1.Health"} <= names
+
+
+def test_undecodable_request_bytes_get_invalid_argument_and_the_service_keeps_serving(
+    service, client
+):
+    with grpc.insecure_channel(service.target) as channel:
+        raw = channel.unary_stream(
+            "/esm2.v1.Esm2/Encode", request_serializer=None, response_deserializer=None
+        )
+        for body in (b"\xff\xff\xff", b"\x0a\x05\x0a\x03\xc3\x28\x41"):  # garbage; invalid UTF-8
+            with pytest.raises(grpc.RpcError) as raised:
+                list(raw(body, timeout=10))
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            ((field, description),) = bad_request_fields(raised.value)
+            assert field == "request"
+            assert description.startswith("not a valid esm2.v1.EncodeRequest message")
+    (result,) = client.encode(["MKV"])
+    assert result.embeddings[6].shape == (32,)

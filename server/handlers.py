@@ -1,0 +1,54 @@
+"""Registers the Esm2 servicer with request decoding that never fails.
+
+gRPC's generated registration turns an undecodable request into a bare INTERNAL
+error. Here a request that is not valid protobuf (or holds invalid UTF-8) reaches
+the servicer as `Undecodable`, which validation reports as INVALID_ARGUMENT like
+any other bad input. Responses that are already serialized bytes (results relayed
+from the workers) are sent as they are.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.server.validation import Undecodable
+
+SERVICE_NAME = "esm2.v1.Esm2"
+
+
+def _decoder(message_type: type[Message]):
+    def decode(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as error:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(error) or "malformed")
+
+    return decode
+
+
+def _encode(message: Message | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_esm2_service(servicer, server: grpc.aio.Server) -> None:
+    handlers = {
+        "Encode": grpc.unary_stream_rpc_method_handler(
+            servicer.Encode,
+            request_deserializer=_decoder(pb.EncodeRequest),
+            response_serializer=_encode,
+        ),
+        "Predict": grpc.unary_stream_rpc_method_handler(
+            servicer.Predict,
+            request_deserializer=_decoder(pb.PredictRequest),
+            response_serializer=_encode,
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus,
+            request_deserializer=_decoder(pb.StatusRequest),
+            response_serializer=_encode,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
