@@ -28,6 +28,12 @@ def reply_stream(request_id: str) -> str:
     return f"{PREFIX}:reply:{request_id}"
 
 
+def request_key(request_id: str) -> str:
+    """Exists while a request is being served; if it vanishes, Redis lost the request's
+    state (a restart without persistence, an eviction) and waiting for it is futile."""
+    return f"{PREFIX}:request:{request_id}"
+
+
 def cancel_key(request_id: str) -> str:
     """Set by the frontend when a request's client went away; workers skip its items."""
     return f"{PREFIX}:cancelled:{request_id}"

@@ -57,6 +57,8 @@ class Broker:
                     self.settings.retry_after_s,
                 )
             async with self.redis.pipeline(transaction=False) as pipe:
+                marker_ttl_s = int(deadline - now) + self.settings.result_ttl_s
+                pipe.set(queue.request_key(request_id), len(request.sequences), ex=marker_ttl_s)
                 for index, sequence in enumerate(request.sequences):
                     item = _queue_item(request, request_id, index, sequence, deadline, now)
                     pipe.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: item.SerializeToString()})
@@ -75,6 +77,8 @@ class Broker:
         relayed: set[tuple] = set()
         while remaining:
             entries = await self._read(stream, last_id, deadline)
+            if not entries:
+                await self._check_still_queued(request_id)
             for entry_id, fields in entries:
                 last_id = entry_id
                 if queue.ERROR_FIELD in fields:
@@ -96,12 +100,23 @@ class Broker:
             raise DeadlineExceeded("the request's deadline passed before its results were ready")
         block_ms = max(1, min(self.settings.read_block_ms, int(left_s * 1000)))
         try:
-            reply = await self.redis.xread({stream: last_id}, count=64, block=block_ms)
+            # A few chunks per read bounds what the frontend holds per stream (~4 MiB each).
+            reply = await self.redis.xread({stream: last_id}, count=8, block=block_ms)
         except REDIS_ERRORS as error:
             raise BackendUnavailable(
                 f"lost the queue (Redis) while waiting for results: {error}"
             ) from error
         return reply[0][1] if reply else []
+
+    async def _check_still_queued(self, request_id: str) -> None:
+        try:
+            exists = await self.redis.exists(queue.request_key(request_id))
+        except REDIS_ERRORS as error:
+            raise BackendUnavailable(f"lost the queue (Redis): {error}") from error
+        if not exists:
+            raise BackendUnavailable(
+                "the queue lost this request (Redis restarted or evicted it); retry the request"
+            )
 
     async def _forget(self, stream: str, entry_ids) -> None:
         with contextlib.suppress(*REDIS_ERRORS):  # the stream expires on its own
@@ -112,14 +127,14 @@ class Broker:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.set(queue.cancel_key(request_id), 1, ex=self.settings.result_ttl_s)
-                pipe.delete(queue.reply_stream(request_id))
+                pipe.delete(queue.reply_stream(request_id), queue.request_key(request_id))
                 await pipe.execute()
         except REDIS_ERRORS:
             pass  # workers also skip items whose deadline passed
 
     async def finish(self, request_id: str) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
-            await self.redis.delete(queue.reply_stream(request_id))
+            await self.redis.delete(queue.reply_stream(request_id), queue.request_key(request_id))
 
 
 def _piece_key(chunk: pb.ResultChunk) -> tuple:

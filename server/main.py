@@ -31,7 +31,10 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
     """Runs the frontend until cancelled or SIGTERM/SIGINT; then drains in-flight streams."""
     redis = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2.0, health_check_interval=10
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,  # longer than one blocking read (1 s); a hung Redis fails requests
+        health_check_interval=10,
     )
     broker = Broker(
         redis,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import redis
 
+from esm2_service.config import redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.settings import WorkerSettings, build_parser, settings_from_args
 
@@ -67,7 +68,7 @@ def load_engine(settings: WorkerSettings):
 
 def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:
     from esm2_service.worker.checkpoint import CheckpointError
-    from esm2_service.worker.queue_loop import QueueWorker, ensure_group
+    from esm2_service.worker.queue_loop import QueueWorker
 
     try:
         engine, info = load_engine(settings)
@@ -77,15 +78,33 @@ def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:
     client = redis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=2.0,
+        socket_timeout=max(10.0, settings.block_ms / 1000 + 5),
         socket_keepalive=True,
         health_check_interval=10,
     )
-    ensure_group(client)
+    _wait_for_redis(client, settings, stop)
     worker = QueueWorker(client, engine, settings, info)
     log.info("worker %s serving (%s)", settings.worker_id, settings.describe())
     print(f"esm2 worker {settings.worker_id} ready", flush=True)
     worker.run(stop)
     log.info("worker %s stopped after %d items", settings.worker_id, worker.stats["items"])
+
+
+def _wait_for_redis(client, settings: WorkerSettings, stop: threading.Event) -> None:
+    """Creates the queue's consumer group, retrying until Redis answers (or stop)."""
+    from esm2_service.worker.queue_loop import ensure_group
+
+    delay_s = 0.5
+    while not stop.is_set():
+        try:
+            ensure_group(client)
+            return
+        except redis.ConnectionError as error:
+            log.warning(
+                "Redis at %s unreachable (%s); retrying", redact_url(settings.redis_url), error
+            )
+            stop.wait(delay_s)
+            delay_s = min(2 * delay_s, 10.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,8 @@ class QueueWorker:
         room = self.settings.batch_size - len(self.held)
         entries = (self._claim_stale(room) or self._read_new(room)) if room > 0 else []
         admitted = (self._admit(entry_id, fields) for entry_id, fields in entries)
-        jobs = self.held + [job for job in admitted if job]
+        held = [job for job in self.held if not self._skipped(job)]
+        jobs = held + [job for job in admitted if job]
         if not jobs:
             return len(entries)
         lengths = [len(job.work.token_ids) for job in jobs]
@@ -153,15 +154,24 @@ class QueueWorker:
             log.error("entry %s holds no valid QueueItem; dropping it", entry_id)
             self._ack([entry_id])
             return None
-        if item.deadline_unix_s and item.deadline_unix_s < time.time():
-            self.replies.error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
-            self._ack([entry_id])
-            return None
-        if self.redis.exists(queue.cancel_key(item.request_id)):
-            self._ack([entry_id])
+        job = Job(entry_id, item, _work_item(item))
+        if self._skipped(job):
             return None
         self.in_flight.add(entry_id)
-        return Job(entry_id, item, _work_item(item))
+        return job
+
+    def _skipped(self, job: Job) -> bool:
+        """Acknowledges (without running) a job whose request was cancelled or whose
+        deadline passed; True if it did."""
+        item = job.item
+        if self.redis.exists(queue.cancel_key(item.request_id)):
+            self._ack([job.entry_id])  # nobody listens: write nothing
+            return True
+        if item.deadline_unix_s and item.deadline_unix_s < time.time():
+            self.replies.error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
+            self._ack([job.entry_id])
+            return True
+        return False
 
     def _run_batch(self, jobs: Sequence[Job]) -> None:
         started = time.perf_counter()

@@ -1,0 +1,102 @@
+"""The frontend's broker against a real Redis: relaying, deduplication, lost state."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from esm2_service import queue
+from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.server.broker import Broker, BrokerSettings
+from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed
+from esm2_service.server.validation import ValidRequest
+
+
+@pytest.fixture
+async def broker(redis_server, redis_client):
+    client = aioredis.Redis.from_url(redis_server.url_for_db(1))
+    yield Broker(client, BrokerSettings(read_block_ms=100))
+    await client.aclose()
+
+
+def chunk(index: int, offset: int) -> bytes:
+    piece = pb.TensorChunk(
+        kind=pb.INCLUDE_MEAN, layer=6, offset=offset, tensor=pb.Tensor(shape=[2])
+    )
+    return pb.ResultChunk(sequence_index=index, chunk=piece).SerializeToString()
+
+
+def complete(index: int) -> bytes:
+    return pb.ResultChunk(sequence_index=index, complete=pb.ItemComplete()).SerializeToString()
+
+
+async def collect(broker, request_id, items, deadline_s=5.0):
+    return [
+        pb.ResultChunk.FromString(m)
+        async for m in broker.results(request_id, items, time.time() + deadline_s)
+    ]
+
+
+async def test_submit_queues_one_entry_per_item_with_the_deadline(broker, redis_client):
+    request = ValidRequest(
+        task=qpb.TASK_ENCODE, sequences=("MKV", "AC"), repr_layers=(6,), include=(1,)
+    )
+    request_id, deadline = await broker.submit(request, timeout_s=30)
+    entries = redis_client.xrange(queue.QUEUE_STREAM)
+    items = [qpb.QueueItem.FromString(fields[queue.ITEM_FIELD]) for _, fields in entries]
+    assert [(i.request_id, i.sequence_index, i.sequence) for i in items] == [
+        (request_id, 0, "MKV"),
+        (request_id, 1, "AC"),
+    ]
+    assert abs(items[0].deadline_unix_s - deadline) < 1e-6 and 29 < deadline - time.time() <= 30
+    assert redis_client.exists(queue.request_key(request_id))
+
+
+async def test_pieces_written_twice_by_a_retried_item_are_relayed_once(broker, redis_client):
+    request_id = "dup"
+    redis_client.set(queue.request_key(request_id), 1)
+    stream = queue.reply_stream(request_id)
+    for body in (
+        chunk(0, 0),
+        chunk(0, 0),
+        chunk(0, 8),
+        complete(0),
+        complete(0),
+        chunk(1, 0),
+        complete(1),
+    ):
+        redis_client.xadd(stream, {queue.CHUNK_FIELD: body})
+    relayed = await collect(broker, request_id, items=2)
+    assert [(m.sequence_index, m.WhichOneof("payload"), m.chunk.offset) for m in relayed] == [
+        (0, "chunk", 0),
+        (0, "chunk", 8),
+        (0, "complete", 0),
+        (1, "chunk", 0),
+        (1, "complete", 0),
+    ]
+    assert redis_client.xlen(stream) == 0  # relayed entries are deleted
+
+
+async def test_a_worker_error_fails_the_request_with_its_code(broker, redis_client):
+    redis_client.set(queue.request_key("bad"), 1)
+    error = qpb.ItemError(sequence_index=3, code="RESOURCE_EXHAUSTED", message="client too slow")
+    redis_client.xadd(queue.reply_stream("bad"), {queue.ERROR_FIELD: error.SerializeToString()})
+    with pytest.raises(ItemFailed, match=r"items\[3\]: client too slow") as raised:
+        await collect(broker, "bad", items=4)
+    assert raised.value.code.name == "RESOURCE_EXHAUSTED"
+
+
+async def test_a_request_whose_state_redis_lost_fails_instead_of_hanging(broker, redis_client):
+    with pytest.raises(BackendUnavailable, match="lost this request"):
+        await collect(broker, "forgotten", items=1)
+
+
+async def test_the_deadline_bounds_the_wait(broker, redis_client):
+    redis_client.set(queue.request_key("slow"), 1)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await collect(broker, "slow", items=1, deadline_s=0.3)
+    assert time.monotonic() - started < 1.0
