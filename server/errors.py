@@ -18,6 +18,9 @@ from esm2_service.server.validation import InvalidRequest
 log = logging.getLogger(__name__)
 
 
+MAX_DETAILS_BYTES = 4 * 1024
+
+
 class ServiceError(Exception):
     """An error with a gRPC code of its own; the message is shown to the client."""
 
@@ -52,7 +55,14 @@ class ItemFailed(ServiceError):
 def to_rpc_status(error: Exception) -> grpc.Status:
     """The status (code, message, rich details) a client sees for `error`."""
     if isinstance(error, InvalidRequest):
-        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(error), _bad_request(error))
+        details = _bad_request(error)
+        message = str(error)
+        if len(details.field_violations) < len(error.violations):
+            message += (
+                f" [{len(error.violations)} violations; the first "
+                f"{len(details.field_violations)} are listed in the details]"
+            )
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, message, details)
     if isinstance(error, QueueFull):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
@@ -64,10 +74,30 @@ def to_rpc_status(error: Exception) -> grpc.Status:
 
 
 def _bad_request(error: InvalidRequest) -> error_details_pb2.BadRequest:
+    """The violations, as many as fit in MAX_DETAILS_BYTES: they travel in a trailer,
+    and default gRPC clients refuse trailers over 8 KiB (base64 adds a third). Every
+    field's first violation comes before any field's second, so each broken field is
+    named; the order of the request is kept."""
+    first_of_field = {}
+    for index, violation in enumerate(error.violations):
+        first_of_field.setdefault(violation.field, index)
+    priority = sorted(
+        range(len(error.violations)),
+        key=lambda i: (i != first_of_field[error.violations[i].field], i),
+    )
+    chosen, size = [], 0
+    for index in priority:
+        violation = error.violations[index]
+        size += len(violation.field.encode()) + len(violation.description.encode()) + 8
+        if size > MAX_DETAILS_BYTES:
+            break
+        chosen.append(index)
     return error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
+            error_details_pb2.BadRequest.FieldViolation(
+                field=error.violations[i].field, description=error.violations[i].description
+            )
+            for i in sorted(chosen)
         ]
     )
 
