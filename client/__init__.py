@@ -3,7 +3,7 @@
 Imports neither torch nor redis.
 """
 
-from .client import AsyncEsm2Client, Esm2Client
+from .client import AsyncEsm2Client, Esm2Client, tls_credentials
 from .results import (
     EncodeResult,
     IncompleteResultError,
@@ -20,4 +20,5 @@ __all__ = [
     "ModelInfo",
     "PredictResult",
     "ResultStreamError",
+    "tls_credentials",
 ]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from esm2_service import __version__
 from esm2_service.config import env_or
 
-from .client import Esm2Client
+from .client import Esm2Client, tls_credentials
 from .fasta import read_fasta
 from .output import NPZ_LAYOUT, npz_arrays, predict_document, predict_json, string_array
 from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, include_value
@@ -31,6 +31,7 @@ from .results import ResultStreamError
 
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENV = "ESM2_TARGET"
+TOKEN_ENV = "ESM2_TOKEN"
 
 # command -> (module whose main(argv) runs it, extras it needs, help)
 FORWARDED: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -177,6 +178,20 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=None, help="deadline of each request, in seconds"
     )
+    parser.add_argument(
+        "--token",
+        default=env_or(TOKEN_ENV),
+        help=f"send 'authorization: Token TOKEN' (default: ${TOKEN_ENV}; prefer the "
+        "variable: a flag shows in ps)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's CA certificates"
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", help="use TLS, trusting server certificates this CA signed"
+    )
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key, for mutual TLS")
 
 
 def _add_batching_options(parser: argparse.ArgumentParser) -> None:
@@ -239,12 +254,21 @@ def _join_dash_values(argv: list[str]) -> list[str]:
 
 
 def _client(args: argparse.Namespace) -> Esm2Client:
-    return Esm2Client(
-        args.target,
-        timeout_s=args.timeout,
-        max_concurrency=getattr(args, "concurrency", 1),
-        batch_size=getattr(args, "batch_size", MAX_ITEMS_PER_REQUEST),
-    )
+    tls_files = [getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key")]
+    try:
+        credentials = (
+            tls_credentials(*tls_files) if getattr(args, "tls", False) or any(tls_files) else None
+        )
+        return Esm2Client(
+            args.target,
+            timeout_s=args.timeout,
+            token=getattr(args, "token", None),
+            credentials=credentials,
+            max_concurrency=getattr(args, "concurrency", 1),
+            batch_size=getattr(args, "batch_size", MAX_ITEMS_PER_REQUEST),
+        )
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 def _read_records(path: str) -> list[tuple[str, str]]:

@@ -9,8 +9,10 @@ caller's order. Server errors surface unchanged, as `grpc.RpcError` (sync) or
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -37,10 +39,59 @@ from .results import (
 )
 
 Metadata = Sequence[tuple[str, str | bytes]]
+PathLike = str | os.PathLike[str]
 R = TypeVar("R")
 # Turns the items of one request into the call's response stream.
 StartCall = Callable[[list[str]], Any]
 MakeResult = Callable[[CompletedItem, int], R]
+
+
+AUTH_HEADER = "authorization"
+
+
+def tls_credentials(
+    ca: PathLike | None = None, cert: PathLike | None = None, key: PathLike | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files.
+
+    Args:
+        ca: the CA bundle that signed the server's certificate; None: the system's roots.
+        cert, key: this client's certificate chain and private key, for a server that
+            requires client certificates (mutual TLS); both or neither.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key: give tls_cert and tls_key")
+
+    def read(path: PathLike | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
+
+
+def _channel_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    tls_ca: PathLike | None,
+    tls_cert: PathLike | None,
+    tls_key: PathLike | None,
+) -> grpc.ChannelCredentials | None:
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return credentials
+    if credentials is not None:
+        raise ValueError("give credentials or tls_ca/tls_cert/tls_key, not both")
+    return tls_credentials(tls_ca, tls_cert, tls_key)
+
+
+def _call_metadata(metadata: Metadata | None, token: str | None) -> tuple | None:
+    pairs = tuple(metadata or ())
+    if token is None:
+        return pairs or None
+    if not token or any(character.isspace() for character in token):
+        raise ValueError("token must be non-empty, without spaces")
+    if any(key.lower() == AUTH_HEADER for key, _ in pairs):
+        raise ValueError("metadata already holds 'authorization'; give it or token, not both")
+    return (*pairs, (AUTH_HEADER, f"Token {token}"))
 
 
 class _ClientBase:
@@ -51,6 +102,7 @@ class _ClientBase:
         *,
         timeout_s: float | None,
         metadata: Metadata | None,
+        token: str | None,
         max_concurrency: int,
         batch_size: int,
     ):
@@ -58,7 +110,7 @@ class _ClientBase:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self._call_options: dict[str, Any] = {
             "timeout": timeout_s,
-            "metadata": tuple(metadata) if metadata else None,
+            "metadata": _call_metadata(metadata, token),
         }
         self._max_concurrency = max_concurrency
         self._batch_size = check_batch_size(batch_size)
@@ -78,7 +130,13 @@ class Esm2Client(_ClientBase):
         target: "host:port" of the service.
         timeout_s: deadline of each RPC in seconds; None (default) for none.
         metadata: (key, value) pairs sent with every RPC.
-        credentials: TLS channel credentials; None (default) for a plaintext channel.
+        token: sent as `authorization: Token <token>` with every RPC, for a service
+            that requires tokens; None (default) for none.
+        credentials: TLS channel credentials; None (default) for a plaintext channel
+            unless a tls_* argument is given.
+        tls_ca: use TLS, trusting the server certificates this PEM CA bundle signed
+            (see `tls_credentials`); None: the system's roots if tls_cert is given.
+        tls_cert, tls_key: PEM client certificate and key, for mutual TLS.
         max_concurrency: requests in flight at once when a list is split (default 8).
         batch_size: sequences per request, 1 to 8 (default 8).
     """
@@ -92,13 +150,19 @@ class Esm2Client(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         max_concurrency: int = 8,
         batch_size: int = MAX_ITEMS_PER_REQUEST,
+        token: str | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
         super().__init__(
             timeout_s=timeout_s,
             metadata=metadata,
+            token=token,
             max_concurrency=max_concurrency,
             batch_size=batch_size,
         )
+        credentials = _channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if credentials is None:
             self._channel = grpc.insecure_channel(target)
         else:
@@ -213,13 +277,19 @@ class AsyncEsm2Client(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         max_concurrency: int = 8,
         batch_size: int = MAX_ITEMS_PER_REQUEST,
+        token: str | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ):
         super().__init__(
             timeout_s=timeout_s,
             metadata=metadata,
+            token=token,
             max_concurrency=max_concurrency,
             batch_size=batch_size,
         )
+        credentials = _channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target)
         else:

@@ -3,23 +3,63 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from esm2_service.logs import LOG_FORMATS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for logs and reprs."""
+    """The URL with any password (in the userinfo or a `password=` query parameter,
+    both of which redis-py reads) replaced, fit for logs and reprs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"{user}:***@{host}{port}")
+    if "password" in parts.query:
+        query = [
+            (name, "***" if name == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
 
 
 def env_or(name: str, default: str | None = None) -> str | None:
     """An environment variable, or `default` when unset or empty."""
     value = os.environ.get(name, "")
     return value if value else default
+
+
+def add_observability_arguments(parser, *, metrics_port: int, metrics_help: str) -> None:
+    """--metrics-port, --metrics-host and --log-format, which the frontend and workers share."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env_or("ESM2_METRICS_PORT", str(metrics_port))),
+        help=f"Prometheus /metrics port (ESM2_METRICS_PORT); {metrics_help}",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env_or("ESM2_METRICS_HOST", "0.0.0.0"),
+        help="address the metrics endpoint binds (ESM2_METRICS_HOST, default 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=env_or("ESM2_LOG_FORMAT", "text"),
+        help="text lines, or JSON lines with ts, level, logger, message, request_id "
+        "(ESM2_LOG_FORMAT, default text)",
+    )
+
+
+def check_observability(metrics_port: int, log_format: str) -> None:
+    """Raises ValueError for a metrics port or log format no process accepts."""
+    if not 0 <= metrics_port <= 65535:
+        raise ValueError(f"metrics_port {metrics_port} is outside 0..65535 (0 disables metrics)")
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")

@@ -34,11 +34,12 @@ WRONG_TOKEN = "the token is not valid"
 
 
 def parse_tokens(text: str, source: str) -> list[str]:
-    """Tokens in `text`, one per line; blank lines and `#` comments are skipped."""
+    """Tokens in `text`, one per line; blank lines and lines starting with `#` are skipped
+    (a `#` inside a token is part of it)."""
     tokens = []
     for number, line in enumerate(text.splitlines(), start=1):
-        token = line.split("#", 1)[0].strip()
-        if token:
+        token = line.strip()
+        if token and not token.startswith("#"):
             tokens.append(_checked(token, f"{source} line {number}"))
     return tokens
 

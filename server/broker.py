@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -37,9 +37,15 @@ class BrokerSettings:
 
 
 class Broker:
-    def __init__(self, redis: aioredis.Redis, settings: BrokerSettings):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: BrokerSettings,
+        on_item_complete: Callable[[float], None] | None = None,
+    ):
         self.redis = redis
         self.settings = settings
+        self.on_item_complete = on_item_complete  # called with each item's s since enqueue
 
     async def submit(self, request: ValidRequest, timeout_s: float | None) -> tuple[str, float]:
         """Queues every item of `request`; returns its id and absolute deadline (unix s)."""
@@ -72,6 +78,7 @@ class Broker:
         stream = queue.reply_stream(request_id)
         last_id = "0-0"
         remaining = items
+        enqueued = time.monotonic()  # submit() has just queued the items
         # A worker that died mid-item leaves part of it written; the worker that
         # retries the item writes it again. Each piece reaches the client once.
         relayed: set[tuple] = set()
@@ -89,7 +96,10 @@ class Broker:
                 if key in relayed:
                     continue
                 relayed.add(key)
-                remaining -= chunk.HasField("complete")
+                if chunk.HasField("complete"):
+                    remaining -= 1
+                    if self.on_item_complete is not None:
+                        self.on_item_complete(time.monotonic() - enqueued)
                 yield fields[queue.CHUNK_FIELD]
             if entries:
                 await self._forget(stream, [entry_id for entry_id, _ in entries])

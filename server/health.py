@@ -21,8 +21,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthMonitor:
     """Polls Redis and the worker heartbeats; publishes the result to the health service."""
 
-    def __init__(self, redis, worker_timeout_s: float, interval_s: float):
+    def __init__(self, redis, worker_timeout_s: float, interval_s: float, metrics=None):
         self.redis = redis
+        self.metrics = metrics  # FrontendMetrics: queue depth and live workers, every check
         self.worker_timeout_s = worker_timeout_s
         self.interval_s = interval_s
         self.servicer = health.aio.HealthServicer()
@@ -35,7 +36,12 @@ class HealthMonitor:
             alive = await self.redis.zcount(
                 queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf"
             )
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(await self.redis.xlen(queue.QUEUE_STREAM))
+                self.metrics.workers_alive.set(alive)
         except REDIS_ERRORS as error:
+            if self.metrics is not None:
+                self.metrics.workers_alive.set(0)  # none that this frontend can reach
             return f"Redis unreachable: {error}"
         return None if alive else "no live worker"
 

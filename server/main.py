@@ -14,11 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from esm2_service.esm2.v1 import esm2_pb2
+from esm2_service.logs import configure_logging
+from esm2_service.server.auth import TokenAuthInterceptor
 from esm2_service.server.broker import Broker, BrokerSettings
 from esm2_service.server.handlers import add_esm2_service
 from esm2_service.server.health import HealthMonitor
+from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
 from esm2_service.server.service import Esm2Service
 from esm2_service.server.settings import ServerSettings, build_parser, settings_from_args
+from esm2_service.server.tls import server_credentials
 
 log = logging.getLogger("esm2_service.server")
 
@@ -28,8 +32,22 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
-async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) -> None:
-    """Runs the frontend until cancelled or SIGTERM/SIGINT; then drains in-flight streams."""
+async def serve(
+    settings: ServerSettings,
+    ready: asyncio.Event | None = None,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    metrics: FrontendMetrics | None = None,
+) -> None:
+    """Runs the frontend until cancelled or SIGTERM/SIGINT; then drains in-flight streams.
+
+    `credentials`: TLS, read from the settings' files when None; `metrics`: where to
+    count (a registry nobody serves when None)."""
+    metrics = metrics or FrontendMetrics()
+    if credentials is None:
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
     redis = aioredis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=2.0,
@@ -43,13 +61,19 @@ async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) ->
             request_timeout_s=settings.request_timeout_s,
             result_ttl_s=settings.result_ttl_s,
         ),
+        on_item_complete=metrics.item_latency.observe,
     )
-    monitor = HealthMonitor(redis, settings.worker_timeout_s, settings.health_interval_s)
+    monitor = HealthMonitor(redis, settings.worker_timeout_s, settings.health_interval_s, metrics)
+    # The metrics interceptor comes first, so it also counts the calls auth refuses.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if settings.auth_tokens:
+        interceptors.append(TokenAuthInterceptor(settings.auth_tokens))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-        ]
+        ],
     )
     add_esm2_service(Esm2Service(broker, settings.worker_timeout_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(monitor.servicer, server)
@@ -61,7 +85,11 @@ async def serve(settings: ServerSettings, ready: asyncio.Event | None = None) ->
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await server.start()
     monitor_task = asyncio.create_task(monitor.run())
     log.info("listening on port %d (%s)", port, settings.describe())
@@ -87,15 +115,37 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
     except ValueError as error:
         print(f"esm2 server: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    asyncio.run(serve(settings))
+    configure_logging(settings.log_level, settings.log_format)
+    _log_security(settings)
+    metrics = FrontendMetrics()
+    try:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+    except OSError as error:
+        log.error("cannot serve metrics on port %d: %s", settings.metrics_port, error)
+        return 2
+    asyncio.run(serve(settings, credentials=credentials, metrics=metrics))
     return 0
+
+
+def _log_security(settings: ServerSettings) -> None:
+    """How clients are authenticated and whether the channel is encrypted; never a secret."""
+    tls = settings.tls_cert is not None
+    if settings.tls_client_ca:
+        log.info("TLS on; clients must present a certificate signed by %s", settings.tls_client_ca)
+    elif tls:
+        log.info("TLS on (server certificate %s)", settings.tls_cert)
+    if settings.auth_tokens:
+        log.info("token authentication on: %d token(s) configured", len(settings.auth_tokens))
+        if not tls:
+            log.warning("tokens travel in plaintext without TLS; use --tls-cert off loopback")
+    else:
+        log.info("token authentication off (no --auth-tokens-file or ESM2_AUTH_TOKENS)")
 
 
 if __name__ == "__main__":

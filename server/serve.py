@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from esm2_service.config import env_or, redact_url
+from esm2_service.logs import LOG_FORMATS, configure_logging
 from esm2_service.server import settings as server_settings
 
 log = logging.getLogger("esm2_service.serve")
@@ -53,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env_or("ESM2_THREADS", "0")),
         help="threads per worker; 0: the machine's cores split among the workers",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env_or("ESM2_METRICS_PORT", "9090")),
+        help="the frontend's Prometheus port; worker i gets this + 1 + i; 0: no metrics "
+        "(ESM2_METRICS_PORT, default 9090)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=env_or("ESM2_LOG_FORMAT", "text"),
+        help="text or JSON lines, for every process (ESM2_LOG_FORMAT)",
+    )
     return parser
 
 
@@ -60,6 +74,16 @@ def _child(module: str, args: list[str], env: dict[str, str]) -> subprocess.Pope
     # A session of its own: Ctrl-C reaches only this supervisor, which stops the
     # children in the order that loses nothing.
     return subprocess.Popen([sys.executable, "-m", module, *args], env=env, start_new_session=True)
+
+
+def _frontend_args(args: argparse.Namespace) -> list[str]:
+    # Auth and TLS settings reach the frontend through the environment it inherits
+    # (ESM2_AUTH_TOKENS_FILE, ESM2_AUTH_TOKENS, ESM2_TLS_*), never through argv.
+    return [
+        *("--port", str(args.port)),
+        *("--metrics-port", str(args.metrics_port)),
+        *("--log-format", args.log_format),
+    ]
 
 
 def _worker_args(args: argparse.Namespace, index: int) -> list[str]:
@@ -73,6 +97,11 @@ def _worker_args(args: argparse.Namespace, index: int) -> list[str]:
         str(threads),
         "--worker-id",
         f"serve-{index}",
+        # Explicit, so an inherited ESM2_METRICS_PORT never gives two processes one port.
+        "--metrics-port",
+        str(args.metrics_port + 1 + index if args.metrics_port else 0),
+        "--log-format",
+        args.log_format,
     ]
     if args.weights:
         worker_args += ["--weights", args.weights]
@@ -103,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             env["REDIS_URL"] = embedded.url
             log.info("started an embedded Redis on port %d", embedded.port)
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
-        frontend = _child("esm2_service.server", ["--port", str(args.port)], env)
+        frontend = _child("esm2_service.server", _frontend_args(args), env)
         workers = [
             _child("esm2_service.worker", _worker_args(args, i), env) for i in range(args.workers)
         ]
@@ -144,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("esm2 serve: --workers must be at least 1", file=sys.stderr)
         return 2
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not 0 <= args.metrics_port <= 65535 - args.workers:
+        print(
+            f"esm2 serve: --metrics-port {args.metrics_port} leaves no port for every worker",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging("INFO", args.log_format)
     return run(args)
 
 

@@ -62,12 +62,24 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
                 request_id,
                 len(valid.sequences),
                 1000 * (time.perf_counter() - started),
+                extra={"request_id": request_id},
             )
         except asyncio.CancelledError:
-            log.info("%s request_id=%s cancelled by the client", method, request_id)
+            log.info(
+                "%s request_id=%s cancelled by the client",
+                method,
+                request_id,
+                extra={"request_id": request_id},
+            )
             raise
         except Exception as error:  # one table turns every error into a status
-            log.info("%s request_id=%s failed: %s", method, request_id, error)
+            log.info(
+                "%s request_id=%s failed: %s",
+                method,
+                request_id,
+                error,
+                extra={"request_id": request_id},
+            )
             await _abort(context, error)
         finally:
             if request_id is not None:

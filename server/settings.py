@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from esm2_service.config import DEFAULT_REDIS_URL, env_or, redact_url
+from esm2_service.config import (
+    DEFAULT_REDIS_URL,
+    add_observability_arguments,
+    check_observability,
+    env_or,
+    redact_url,
+)
+from esm2_service.server.auth import load_tokens
+
+DEFAULT_METRICS_PORT = 9090
 
 
 @dataclass(frozen=True)
@@ -20,17 +29,36 @@ class ServerSettings:
     health_interval_s: float = 1.0
     grace_s: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int = DEFAULT_METRICS_PORT  # 0: no metrics endpoint
+    metrics_host: str = "0.0.0.0"
+    # Secrets: never in repr or logs; describe() gives only their count.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    auth_tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        check_observability(self.metrics_port, self.log_format)
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port and port are both {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in ("max_queue_items", "request_timeout_s", "result_ttl_s", "worker_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     def describe(self) -> str:
-        """The settings for logs, with the Redis password hidden."""
-        return f"{self!r} redis_url={redact_url(self.redis_url)}"
+        """The settings for logs, with the Redis password and the tokens hidden."""
+        return (
+            f"{self!r} redis_url={redact_url(self.redis_url)} "
+            f"auth_tokens=<{len(self.auth_tokens)} configured>"
+        )
 
 
 def build_parser(prog: str = "esm2 server") -> argparse.ArgumentParser:
@@ -81,9 +109,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a worker is alive if it sent a heartbeat this recently (ESM2_WORKER_TIMEOUT_S)",
     )
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
+    add_observability_arguments(
+        parser, metrics_port=d.metrics_port, metrics_help="default 9090, 0 disables"
+    )
+    _add_security_arguments(parser)
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--auth-tokens-file",
+        default=env_or("ESM2_AUTH_TOKENS_FILE"),
+        help="require 'authorization: Token <token>' on every RPC but health checks, with "
+        "the tokens of this file, one per line, # comments (ESM2_AUTH_TOKENS_FILE). "
+        "ESM2_AUTH_TOKENS (comma-separated, no flag) adds more",
+    )
+    parser.add_argument(
+        "--tls-cert", default=env_or("ESM2_TLS_CERT"), help="PEM certificate chain (ESM2_TLS_CERT)"
+    )
+    parser.add_argument(
+        "--tls-key", default=env_or("ESM2_TLS_KEY"), help="PEM private key (ESM2_TLS_KEY)"
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        default=env_or("ESM2_TLS_CLIENT_CA"),
+        help="PEM CA bundle: require client certificates it signed, mutual TLS "
+        "(ESM2_TLS_CLIENT_CA)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The settings of parsed flags; reads the auth tokens (ValueError if unusable)."""
     return ServerSettings(
         host=args.host,
         port=args.port,
@@ -93,4 +148,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         result_ttl_s=args.result_ttl_s,
         worker_timeout_s=args.worker_timeout_s,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        # The raw tokens have no flag, so they never show in `ps`.
+        auth_tokens=load_tokens(args.auth_tokens_file, env_or("ESM2_AUTH_TOKENS")),
+        auth_tokens_file=args.auth_tokens_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )

@@ -12,6 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+# The tests run many frontends at once: none serves metrics (default port 9090) unless
+# a test gives it a port of its own.
+os.environ["ESM2_METRICS_PORT"] = "0"
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
@@ -52,9 +56,19 @@ class ServiceProcesses:
     """A frontend and workers as real child processes against one Redis."""
 
     def __init__(
-        self, redis_url: str, weights: Path, workers: int = 1, server_args=(), worker_args=()
+        self,
+        redis_url: str,
+        weights: Path,
+        workers: int = 1,
+        server_args=(),
+        worker_args=(),
+        env=None,
+        stderr=None,
     ):
+        """`env`: extra environment variables; `stderr`: a file every process logs to."""
         self.env = {**os.environ, "REDIS_URL": redis_url, "ESM2_WEIGHTS": str(weights)}
+        self.env.update(env or {})
+        self.stderr = stderr
         self.worker_args = list(worker_args)
         self.frontend = self._spawn("esm2_service.server", ["--port", "0", *server_args])
         self.port = self._read_port(self.frontend)
@@ -66,7 +80,7 @@ class ServiceProcesses:
             [sys.executable, "-m", module, *args],
             env=self.env,
             stdout=subprocess.PIPE,
-            stderr=None,
+            stderr=self.stderr,
             text=True,
         )
 
@@ -81,11 +95,16 @@ class ServiceProcesses:
             raise RuntimeError(f"frontend did not start: {line!r}")
         return int(line.rsplit(" ", 1)[1])
 
-    def wait_serving(self, timeout_s: float = 60.0) -> None:
+    def wait_serving(self, timeout_s: float = 60.0, credentials=None) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
+        channel = (
+            grpc.secure_channel(self.target, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(self.target)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 try:

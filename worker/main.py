@@ -13,6 +13,8 @@ import redis
 
 from esm2_service.config import redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.logs import configure_logging
+from esm2_service.worker.metrics import WorkerMetrics
 from esm2_service.worker.settings import WorkerSettings, build_parser, settings_from_args
 
 log = logging.getLogger("esm2_service.worker")
@@ -66,7 +68,9 @@ def load_engine(settings: WorkerSettings):
     return engine, info
 
 
-def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:
+def run_worker(
+    settings: WorkerSettings, stop: threading.Event, metrics: WorkerMetrics | None = None
+) -> None:
     from esm2_service.worker.checkpoint import CheckpointError
     from esm2_service.worker.queue_loop import QueueWorker
 
@@ -83,7 +87,7 @@ def run_worker(settings: WorkerSettings, stop: threading.Event) -> None:
         health_check_interval=10,
     )
     _wait_for_redis(client, settings, stop)
-    worker = QueueWorker(client, engine, settings, info)
+    worker = QueueWorker(client, engine, settings, info, metrics)
     log.info("worker %s serving (%s)", settings.worker_id, settings.describe())
     print(f"esm2 worker {settings.worker_id} ready", flush=True)
     worker.run(stop)
@@ -114,15 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"esm2 worker: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker[{settings.worker_id}] %(name)s %(message)s",
+    configure_logging(
+        settings.log_level,
+        settings.log_format,
+        text_format=f"%(asctime)s %(levelname)s worker[{settings.worker_id}] %(name)s %(message)s",
+        fields={"worker_id": settings.worker_id},
     )
+    metrics = WorkerMetrics()
+    try:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+    except OSError as error:
+        log.error("cannot serve metrics on port %d: %s", settings.metrics_port, error)
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        run_worker(settings, stop)
+        run_worker(settings, stop, metrics)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except redis.RedisError as error:

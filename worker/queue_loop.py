@@ -25,7 +25,8 @@ from esm2_service.alphabet import encode_tokens, split_tokens
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.batching import plan_batches
-from esm2_service.worker.replies import ReplyWriter
+from esm2_service.worker.metrics import WorkerMetrics, abandoned_outcome
+from esm2_service.worker.replies import ReplyWriter, item_key
 from esm2_service.worker.settings import WorkerSettings
 from esm2_service.worker.work import Runner, WorkItem
 
@@ -43,9 +44,15 @@ class Job:
 
 class QueueWorker:
     def __init__(
-        self, client: redis.Redis, runner: Runner, settings: WorkerSettings, model: pb.ModelInfo
+        self,
+        client: redis.Redis,
+        runner: Runner,
+        settings: WorkerSettings,
+        model: pb.ModelInfo,
+        metrics: WorkerMetrics | None = None,
     ):
         self.redis = client
+        self.metrics = metrics or WorkerMetrics()
         self.runner = runner
         self.settings = settings
         self.model = model
@@ -140,7 +147,9 @@ class QueueWorker:
             f"set aside after {deliveries - 1} attempts that each ended with the worker "
             "dying; it was not retried again"
         )
-        log.error("dead-lettering entry %s (%s)", entry_id, reason)
+        context = {"request_id": item.request_id if item is not None else None}
+        log.error("dead-lettering entry %s (%s)", entry_id, reason, extra=context)
+        self.metrics.items("dead_lettered")
         self.redis.xadd(queue.DEAD_LETTER_STREAM, {**fields, b"reason": reason}, maxlen=10_000)
         if item is not None:
             self.replies.error(item, "INTERNAL", reason)
@@ -152,6 +161,7 @@ class QueueWorker:
         item = _decode(fields)
         if item is None:
             log.error("entry %s holds no valid QueueItem; dropping it", entry_id)
+            self.metrics.items("failed")
             self._ack([entry_id])
             return None
         job = Job(entry_id, item, _work_item(item))
@@ -166,10 +176,12 @@ class QueueWorker:
         item = job.item
         if self.redis.exists(queue.cancel_key(item.request_id)):
             self._ack([job.entry_id])  # nobody listens: write nothing
+            self.metrics.items("cancelled")
             return True
         if item.deadline_unix_s and item.deadline_unix_s < time.time():
             self.replies.error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
             self._ack([job.entry_id])
+            self.metrics.items("expired")
             return True
         return False
 
@@ -186,25 +198,27 @@ class QueueWorker:
                 for job in jobs:
                     self._run_batch([job])
                 return
+            item = jobs[0].item
             log.exception(
-                "item %s of request %s failed", jobs[0].item.sequence_index, jobs[0].item.request_id
+                "item %s of request %s failed",
+                item.sequence_index,
+                item.request_id,
+                extra={"request_id": item.request_id},
             )
-            self.replies.error(
-                jobs[0].item, "INTERNAL", "the model failed on this item; see worker logs"
-            )
+            self.replies.error(item, "INTERNAL", "the model failed on this item; see worker logs")
             self._ack([jobs[0].entry_id])
+            self.metrics.items("failed")
             return
         for job in jobs:
+            abandoned = self.replies.abandoned.get(item_key(job.item))
+            self.metrics.items(abandoned_outcome(abandoned[0]) if abandoned else "completed")
             self.replies.complete(job.item, job.work.predict)
         self._ack([job.entry_id for job in jobs])
         self.stats["items"] += len(jobs)
         self.stats["batches"] += 1
-        log.info(
-            "batch of %d (%d tokens) in %.1f ms",
-            len(jobs),
-            sum(len(j.work.token_ids) for j in jobs),
-            1000 * (time.perf_counter() - started),
-        )
+        tokens, seconds = sum(len(j.work.token_ids) for j in jobs), time.perf_counter() - started
+        self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
+        log.info("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
     def _ack(self, entry_ids: list[bytes]) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -7,7 +7,13 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from esm2_service.config import DEFAULT_REDIS_URL, env_or, redact_url
+from esm2_service.config import (
+    DEFAULT_REDIS_URL,
+    add_observability_arguments,
+    check_observability,
+    env_or,
+    redact_url,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -34,8 +40,12 @@ class WorkerSettings:
     reader_stall_s: float = 60.0  # a reader silent this long has the rest of its item dropped
     worker_id: str = field(default_factory=_default_worker_id)
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int = 0  # 0: no metrics endpoint (several workers share a machine)
+    metrics_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
+        check_observability(self.metrics_port, self.log_format)
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} is not cpu, cuda or cuda:N")
         if self.precision not in PRECISIONS:
@@ -117,6 +127,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
     )
     parser.add_argument("--worker-id", default=env_or("ESM2_WORKER_ID"), help="default: host-pid")
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
+    add_observability_arguments(
+        parser,
+        metrics_port=d.metrics_port,
+        metrics_help="default 0: none (esm2 serve gives worker i its base + 1 + i)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
@@ -130,6 +145,9 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         claim_idle_s=args.claim_idle_s,
         max_deliveries=args.max_deliveries,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     if args.worker_id:
         values["worker_id"] = args.worker_id

@@ -1,0 +1,188 @@
+"""Prometheus metrics and JSON logs of real frontend and worker processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+
+import grpc
+import pytest
+import redis
+from conftest import ServiceProcesses
+from prometheus_client.parser import text_string_to_metric_families
+
+from esm2_service.client import Esm2Client
+from esm2_service.server.embedded_redis import free_port
+
+ENCODE = "esm2.v1.Esm2/Encode"
+SEQUENCES = ["MKTAYIAKQR", "ACDEFG"]  # 12 + 8 tokens with BOS/EOS
+# A line that grpc's C core writes to stderr itself, outside Python's logging.
+GRPC_CORE_LINE = re.compile(r"^[IWEF]\d{4} ")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics page: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(predicate, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return result
+
+
+@pytest.fixture(scope="module")
+def observed(redis_server, tiny_checkpoint, tmp_path_factory):
+    """Frontend and worker with metrics ports of their own and JSON logs to one file."""
+    url = redis_server.url_for_db(5)
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    ports = {"frontend": free_port(), "worker": free_port()}
+    log_path = tmp_path_factory.mktemp("logs") / "json.log"
+    with open(log_path, "w") as log:
+        processes = ServiceProcesses(
+            url,
+            tiny_checkpoint,
+            server_args=["--metrics-port", str(ports["frontend"]), "--log-format", "json"],
+            worker_args=["--metrics-port", str(ports["worker"])],
+            env={"ESM2_LOG_FORMAT": "json"},  # the worker's, through its environment
+            stderr=log,
+        )
+        try:
+            processes.wait_serving()
+            processes.metrics_ports = ports
+            processes.log_path = log_path
+            yield processes
+        finally:
+            processes.stop()
+
+
+def test_frontend_metrics_count_requests_items_and_workers(observed):
+    port = observed.metrics_ports["frontend"]
+    before = scrape(port)
+    with Esm2Client(observed.target, timeout_s=60) as client:
+        client.encode(SEQUENCES)
+        with pytest.raises(grpc.RpcError) as invalid:
+            client.encode(["not a protein"])
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(port)
+    ok = {"method": ENCODE, "code": "OK"}
+    assert (
+        value(after, "esm2_requests_total", **ok) == value(before, "esm2_requests_total", **ok) + 1
+    )
+    bad = {"method": ENCODE, "code": "INVALID_ARGUMENT"}
+    assert (
+        value(after, "esm2_requests_total", **bad)
+        == value(before, "esm2_requests_total", **bad) + 1
+    )
+    count = "esm2_request_duration_seconds_count"
+    assert value(after, count, method=ENCODE) == value(before, count, method=ENCODE) + 2
+    items = "esm2_item_latency_seconds_count"
+    assert value(after, items) == value(before, items) + len(SEQUENCES)
+    assert value(after, "esm2_item_latency_seconds_sum") > value(
+        before, "esm2_item_latency_seconds_sum"
+    )
+    # Health checks pass through the same interceptor.
+    assert value(after, "esm2_requests_total", method="grpc.health.v1.Health/Check", code="OK") >= 1
+    assert value(after, "esm2_workers_alive") == 1
+    assert ("esm2_queue_depth", ()) in after
+
+
+def test_queue_depth_and_live_workers_follow_redis(redis_server, tiny_checkpoint):
+    from esm2_service import queue
+
+    url = redis_server.url_for_db(6)
+    port = free_port()
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+        frontend = ServiceProcesses(
+            url, tiny_checkpoint, workers=0, server_args=["--metrics-port", str(port)]
+        )
+        try:
+            wait_for(lambda: ("esm2_queue_depth", ()) in scrape(port))
+            assert value(scrape(port), "esm2_workers_alive") == 0
+            ids = [client.xadd(queue.QUEUE_STREAM, {b"noise": b"x"}) for _ in range(3)]
+            wait_for(lambda: value(scrape(port), "esm2_queue_depth") == 3)
+            client.xdel(queue.QUEUE_STREAM, *ids)
+            wait_for(lambda: value(scrape(port), "esm2_queue_depth") == 0)
+            client.zadd(queue.HEARTBEATS, {"a-worker": time.time() + 60})
+            wait_for(lambda: value(scrape(port), "esm2_workers_alive") == 1)
+        finally:
+            frontend.stop()
+
+
+def test_worker_metrics_count_batches_tokens_and_outcomes(observed):
+    port = observed.metrics_ports["worker"]
+    before = scrape(port)
+    with Esm2Client(observed.target, timeout_s=60) as client:
+        client.encode(SEQUENCES)
+    after = scrape(port)
+    tokens = sum(len(s) + 2 for s in SEQUENCES)
+    assert (
+        value(after, "esm2_worker_tokens_total")
+        == value(before, "esm2_worker_tokens_total") + tokens
+    )
+    done = {"outcome": "completed"}
+    assert value(after, "esm2_worker_items_total", **done) == (
+        value(before, "esm2_worker_items_total", **done) + 2
+    )
+    for outcome in ("failed", "expired", "cancelled", "dead_lettered"):
+        assert ("esm2_worker_items_total", (("outcome", outcome),)) in after
+    batches = value(after, "esm2_worker_batch_size_count") - value(
+        before, "esm2_worker_batch_size_count"
+    )
+    assert batches >= 1
+    assert value(after, "esm2_worker_batch_size_sum") - value(
+        before, "esm2_worker_batch_size_sum"
+    ) == len(SEQUENCES)
+    assert (
+        value(after, "esm2_worker_batch_tokens_sum") - value(before, "esm2_worker_batch_tokens_sum")
+        == tokens
+    )
+    assert (
+        value(after, "esm2_worker_batch_seconds_count")
+        - value(before, "esm2_worker_batch_seconds_count")
+        == batches
+    )
+    assert value(after, "esm2_worker_tokens_per_second") > 0
+    assert ("esm2_worker_padding_ratio", ()) in after
+    assert value(after, "esm2_worker_padding_ratio") == 0.0  # packed: no padding
+
+
+def test_json_logs_carry_request_and_worker_ids(observed):
+    with Esm2Client(observed.target, timeout_s=60) as client:
+        client.encode(["MKTAYIAK"])
+        with pytest.raises(grpc.RpcError):
+            client.encode(["not a protein"])
+    lines = observed.log_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines if line and not GRPC_CORE_LINE.match(line)]
+    assert records
+    for record in records:
+        assert {"ts", "level", "logger", "message"} <= set(record)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", record["ts"])
+    service = [r for r in records if r["logger"] == "esm2_service.server.service"]
+    done = [r for r in service if " done in " in r["message"]]
+    assert done, "no finished request was logged"
+    # A request refused before it was queued has no id, and its line no request_id.
+    assert any("request_id" not in r and "failed" in r["message"] for r in service)
+    for record in done:
+        assert re.fullmatch(r"[0-9a-f]{32}", record["request_id"])
+        assert f"request_id={record['request_id']}" in record["message"]
+    worker = [r for r in records if r.get("worker_id") == "test-worker-0"]
+    assert any(r["message"].startswith("batch of") for r in worker)
+    assert any("loaded" in r["message"] for r in worker)
