@@ -1,6 +1,6 @@
 """Python clients and the `esm2` command line of the ESM-2 8M gRPC service.
 
-Imports neither torch nor redis.
+Needs only grpcio, protobuf and numpy: it imports neither torch nor redis.
 """
 
 from .client import AsyncEsm2Client, Esm2Client, tls_credentials
@@ -11,6 +11,7 @@ from .results import (
     PredictResult,
     ResultStreamError,
 )
+from .rich_errors import field_violations
 
 __all__ = [
     "AsyncEsm2Client",
@@ -20,5 +21,6 @@ __all__ = [
     "ModelInfo",
     "PredictResult",
     "ResultStreamError",
+    "field_violations",
     "tls_credentials",
 ]

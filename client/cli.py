@@ -16,9 +16,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from tqdm import tqdm
 
 from esm2_service import __version__
 from esm2_service.config import env_or
@@ -27,7 +24,9 @@ from .client import Esm2Client, tls_credentials
 from .fasta import read_fasta
 from .output import NPZ_LAYOUT, npz_arrays, predict_document, predict_json, string_array
 from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, include_value
+from .progress import Progress
 from .results import ResultStreamError
+from .rich_errors import field_violations
 
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENV = "ESM2_TARGET"
@@ -288,12 +287,7 @@ def _run_windows(
 ) -> Iterator[tuple[str, Result]]:
     """(id, result) per record, sending `batch_size * concurrency` sequences at a time."""
     window = args.batch_size * args.concurrency
-    progress = tqdm(
-        total=len(records),
-        unit="seq",
-        file=sys.stderr,
-        disable=True if args.no_progress else None,  # None: off when stderr is no TTY
-    )
+    progress = Progress(len(records), "seq", enabled=False if args.no_progress else None)
     with progress:
         for start in range(0, len(records), window):
             part = records[start : start + window]
@@ -386,22 +380,8 @@ def _warn_if_random(random_weights: bool) -> None:
 def print_rpc_error(error: grpc.RpcError) -> None:
     """`error: CODE: details` on stderr, then one line per BadRequest field violation."""
     print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-    for violation in _field_violations(error):
-        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-
-
-def _field_violations(error: grpc.RpcError) -> list[Any]:
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:  # the status details disagree with the call's code or message
-        return []
-    violations: list[Any] = []
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            violations.extend(bad_request.field_violations)
-    return violations
+    for field, description in field_violations(error):
+        print(f"  {field}: {description}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,15 @@ def test_undecodable_request_bytes_get_invalid_argument_and_the_service_keeps_se
             assert description.startswith("not a valid esm2.v1.EncodeRequest message")
     (result,) = client.encode(["MKV"])
     assert result.embeddings[6].shape == (32,)
+
+
+def test_the_client_decodes_field_violations_without_googleapis(client):
+    from esm2_service.client import field_violations
+
+    with pytest.raises(grpc.RpcError) as raised:
+        client.encode(["MKV", "MK<cls>"], repr_layers=[9])
+    assert field_violations(raised.value) == bad_request_fields(raised.value)
+    assert field_violations(raised.value)[-1] == (
+        "params.repr_layers[0]",
+        "layer 9 is outside -7..6",
+    )

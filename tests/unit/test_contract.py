@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,10 @@ def test_assembler_refuses_incomplete_or_foreign_chunks():
     [
         ("esm2_service.server.main", ("torch", "esm")),
         ("esm2_service.client", ("torch", "redis", "esm")),
+        (
+            "esm2_service.client.cli",
+            ("torch", "redis", "esm", "google.rpc", "grpc_status", "tqdm", "esm2_service.server"),
+        ),
         ("esm2_service.worker.queue_loop", ("torch",)),
     ],
 )
@@ -139,3 +144,11 @@ def _round_trip(array: np.ndarray, dtype: int) -> np.ndarray:
     for chunk in tensors.chunk_messages(pb.INCLUDE_MEAN, 6, array.shape, dtype, data):
         assembler.add(chunk)
     return assembler.array()
+
+
+def test_the_client_distribution_needs_only_grpcio_protobuf_and_numpy():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ \[]", requirement)[0] for requirement in project["dependencies"]}
+    assert names == {"grpcio", "protobuf", "numpy"}
