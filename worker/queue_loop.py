@@ -65,6 +65,7 @@ class QueueWorker:
         )
         self.in_flight: set[bytes] = set()
         self.held: list[Job] = []
+        self.progress_at = time.monotonic()  # the loop's last sign of life
         self._last_claim = 0.0
         self.stats = {"items": 0, "batches": 0}
 
@@ -92,6 +93,7 @@ class QueueWorker:
         and the entries taken now (up to `batch_size` in all). Jobs that do not fit the
         token budget are held for the next step, where newly queued short items can
         overtake them. Returns how many entries it took from Redis."""
+        self.progress_at = time.monotonic()
         room = self.settings.batch_size - len(self.held)
         entries = (self._claim_stale(room) or self._read_new(room)) if room > 0 else []
         admitted = (self._admit(entry_id, fields) for entry_id, fields in entries)
@@ -190,7 +192,7 @@ class QueueWorker:
         try:
             self.runner.run(
                 [job.work for job in jobs],
-                lambda output: self.replies.emit(jobs[output.item].item, output),
+                lambda output: self._emit(jobs[output.item].item, output),
             )
         except Exception:
             if len(jobs) > 1:
@@ -227,6 +229,10 @@ class QueueWorker:
         pipe.execute()
         self.in_flight.difference_update(entry_ids)
 
+    def _emit(self, item: qpb.QueueItem, output) -> None:
+        self.progress_at = time.monotonic()
+        self.replies.emit(item, output)
+
     def _hand_back(self, jobs: Sequence[Job]) -> None:
         """Returns held jobs to the queue at once (at its tail), so a worker that stops
         does not leave them waiting `claim_idle_s` for another to claim them."""
@@ -252,7 +258,14 @@ class QueueWorker:
             stop.wait(self.settings.heartbeat_s)
 
     def heartbeat(self) -> None:
-        """Announces this worker and keeps its in-flight entries from being claimed."""
+        """Announces this worker and keeps its in-flight entries from being claimed,
+        as long as its loop makes progress: a worker stuck in one batch for more than
+        `max_batch_s` falls silent, so its entries are claimed by others and probes
+        see it as dead."""
+        stalled_s = time.monotonic() - self.progress_at
+        if stalled_s > self.settings.max_batch_s:
+            log.error("no progress for %.0f s: heartbeats stopped so others take over", stalled_s)
+            return
         ttl_s = max(1, int(3 * self.settings.heartbeat_s))
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(queue.HEARTBEATS, {self.settings.worker_id: time.time()})

@@ -37,6 +37,7 @@ class WorkerSettings:
     heartbeat_s: float = 2.0
     result_ttl_s: int = 600
     max_reply_chunks: int = 64  # ~4 MiB each: a reply stream's bound before the worker waits
+    max_batch_s: float = 600.0  # a batch silent this long (no output) marks the worker stuck
     reader_stall_s: float = 60.0  # a reader silent this long has the rest of its item dropped
     worker_id: str = field(default_factory=_default_worker_id)
     log_level: str = "INFO"
@@ -69,6 +70,19 @@ class WorkerSettings:
 
     def describe(self) -> str:
         return f"{self!r} redis_url={redact_url(self.redis_url)}"
+
+
+# Flags whose name, environment variable and default follow the settings field.
+_TUNING_FLAGS = (
+    ("--result-ttl-s", int, "reply streams expire this long after their last write"),
+    (
+        "--max-reply-chunks",
+        int,
+        "chunks (~4 MiB each) a reply stream may hold before the worker waits",
+    ),
+    ("--reader-stall-s", float, "a client that reads nothing this long has its item dropped"),
+    ("--max-batch-s", float, "a batch without output this long stops the heartbeat (stuck worker)"),
+)
 
 
 def build_parser(prog: str = "esm2 worker") -> argparse.ArgumentParser:
@@ -125,6 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         default=int(env_or("ESM2_MAX_DELIVERIES", str(d.max_deliveries))),
         help="attempts per item before it is dead-lettered (ESM2_MAX_DELIVERIES)",
     )
+    for flag, kind, help_text in _TUNING_FLAGS:
+        name = flag.removeprefix("--").replace("-", "_")
+        env = f"ESM2_{name.upper()}"
+        default = kind(env_or(env, str(getattr(d, name))))
+        parser.add_argument(flag, type=kind, default=default, help=f"{help_text} ({env})")
     parser.add_argument("--worker-id", default=env_or("ESM2_WORKER_ID"), help="default: host-pid")
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
     add_observability_arguments(
@@ -144,6 +163,10 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         max_batch_tokens=args.max_batch_tokens,
         claim_idle_s=args.claim_idle_s,
         max_deliveries=args.max_deliveries,
+        result_ttl_s=args.result_ttl_s,
+        max_reply_chunks=args.max_reply_chunks,
+        reader_stall_s=args.reader_stall_s,
+        max_batch_s=args.max_batch_s,
         log_level=args.log_level,
         log_format=args.log_format,
         metrics_port=args.metrics_port,

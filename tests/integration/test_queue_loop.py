@@ -284,3 +284,15 @@ def test_a_reader_that_keeps_up_gets_everything_despite_the_bound(redis_client, 
     stop.set()
     thread.join()
     assert len(received) == 9 and received[-1].WhichOneof("payload") == "complete"
+
+
+def test_a_worker_stuck_in_a_batch_stops_heartbeating_so_others_take_over(redis_client, engine):
+    worker = make_worker(redis_client, engine, worker_id="stuck", max_batch_s=0.2)
+    worker.heartbeat()
+    first = redis_client.zscore(queue.HEARTBEATS, "stuck")
+    time.sleep(0.3)  # no step, no output: the loop is stuck
+    worker.heartbeat()
+    assert redis_client.zscore(queue.HEARTBEATS, "stuck") == first
+    worker.step()  # progress again
+    worker.heartbeat()
+    assert redis_client.zscore(queue.HEARTBEATS, "stuck") > first
