@@ -15,7 +15,14 @@ import time
 import numpy as np
 import torch
 
-from bench.corpus import CACHE_DIR, Corpus, ensure_checkpoint, load_corpora, random_sequence
+from bench.corpus import (
+    CACHE_DIR,
+    REPO_ROOT,
+    Corpus,
+    ensure_checkpoint,
+    load_corpora,
+    random_sequence,
+)
 from bench.report import machine_info, ratios, render_table, write_results
 
 STAGES = ("reference", "hf", "engine", "service")
@@ -74,11 +81,12 @@ def run_in_process(stages, corpus: Corpus, checkpoint, engine, repeats: int) -> 
     return measured
 
 
-def run_service(args, checkpoint_path, corpora, results, engine_latency) -> None:
+def run_service(args, checkpoint_path, corpora, results, engine) -> None:
     """Starts Redis, the frontend and one worker; runs the service throughput per
     corpus, the latency and the memory check; stops every process it started."""
+    from bench.baselines import engine_call
     from bench.memory import memory_check
-    from bench.service import ServiceProcesses, service_latency, service_throughput
+    from bench.service import ServiceProcesses, latency_pair, service_throughput
 
     progress("starting redis-server, the frontend and worker bench-0")
     with ServiceProcesses(checkpoint_path, args.threads, CACHE_DIR / "logs") as service:
@@ -89,13 +97,14 @@ def run_service(args, checkpoint_path, corpora, results, engine_latency) -> None
             throughput, busy = service_throughput(service, corpus, args.repeats, "bench-0")
             results["corpora"][corpus.name]["throughput"]["service"] = throughput.to_json()
             results["corpora"][corpus.name]["service_worker"] = busy
-        if engine_latency is not None:
-            progress(f"service latency, {args.latency_calls} calls")
+        if not args.skip_latency:
+            progress(f"latency: {args.latency_calls} in-process and service calls, alternated")
             sequence = latency_sequence()
-            served, breakdown = service_latency(
-                service, sequence, LATENCY_WARMUP, args.latency_calls, "bench-0"
+            calls = (LATENCY_WARMUP, args.latency_calls)
+            local, served, breakdown = latency_pair(
+                service, engine_call(engine, sequence), sequence, calls, "bench-0"
             )
-            results["latency"] = latency_result(engine_latency, served) | breakdown
+            results["latency"] = latency_result(local, served) | breakdown
         if not args.skip_memory:
             progress("memory check: fresh worker, 8 x 2048 residues, every output")
             results["memory"] = memory_check(service)
@@ -135,7 +144,8 @@ def run(args) -> dict:
     checkpoint = load_checkpoint(checkpoint_path)
     engine = baselines.build_engine(checkpoint)
     results = {"machine": machine_info(), "settings": vars(args) | {"batch_size": 8}}
-    results["checkpoint"] = {"path": str(checkpoint_path), "random_weights": True}
+    relative = checkpoint_path.relative_to(REPO_ROOT)
+    results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
     for corpus in corpora:
         for record_id, reason in corpus.skipped:
@@ -144,14 +154,8 @@ def run(args) -> dict:
         measured = run_in_process(stages, corpus, checkpoint, engine, args.repeats)
         throughput = {key: value.to_json() for key, value in measured.items()}
         results["corpora"][corpus.name] = {"corpus": corpus.summary(), "throughput": throughput}
-    engine_latency = None
-    if with_service and not args.skip_latency:
-        progress(f"in-process engine latency, {args.latency_calls} calls")
-        engine_latency = baselines.engine_latency(
-            engine, latency_sequence(), LATENCY_WARMUP, args.latency_calls
-        )
     if with_service:
-        run_service(args, checkpoint_path, corpora, results, engine_latency)
+        run_service(args, checkpoint_path, corpora, results, engine)
     for result in results["corpora"].values():
         result["ratios"] = ratios(result["throughput"])
     return results

@@ -6,12 +6,12 @@ the mean embedding of the last layer per sequence, the job the service is timed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from bench.corpus import Corpus
-from bench.timing import Latency, Throughput, time_calls, time_passes
+from bench.timing import Throughput, time_passes
 from esm2_service.alphabet import PAD_INDEX, encode_tokens, split_tokens
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import Checkpoint, build_fair_esm_model
@@ -147,12 +147,11 @@ def engine_throughput(engine, corpus: Corpus, repeats: int) -> Throughput:
     return Throughput(label, corpus.residues, *timed)
 
 
-def engine_latency(engine, sequence: str, warmup: int, repeats: int) -> Latency:
-    """ms of `engine.run` on one item (mean, last layer), called sequentially."""
+def engine_call(engine, sequence: str) -> Callable[[], None]:
+    """One `engine.run` of `sequence` alone (mean, last layer), for latency timings."""
     last = engine.model.num_layers
-    return time_calls(
-        lambda: engine.run([work_item(sequence, last)], _discard),
-        warmup,
-        repeats,
-        "engine.run in-process, 1 item",
-    )
+
+    def call() -> None:
+        engine.run([work_item(sequence, last)], _discard)
+
+    return call

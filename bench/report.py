@@ -94,7 +94,7 @@ def _corpus_lines(name: str, result: dict) -> list[str]:
         lines.append(
             f"{row['label']:52} {row['tokens_per_s']:>9,.0f} {row['best_seconds']:>7.2f} "
             f"{row['median_seconds']:>8.2f} {len(row['pass_seconds']):>6} "
-            f"{row['best_pass_foreign_cpu_s']:>11.1f}"
+            f"{row['best_pass_foreign_cpu_s']:>11.1f}{' noisy' if row['best_pass_noisy'] else ''}"
         )
     for row in result["ratios"]:
         target = f"target >= {row['target']:g}x" if row["target"] else ""
@@ -121,7 +121,7 @@ def _latency_lines(latency: dict) -> list[str]:
     engine, service = latency["engine"], latency["service"]
     return [
         f"== latency: one {latency['residues']}-residue Encode (mean, last layer), "
-        f"{service['calls']} sequential calls after warm-up ==",
+        f"{service['calls']} sequential calls each, in-process and service alternated ==",
         f"  in-process engine.run p50 {engine['p50_ms']:7.2f} ms p99 {engine['p99_ms']:7.2f} ms",
         f"  worker batch (log)    p50 {_ms(latency['worker_batch_p50_ms'])}  "
         "(engine + Redis writes)",
@@ -130,8 +130,7 @@ def _latency_lines(latency: dict) -> list[str]:
         f"  service end to end    p50 {service['p50_ms']:7.2f} ms p99 {service['p99_ms']:7.2f} ms",
         f"  service p50 - in-process p50 = {latency['p50_overhead_ms']:.2f} ms  "
         f"(target <= {latency['target_ms']:g} ms)  {_verdict(latency['pass'])}",
-        f"  other processes' CPU during the timed calls: engine {engine['foreign_cpu_s']:.1f} s, "
-        f"service {service['foreign_cpu_s']:.1f} s",
+        f"  other processes' CPU during the timed calls: {service['foreign_cpu_s']:.1f} s",
     ]
 
 
@@ -161,7 +160,8 @@ def render_table(results: dict) -> str:
         f"{machine['cores_available']} cores, torch {machine['torch']}, "
         f"{results['settings']['threads']} threads",
         "tokens/s: residues / wall s of the fastest pass (after warm-up); other CPU s: CPU "
-        "seconds processes outside the benchmark used during that pass (shared-machine noise)",
+        "seconds processes outside the benchmark used during that pass (shared-machine noise;",
+        "a noisy fastest pass, over 5% of a core, gets up to --repeats more passes)",
     ]
     for name, result in results["corpora"].items():
         lines += ["", *_corpus_lines(name, result)]
@@ -172,18 +172,19 @@ def render_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _markdown_cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    return f"{row['tokens_per_s']:,.0f}" + (" *" if row["best_pass_noisy"] else "")
+
+
 def _markdown_throughput(results: dict) -> list[str]:
     lines = [
         "| corpus | " + " | ".join(SHORT_NAMES.values()) + " | service / fair-esm | service / HF |",
         "|---|" + "---:|" * (len(SHORT_NAMES) + 2),
     ]
     for name, result in results["corpora"].items():
-        cells = [
-            f"{result['throughput'][key]['tokens_per_s']:,.0f}"
-            if key in result["throughput"]
-            else "-"
-            for key in SHORT_NAMES
-        ]
+        cells = [_markdown_cell(result["throughput"].get(key)) for key in SHORT_NAMES]
         by_name = {row["name"]: f"{row['value']:.2f}x" for row in result["ratios"]}
         cells += [by_name.get("service / reference", "-"), by_name.get("service / hf", "-")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -200,6 +201,12 @@ def render_markdown(results: dict) -> str:
         "",
         *_markdown_throughput(results),
     ]
+    if any(
+        row["best_pass_noisy"]
+        for result in results["corpora"].values()
+        for row in result["throughput"].values()
+    ):
+        lines += ["", "\\* other processes used over 5% of a core during that timing."]
     if "latency" in results:
         latency = results["latency"]
         lines += [

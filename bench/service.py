@@ -11,18 +11,21 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from bench.corpus import Corpus
 from bench.procfs import cpu_seconds
-from bench.timing import Latency, Throughput, time_calls, time_passes
+from bench.timing import Latency, Throughput, time_interleaved, time_passes
 from esm2_service.client import Esm2Client
 
 SERVICE_NAME = "esm2.v1.Esm2"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+# No metrics port to collide with other servers on the machine; text logs to parse.
+CHILD_ENV = {"ESM2_METRICS_PORT": "0", "ESM2_LOG_FORMAT": "text"}
 _BATCH_LOG = re.compile(r"batch of (\d+) \((\d+) tokens\) in ([\d.]+) ms")
 _REQUEST_LOG = re.compile(r"Encode request_id=\S+ items=\d+ done in ([\d.]+) ms")
 
@@ -89,7 +92,7 @@ class ServiceProcesses:
         with self.log_path(name).open("w") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                env={**os.environ, "REDIS_URL": self.redis.url},
+                env={**os.environ, "REDIS_URL": self.redis.url, **CHILD_ENV},
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
@@ -202,33 +205,46 @@ def service_throughput(
     return Throughput(label, corpus.residues, seconds, foreign), profile
 
 
-def service_latency(
-    service: ServiceProcesses, sequence: str, warmup: int, repeats: int, worker_id: str
-) -> tuple[Latency, dict]:
-    """ms of one-item Encode requests (mean, last layer), sent one after another; and
-    the p50 of what the worker (engine plus Redis writes) and the frontend (receipt to
-    last reply) logged for the same calls."""
+ENGINE_LABEL = "engine.run in-process, 1 item"
+SERVICE_LABEL = "service Encode end to end, 1 item"
+
+
+def latency_pair(
+    service: ServiceProcesses,
+    engine_call: Callable[[], object],
+    sequence: str,
+    calls: tuple[int, int],
+    worker_id: str,
+) -> tuple[Latency, Latency, dict]:
+    """ms of an in-process `engine_call` and of a one-item service Encode of `sequence`
+    (mean, last layer), alternated for `calls` = (warm-up, timed) rounds; and the p50 of
+    what the worker (engine plus Redis writes) and the frontend (receipt to last reply)
+    logged for the timed service calls."""
+    warmup, repeats = calls
     worker_log, frontend_log = service.log_path(worker_id), service.log_path("frontend")
     with Esm2Client(service.target, timeout_s=60) as client:
 
-        def call():
+        def service_call():
             client.encode([sequence], include=["mean"], repr_layers=[-1])
 
+        pair = {ENGINE_LABEL: engine_call, SERVICE_LABEL: service_call}
         for _ in range(warmup):
-            call()
+            engine_call()
+            service_call()
         time.sleep(0.2)
         marks = LogMarks(worker_log, frontend_log)
-        pids = service.pids().values()
-        latency = time_calls(call, 0, repeats, "service Encode end to end, 1 item", pids)
+        timed = time_interleaved(pair, repeats, service.pids().values())
     worker_ms = [float(match[3]) for match in marks.matches(worker_log, _BATCH_LOG)]
     frontend_ms = [float(match[1]) for match in marks.matches(frontend_log, _REQUEST_LOG)]
     breakdown = {
-        "worker_batch_p50_ms": round(statistics.median(worker_ms), 3) if worker_ms else None,
-        "frontend_request_p50_ms": round(statistics.median(frontend_ms), 3)
-        if frontend_ms
-        else None,
+        "worker_batch_p50_ms": _median(worker_ms),
+        "frontend_request_p50_ms": _median(frontend_ms),
     }
-    return latency, breakdown
+    return timed[ENGINE_LABEL], timed[SERVICE_LABEL], breakdown
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
 
 
 def worker_busy(batch_lines: list[re.Match]) -> dict:

@@ -16,6 +16,9 @@ import numpy as np
 
 from bench.procfs import ForeignCpu
 
+# Other processes using more than this share of one core make a timing noisy.
+NOISY_SHARE = 0.05
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -51,17 +54,26 @@ class Throughput:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "median_tokens_per_s": round(self.residues / statistics.median(self.seconds), 1),
             "best_pass_foreign_cpu_s": round(self.foreign_cpu_s[self.best], 2),
+            "best_pass_noisy": is_noisy(self.best_s, self.foreign_cpu_s[self.best]),
         }
+
+
+def is_noisy(seconds: float, foreign_cpu_s: float) -> bool:
+    """Whether other processes took more than NOISY_SHARE of a core during a timing."""
+    return foreign_cpu_s > NOISY_SHARE * seconds
 
 
 def time_passes(
     run_pass: Callable[[], object], repeats: int, pids: Iterable[int] | None = None
 ) -> tuple[list[float], list[float]]:
     """Wall seconds of `repeats` calls of `run_pass`, and the CPU seconds processes
-    other than `pids` (default: this one) used during each."""
+    other than `pids` (default: this one) used during each. While the fastest pass
+    so far was noisy (`is_noisy`), up to `repeats` more passes are run."""
     foreign = ForeignCpu(pids if pids is not None else [os.getpid()])
     seconds, foreign_cpu = [], []
-    for _ in range(repeats):
+    while len(seconds) < repeats or (
+        len(seconds) < 2 * repeats and is_noisy(*_fastest(seconds, foreign_cpu))
+    ):
         foreign.start()
         started = time.perf_counter()
         run_pass()
@@ -70,13 +82,17 @@ def time_passes(
     return seconds, foreign_cpu
 
 
+def _fastest(seconds: list[float], foreign_cpu: list[float]) -> tuple[float, float]:
+    return min(zip(seconds, foreign_cpu, strict=True))
+
+
 @dataclass(frozen=True)
 class Latency:
     """Per-call wall times of one small request, in milliseconds."""
 
     label: str
     milliseconds: list[float]
-    foreign_cpu_s: float  # CPU seconds other processes used during all the calls
+    foreign_cpu_s: float  # CPU seconds other processes used during all the timed calls
 
     def percentile(self, q: float) -> float:
         """The q-th percentile (0..100) in ms, linearly interpolated."""
@@ -103,21 +119,19 @@ class Latency:
         }
 
 
-def time_calls(
-    call: Callable[[], object],
-    warmup: int,
-    repeats: int,
-    label: str,
-    pids: Iterable[int] | None = None,
-) -> Latency:
-    """`warmup` untimed calls, then the ms of each of `repeats` sequential calls."""
-    for _ in range(warmup):
-        call()
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, pids: Iterable[int] | None = None
+) -> dict[str, Latency]:
+    """ms of `repeats` rounds of sequential calls, each round calling every one of
+    `calls` once in turn, so that a shared machine's noise hits them all alike.
+    Returns a Latency per label of `calls`; no warm-up here."""
     foreign = ForeignCpu(pids if pids is not None else [os.getpid()])
     foreign.start()
-    milliseconds = []
+    milliseconds: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        milliseconds.append(1000 * (time.perf_counter() - started))
-    return Latency(label, milliseconds, foreign.stop())
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            milliseconds[label].append(1000 * (time.perf_counter() - started))
+    foreign_s = foreign.stop()
+    return {label: Latency(label, ms, foreign_s) for label, ms in milliseconds.items()}
