@@ -27,6 +27,18 @@ from esm2_service.server.validation import ValidRequest
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+# Checks the bound and queues a request's items atomically, in one round trip.
+# KEYS: queue stream, request marker. ARGV: max items, marker TTL (s), then items.
+# Returns -1 when queued, else the queue depth that refused it.
+_ENQUEUE_SCRIPT = f"""
+local depth = redis.call('XLEN', KEYS[1])
+if depth + #ARGV - 2 > tonumber(ARGV[1]) then return depth end
+redis.call('SET', KEYS[2], #ARGV - 2, 'EX', ARGV[2])
+for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', '{queue.ITEM_FIELD.decode()}', ARGV[i]) end
+return -1
+"""
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     max_queue_items: int = 1024  # items waiting or in progress before RESOURCE_EXHAUSTED
@@ -46,6 +58,7 @@ class Broker:
         self.redis = redis
         self.settings = settings
         self.on_item_complete = on_item_complete  # called with each item's s since enqueue
+        self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
 
     async def submit(self, request: ValidRequest, timeout_s: float | None) -> tuple[str, float]:
         """Queues every item of `request`; returns its id and absolute deadline (unix s)."""
@@ -54,23 +67,24 @@ class Broker:
         deadline = now + min(
             timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
         )
+        items = [
+            _queue_item(request, request_id, index, sequence, deadline, now).SerializeToString()
+            for index, sequence in enumerate(request.sequences)
+        ]
+        marker_ttl_s = int(deadline - now) + self.settings.result_ttl_s
         try:
-            depth = await self.redis.xlen(queue.QUEUE_STREAM)
-            if depth + len(request.sequences) > self.settings.max_queue_items:
-                raise QueueFull(
-                    f"the queue holds {depth} of at most {self.settings.max_queue_items} items; "
-                    f"retry in {self.settings.retry_after_s:g} s",
-                    self.settings.retry_after_s,
-                )
-            async with self.redis.pipeline(transaction=False) as pipe:
-                marker_ttl_s = int(deadline - now) + self.settings.result_ttl_s
-                pipe.set(queue.request_key(request_id), len(request.sequences), ex=marker_ttl_s)
-                for index, sequence in enumerate(request.sequences):
-                    item = _queue_item(request, request_id, index, sequence, deadline, now)
-                    pipe.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: item.SerializeToString()})
-                await pipe.execute()
+            depth = await self._enqueue(
+                keys=[queue.QUEUE_STREAM, queue.request_key(request_id)],
+                args=[self.settings.max_queue_items, marker_ttl_s, *items],
+            )
         except REDIS_ERRORS as error:
             raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
+        if depth >= 0:
+            raise QueueFull(
+                f"the queue holds {depth} of at most {self.settings.max_queue_items} items; "
+                f"retry in {self.settings.retry_after_s:g} s",
+                self.settings.retry_after_s,
+            )
         return request_id, deadline
 
     async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[bytes]:
@@ -101,7 +115,7 @@ class Broker:
                     if self.on_item_complete is not None:
                         self.on_item_complete(time.monotonic() - enqueued)
                 yield fields[queue.CHUNK_FIELD]
-            if entries:
+            if entries and remaining:  # when done, finish() drops the whole stream
                 await self._forget(stream, [entry_id for entry_id, _ in entries])
 
     async def _read(self, stream: str, last_id, deadline: float):

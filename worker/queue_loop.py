@@ -195,6 +195,7 @@ class QueueWorker:
                 lambda output: self._emit(jobs[output.item].item, output),
             )
         except Exception:
+            self.replies.discard()
             if len(jobs) > 1:
                 log.exception("a batch of %d failed; running its items one by one", len(jobs))
                 for job in jobs:
@@ -223,10 +224,8 @@ class QueueWorker:
         log.info("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
     def _ack(self, entry_ids: list[bytes]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *entry_ids)
-        pipe.xdel(queue.QUEUE_STREAM, *entry_ids)  # the stream's length is the backlog
-        pipe.execute()
+        """Writes the replies buffered so far, then acknowledges the entries."""
+        self.replies.flush(ack_ids=entry_ids)
         self.in_flight.difference_update(entry_ids)
 
     def _emit(self, item: qpb.QueueItem, output) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -25,6 +26,10 @@ from esm2_service.worker.work import TensorOutput
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.005
+# Outputs this large are written as soon as they exist; smaller ones go out with
+# the batch's completions and acknowledgements in one round trip.
+WRITE_AT_ONCE_BYTES = 1 << 20
+MAX_BUFFERED_BYTES = 16 << 20
 
 
 def item_key(item: qpb.QueueItem) -> tuple[str, int]:
@@ -48,23 +53,60 @@ class ReplyWriter:
         self.reader_stall_s = reader_stall_s
         # Items whose reader went away: (request_id, index) -> (code, message).
         self.abandoned: dict[tuple[str, int], tuple[str, str]] = {}
+        self._buffer: list[tuple[str, dict]] = []  # (reply stream, entry fields)
+        self._buffered_bytes = 0
 
     def emit(self, item: qpb.QueueItem, output: TensorOutput) -> None:
-        """Writes one output tensor of `item`, chunked, then waits while its reader lags."""
+        """Writes one output tensor of `item`, chunked. Small outputs wait in a buffer
+        for the batch's single final write (`flush`); large ones are written at once,
+        then the writer waits while the item's reader lags."""
         if item_key(item) in self.abandoned:
             return
         stream = queue.reply_stream(item.request_id)
+        entries = [
+            (stream, {queue.CHUNK_FIELD: message.SerializeToString()})
+            for message in (
+                pb.ResultChunk(sequence_index=item.sequence_index, chunk=chunk)
+                for chunk in chunk_messages(
+                    output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
+                )
+            )
+        ]
+        if len(output.data) < WRITE_AT_ONCE_BYTES:
+            self._buffer += entries
+            self._buffered_bytes += len(output.data)
+            if self._buffered_bytes > MAX_BUFFERED_BYTES:
+                self.flush()
+            return
+        self.flush()
         pipe = self.redis.pipeline(transaction=False)
-        for chunk in chunk_messages(
-            output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
-        ):
-            message = pb.ResultChunk(sequence_index=item.sequence_index, chunk=chunk)
-            pipe.xadd(stream, {queue.CHUNK_FIELD: message.SerializeToString()})
+        for _, fields in entries:
+            pipe.xadd(stream, fields)
         pipe.expire(stream, self.result_ttl_s)
         pipe.xlen(stream)
-        backlog = pipe.execute()[-1]
-        if backlog > self.max_reply_chunks:
+        if pipe.execute()[-1] > self.max_reply_chunks:
             self._wait_for_reader(item, stream)
+
+    def flush(self, ack_ids: Sequence[bytes] = ()) -> None:
+        """Writes everything buffered, then acknowledges (and deletes) `ack_ids`, in
+        one transaction: an entry is never acknowledged without its results."""
+        if not self._buffer and not ack_ids:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for stream, fields in self._buffer:
+            pipe.xadd(stream, fields)
+        for stream in {stream for stream, _ in self._buffer}:
+            pipe.expire(stream, self.result_ttl_s)
+        if ack_ids:
+            pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *ack_ids)
+            pipe.xdel(queue.QUEUE_STREAM, *ack_ids)  # the stream's length is the backlog
+        pipe.execute()
+        self.discard()
+
+    def discard(self) -> None:
+        """Drops buffered writes (their batch failed and will run again)."""
+        self._buffer = []
+        self._buffered_bytes = 0
 
     def _wait_for_reader(self, item: qpb.QueueItem, stream: str) -> None:
         give_up = time.time() + self.reader_stall_s
@@ -82,7 +124,7 @@ class ReplyWriter:
             time.sleep(_POLL_S)
 
     def complete(self, item: qpb.QueueItem, predict: bool) -> None:
-        """Marks the item done, or reports why it was abandoned."""
+        """Buffers the item's completion, or the reason it was abandoned."""
         abandoned = self.abandoned.pop(item_key(item), None)
         if abandoned:
             self.error(item, *abandoned)
@@ -91,15 +133,13 @@ class ReplyWriter:
         if predict:
             done.sequence_tokens.extend(split_tokens(item.sequence))
         message = pb.ResultChunk(sequence_index=item.sequence_index, complete=done)
-        self._write(item.request_id, {queue.CHUNK_FIELD: message.SerializeToString()})
+        self._buffer.append(
+            (queue.reply_stream(item.request_id), {queue.CHUNK_FIELD: message.SerializeToString()})
+        )
 
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:
+        """Buffers an error for the item, in place of its results."""
         error = qpb.ItemError(sequence_index=item.sequence_index, code=code, message=message)
-        self._write(item.request_id, {queue.ERROR_FIELD: error.SerializeToString()})
-
-    def _write(self, request_id: str, fields) -> None:
-        stream = queue.reply_stream(request_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(stream, fields)
-        pipe.expire(stream, self.result_ttl_s)
-        pipe.execute()
+        self._buffer.append(
+            (queue.reply_stream(item.request_id), {queue.ERROR_FIELD: error.SerializeToString()})
+        )

@@ -233,24 +233,19 @@ def test_a_stopping_worker_hands_held_items_back_at_once(redis_client, engine):
 
 
 def test_a_reader_that_stops_reading_bounds_the_reply_stream(redis_client, engine):
-    worker = make_worker(redis_client, engine, max_reply_chunks=2, reader_stall_s=0.5)
+    worker = make_worker(redis_client, engine, max_reply_chunks=1, reader_stall_s=0.5)
+    # Attention maps of 600 residues are 5.8 MB: written at once, in two chunks.
     enqueue(
-        redis_client,
-        "slow",
-        0,
-        "MKTAYIAK",
-        include=(pb.INCLUDE_MEAN, pb.INCLUDE_BOS),
-        layers=(0, 1, 2, 3),
+        redis_client, "slow", 0, "MKTAYIAKQR" * 60, include=(pb.INCLUDE_ATTENTIONS, pb.INCLUDE_MEAN)
     )
     started = time.monotonic()
     worker.step()
     assert time.monotonic() - started >= 0.5
     messages = replies(redis_client, "slow")
-    assert len([m for m in messages if isinstance(m, pb.ResultChunk)]) == 3  # then it gave up
-    assert (
-        messages[-1].code == "RESOURCE_EXHAUSTED"
-        and "read no results for 0.5 s" in messages[-1].message
-    )
+    chunks = [m for m in messages if isinstance(m, pb.ResultChunk)]
+    assert [c.chunk.kind for c in chunks] == [pb.INCLUDE_ATTENTIONS] * 2  # then it gave up
+    assert messages[-1].code == "RESOURCE_EXHAUSTED"
+    assert "read no results for 0.5 s" in messages[-1].message
     assert redis_client.xlen(queue.QUEUE_STREAM) == 0
 
 
