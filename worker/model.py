@@ -110,6 +110,42 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def attention_inputs(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, heads: int):
+    """Layer norm, the fused q/k/v projection and rotary embeddings:
+    (N, E) => q, k, v each (N, H, D), v with unit stride per token for fused attention."""
+    n, e = x.shape
+    h = F.layer_norm(x, (e,), norm_w, norm_b, _LAYER_NORM_EPS)
+    qkv = F.linear(h, qkv_w, qkv_b).view(n, 3, heads, e // heads)
+    q = qkv[:, 0] * cos + _rotate_half(qkv[:, 0]) * sin
+    k = qkv[:, 1] * cos + _rotate_half(qkv[:, 1]) * sin
+    return q, k, qkv[:, 2].contiguous()
+
+
+def feed_forward(x, context, out_w, out_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b):
+    """Attention output projection and residual, then the pre-norm GELU MLP and residual."""
+    x = x + F.linear(context, out_w, out_b)
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, _LAYER_NORM_EPS)
+    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The element-wise-heavy parts of a layer, eager or compiled. They take weights
+    as arguments, so one compiled graph serves every layer."""
+
+    attention_inputs: Callable = attention_inputs
+    feed_forward: Callable = feed_forward
+
+    @classmethod
+    def compiled(cls) -> Kernels:
+        """Inductor-fused versions (layer norms, rotary, GELU fused around the matrix
+        products); dynamic shapes, so any batch size compiles once."""
+        return cls(
+            torch.compile(attention_inputs, dynamic=True),
+            torch.compile(feed_forward, dynamic=True),
+        )
+
+
 class EncoderLayer(nn.Module):
     """One pre-norm transformer layer; q, k and v projections fused in one matrix."""
 
@@ -125,13 +161,12 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
 
-    def forward(self, x, batch, rotary, map_sequences, on_maps):
+    def forward(self, x, batch, rotary, map_sequences, on_maps, kernels):
         n, e = x.shape
-        qkv = self.qkv(self.attention_norm(x)).view(n, 3, self.heads, self.head_dim)
-        cos, sin = rotary
-        q = qkv[:, 0] * cos + _rotate_half(qkv[:, 0]) * sin  # (N, H, D)
-        k = qkv[:, 1] * cos + _rotate_half(qkv[:, 1]) * sin
-        v = qkv[:, 2].contiguous()  # fused attention kernels want unit stride per token
+        norm, qkv = self.attention_norm, self.qkv
+        q, k, v = kernels.attention_inputs(
+            x, norm.weight, norm.bias, qkv.weight, qkv.bias, *rotary, self.heads
+        )
         context = torch.empty((n, self.heads, self.head_dim), dtype=x.dtype, device=x.device)
         for sequence in range(len(batch.lengths)):
             rows = batch.rows(sequence)
@@ -144,8 +179,19 @@ class EncoderLayer(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)[0]
             context[rows] = out.transpose(0, 1)
-        x = x + self.out_proj(context.view(n, e))
-        return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
+        out, norm, fc1, fc2 = self.out_proj, self.ffn_norm, self.fc1, self.fc2
+        return kernels.feed_forward(
+            x,
+            context.view(n, e),
+            out.weight,
+            out.bias,
+            norm.weight,
+            norm.bias,
+            fc1.weight,
+            fc1.bias,
+            fc2.weight,
+            fc2.bias,
+        )
 
     def _attention_with_maps(self, q, k, v, on_maps):
         """Explicit softmax attention, a block of heads at a time; each block's
@@ -193,8 +239,15 @@ class Esm2(nn.Module):
         self.final_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
         self.lm_head = LanguageModelHead(embed_dim, len(VOCAB_TOKENS))
         self.rotary = RotaryTable(embed_dim // attention_heads)
+        self.kernels = Kernels()
         self.register_buffer("contact_weight", torch.zeros(num_layers, attention_heads))
         self.register_buffer("contact_bias", torch.zeros(()))
+
+    def use_compiled_kernels(self) -> Esm2:
+        """Uses torch.compile'd layer kernels (about 10% faster on CPU; the first
+        batches of new size ranges compile, so warm up before serving)."""
+        self.kernels = Kernels.compiled()
+        return self
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint) -> Esm2:
@@ -221,7 +274,7 @@ class Esm2(nn.Module):
             def on_maps(sequence, first_head, probs, layer_index=index):
                 plan.attention_observer(layer_index, sequence, first_head, probs)
 
-            x = layer(x, batch, rotary, map_sequences, on_maps)
+            x = layer(x, batch, rotary, map_sequences, on_maps, self.kernels)
             if index in plan.repr_layers and index < self.num_layers:
                 hidden[index] = x
         x = self.final_norm(x)
