@@ -8,12 +8,18 @@ workers) are stopped on exit, error, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 
-import numpy as np
-import torch
+# The same OpenMP policy as the worker (esm2 worker sets it), before torch loads: the
+# in-process timings are then comparable, and this process's idle threads do not
+# spin on the cores the worker needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bench.corpus import (
     CACHE_DIR,

@@ -27,6 +27,7 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
     def __init__(self, broker: Broker, worker_timeout_s: float):
         self.broker = broker
         self.worker_timeout_s = worker_timeout_s
+        self._cleanups: set[asyncio.Task] = set()  # referenced until done
 
     # Streams yield ResultChunks already serialized by the workers.
     async def Encode(self, request, context) -> AsyncIterator[bytes]:
@@ -83,9 +84,11 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
             await _abort(context, error)
         finally:
             if request_id is not None:
-                await (
-                    self.broker.finish(request_id) if finished else self.broker.cancel(request_id)
-                )
+                # Off the response's path: the client's stream ends without waiting for it.
+                cleanup = self.broker.finish if finished else self.broker.cancel
+                task = asyncio.get_running_loop().create_task(cleanup(request_id))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
 
 
 async def _abort(context, error: Exception) -> None:

@@ -120,6 +120,9 @@ def _wait_for_redis(client, settings: WorkerSettings, stop: threading.Event) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: idle worker threads sleep instead of spinning, so
+    # the frontend and Redis sharing these cores answer without waiting for a core.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
