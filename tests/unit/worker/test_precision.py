@@ -45,9 +45,16 @@ def test_half_precision_compute_is_close_to_fp32(full_checkpoint, dtype, relativ
         assert error < relative, (key, error)
 
 
-def test_half_precision_is_refused_on_cpu():
+def test_half_precision_on_cpu_only_where_it_helps(monkeypatch):
+    from esm2_service.worker import settings
+
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         WorkerSettings(precision="fp16")
+    monkeypatch.setattr(settings, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="bf16 on CPU needs AVX512-BF16 or AMX"):
+        WorkerSettings(precision="bf16")
+    monkeypatch.setattr(settings, "cpu_has_bf16", lambda: True)
+    assert WorkerSettings(precision="bf16").precision == "bf16"
     with pytest.raises(ValueError, match="precision 'fp8'"):
         WorkerSettings(precision="fp8", device="cuda")
     assert WorkerSettings(precision="bf16", device="cuda:1").precision == "bf16"
