@@ -64,15 +64,10 @@ def load_engine(settings: WorkerSettings):
             "this checkpoint has RANDOM weights: outputs are meaningless (tests/benchmarks only)"
         )
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    model = Esm2.from_checkpoint(checkpoint)
-    if settings.compile:
-        model.use_compiled_kernels()
-    engine = Engine(model, settings.device, dtype[settings.precision])
+    engine = Engine(Esm2.from_checkpoint(checkpoint), settings.device, dtype[settings.precision])
     started = time.perf_counter()
     engine.warm_up()
-    log.info(
-        "warmed up in %.1f s%s", time.perf_counter() - started, " (compiled)" * settings.compile
-    )
+    log.info("warmed up in %.1f s", time.perf_counter() - started)
     return engine, info
 
 

@@ -128,24 +128,6 @@ def feed_forward(x, context, out_w, out_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, 
     return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """The element-wise-heavy parts of a layer, eager or compiled. They take weights
-    as arguments, so one compiled graph serves every layer."""
-
-    attention_inputs: Callable = attention_inputs
-    feed_forward: Callable = feed_forward
-
-    @classmethod
-    def compiled(cls) -> Kernels:
-        """Inductor-fused versions (layer norms, rotary, GELU fused around the matrix
-        products); dynamic shapes, so any batch size compiles once."""
-        return cls(
-            torch.compile(attention_inputs, dynamic=True),
-            torch.compile(feed_forward, dynamic=True),
-        )
-
-
 class EncoderLayer(nn.Module):
     """One pre-norm transformer layer; q, k and v projections fused in one matrix."""
 
@@ -161,10 +143,10 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
 
-    def forward(self, x, batch, rotary, map_sequences, on_maps, kernels):
+    def forward(self, x, batch, rotary, map_sequences, on_maps):
         n, e = x.shape
         norm, qkv = self.attention_norm, self.qkv
-        q, k, v = kernels.attention_inputs(
+        q, k, v = attention_inputs(
             x, norm.weight, norm.bias, qkv.weight, qkv.bias, *rotary, self.heads
         )
         context = torch.empty((n, self.heads, self.head_dim), dtype=x.dtype, device=x.device)
@@ -180,7 +162,7 @@ class EncoderLayer(nn.Module):
                 out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)[0]
             context[rows] = out.transpose(0, 1)
         out, norm, fc1, fc2 = self.out_proj, self.ffn_norm, self.fc1, self.fc2
-        return kernels.feed_forward(
+        return feed_forward(
             x,
             context.view(n, e),
             out.weight,
@@ -239,15 +221,8 @@ class Esm2(nn.Module):
         self.final_norm = nn.LayerNorm(embed_dim, eps=_LAYER_NORM_EPS)
         self.lm_head = LanguageModelHead(embed_dim, len(VOCAB_TOKENS))
         self.rotary = RotaryTable(embed_dim // attention_heads)
-        self.kernels = Kernels()
         self.register_buffer("contact_weight", torch.zeros(num_layers, attention_heads))
         self.register_buffer("contact_bias", torch.zeros(()))
-
-    def use_compiled_kernels(self) -> Esm2:
-        """Uses torch.compile'd layer kernels (about 10% faster on CPU; the first
-        batches of new size ranges compile, so warm up before serving)."""
-        self.kernels = Kernels.compiled()
-        return self
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint) -> Esm2:
@@ -274,7 +249,7 @@ class Esm2(nn.Module):
             def on_maps(sequence, first_head, probs, layer_index=index):
                 plan.attention_observer(layer_index, sequence, first_head, probs)
 
-            x = layer(x, batch, rotary, map_sequences, on_maps, self.kernels)
+            x = layer(x, batch, rotary, map_sequences, on_maps)
             if index in plan.repr_layers and index < self.num_layers:
                 hidden[index] = x
         x = self.final_norm(x)

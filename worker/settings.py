@@ -47,7 +47,6 @@ class WorkerSettings:
     weights: str | None = None  # a fair-esm .pt; None: fair-esm's download and cache
     device: str = "cpu"
     precision: str = "fp32"  # fp16: CUDA only; bf16: CUDA, or CPUs with bf16 instructions
-    compile: bool = False  # torch.compile the layer kernels (slower start, faster batches)
     threads: int = 0  # intra-op threads; 0: the cores this process may use
     batch_size: int = 8  # queue entries taken per read
     max_batch_tokens: int = 8192  # tokens in one packed forward pass
@@ -134,13 +133,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         "relative, ~1.3x faster on such CPUs",
     )
     parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=env_or("ESM2_COMPILE", "0") in ("1", "true", "yes"),
-        help="torch.compile the layer kernels before reporting ready: about 10%% more "
-        "throughput on CPU for ~20 s more start-up (ESM2_COMPILE=1)",
-    )
-    parser.add_argument(
         "--threads",
         type=int,
         default=int(env_or("ESM2_THREADS", "0")),
@@ -185,7 +177,6 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         weights=args.weights,
         device=args.device,
         precision=args.precision,
-        compile=args.compile,
         threads=args.threads,
         max_batch_tokens=args.max_batch_tokens,
         claim_idle_s=args.claim_idle_s,
