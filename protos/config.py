@@ -35,6 +35,19 @@ def env_or(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
+def add_setting(parser, flag: str, default, help: str, kind=str) -> None:
+    """A flag whose default comes from its environment variable, ESM2_<FLAG> (e.g.
+    --max-queue-items: ESM2_MAX_QUEUE_ITEMS), then from `default`."""
+    env = "ESM2_" + flag.removeprefix("--").replace("-", "_").upper()
+    value = env_or(env)
+    parser.add_argument(
+        flag,
+        type=kind,
+        default=default if value is None else kind(value),
+        help=f"{help} ({env}, default {default})",
+    )
+
+
 def add_observability_arguments(parser, *, metrics_port: int, metrics_help: str) -> None:
     """--metrics-port, --metrics-host and --log-format, which the frontend and workers share."""
     parser.add_argument(

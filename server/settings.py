@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from esm2_service.config import (
     DEFAULT_REDIS_URL,
     add_observability_arguments,
+    add_setting,
     check_observability,
     env_or,
     redact_url,
@@ -72,41 +73,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default=env_or("ESM2_HOST", d.host), help="address to bind (ESM2_HOST)"
     )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(env_or("ESM2_PORT", str(d.port))),
-        help="gRPC port; 0 picks a free one (ESM2_PORT, default 50051)",
-    )
+    add_setting(parser, "--port", d.port, "gRPC port; 0 picks a free one", kind=int)
     parser.add_argument(
         "--redis-url",
         default=env_or("REDIS_URL", d.redis_url),
         help="Redis URL, e.g. redis://:password@host:6379/0 or rediss:// for TLS (REDIS_URL)",
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--max-queue-items",
-        type=int,
-        default=int(env_or("ESM2_MAX_QUEUE_ITEMS", str(d.max_queue_items))),
-        help="queued + in-progress items before new requests get RESOURCE_EXHAUSTED "
-        "(ESM2_MAX_QUEUE_ITEMS); raise it with more workers",
+        d.max_queue_items,
+        "queued + in-progress items before new requests get RESOURCE_EXHAUSTED; "
+        "raise it with more workers",
+        kind=int,
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--request-timeout-s",
-        type=float,
-        default=float(env_or("ESM2_REQUEST_TIMEOUT_S", str(d.request_timeout_s))),
-        help="deadline for requests that set none (ESM2_REQUEST_TIMEOUT_S)",
+        d.request_timeout_s,
+        "deadline for requests that set none",
+        kind=float,
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--result-ttl-s",
-        type=int,
-        default=int(env_or("ESM2_RESULT_TTL_S", str(d.result_ttl_s))),
-        help="reply streams expire this long after their last write (ESM2_RESULT_TTL_S)",
+        d.result_ttl_s,
+        "reply streams expire this long after their last write",
+        kind=int,
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--worker-timeout-s",
-        type=float,
-        default=float(env_or("ESM2_WORKER_TIMEOUT_S", str(d.worker_timeout_s))),
-        help="a worker is alive if it sent a heartbeat this recently (ESM2_WORKER_TIMEOUT_S)",
+        d.worker_timeout_s,
+        "a worker is alive if it sent a heartbeat this recently",
+        kind=float,
     )
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
     add_observability_arguments(

@@ -11,6 +11,7 @@ from pathlib import Path
 from esm2_service.config import (
     DEFAULT_REDIS_URL,
     add_observability_arguments,
+    add_setting,
     check_observability,
     env_or,
     redact_url,
@@ -139,29 +140,26 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         help="torch intra-op threads; 0: every core this process may use (ESM2_THREADS). "
         "esm2 serve divides the cores among its workers",
     )
-    parser.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=int(env_or("ESM2_MAX_BATCH_TOKENS", str(d.max_batch_tokens))),
-        help="tokens per packed forward pass (ESM2_MAX_BATCH_TOKENS)",
+    add_setting(
+        parser, "--max-batch-tokens", d.max_batch_tokens, "tokens per packed forward pass", kind=int
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--claim-idle-s",
-        type=float,
-        default=float(env_or("ESM2_CLAIM_IDLE_S", str(d.claim_idle_s))),
-        help="claim entries of a worker silent this long (ESM2_CLAIM_IDLE_S)",
+        d.claim_idle_s,
+        "claim entries of a worker silent this long",
+        kind=float,
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--max-deliveries",
-        type=int,
-        default=int(env_or("ESM2_MAX_DELIVERIES", str(d.max_deliveries))),
-        help="attempts per item before it is dead-lettered (ESM2_MAX_DELIVERIES)",
+        d.max_deliveries,
+        "attempts per item before it is dead-lettered",
+        kind=int,
     )
     for flag, kind, help_text in _TUNING_FLAGS:
-        name = flag.removeprefix("--").replace("-", "_")
-        env = f"ESM2_{name.upper()}"
-        default = kind(env_or(env, str(getattr(d, name))))
-        parser.add_argument(flag, type=kind, default=default, help=f"{help_text} ({env})")
+        default = getattr(d, flag.removeprefix("--").replace("-", "_"))
+        add_setting(parser, flag, default, help_text, kind=kind)
     parser.add_argument("--worker-id", default=env_or("ESM2_WORKER_ID"), help="default: host-pid")
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
     add_observability_arguments(

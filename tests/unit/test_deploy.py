@@ -467,7 +467,11 @@ def test_every_setting_the_manifests_set_is_one_the_code_reads():
     sources = "".join(
         Path(module.__file__).read_text() for module in (config, server_settings, worker_settings)
     )
+    helps = (
+        server_settings.build_parser().format_help() + worker_settings.build_parser().format_help()
+    )
     known = set(re.findall(r'"(ESM2_[A-Z0-9_]+|REDIS_URL)"', sources)) | UPCOMING_SETTINGS
+    known |= set(re.findall(r"\b(ESM2_[A-Z0-9_]+)\b", helps))  # flags derive their variable
     # Read by others: KEDA (REDIS_ADDRESS), torch (TORCH_HOME).
     known |= {"REDIS_ADDRESS", "TORCH_HOME"}
     unknown = manifest_env_names() - known
