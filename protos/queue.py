@@ -9,8 +9,14 @@ from __future__ import annotations
 
 PREFIX = "esm2:v1"
 
-# The stream of QueueItems (one entry per item) and the group all workers share.
-QUEUE_STREAM = f"{PREFIX}:queue"
+# QueueItems (one entry per item) wait in lanes, one stream per length class, so a
+# short item never queues behind a backlog of long ones: workers take from the
+# shortest lane first (see worker/queue_loop.py for the starvation guard).
+# A lane holds sequences of at most LANE_MAX_TOKENS[i] tokens (residues and masks;
+# BOS and EOS not counted); the last lane takes the rest. All workers share one group on every lane.
+LANE_NAMES = ("short", "medium", "long")
+LANE_MAX_TOKENS = (256, 1024)
+QUEUE_LANES = tuple(f"{PREFIX}:queue:{name}" for name in LANE_NAMES)
 WORKER_GROUP = "workers"
 # Entries that failed `max_deliveries` times, kept for inspection.
 DEAD_LETTER_STREAM = f"{PREFIX}:dead"
@@ -18,7 +24,7 @@ DEAD_LETTER_STREAM = f"{PREFIX}:dead"
 HEARTBEATS = f"{PREFIX}:heartbeats"
 
 # Field names of entries.
-ITEM_FIELD = b"item"  # QUEUE_STREAM: QueueItem bytes
+ITEM_FIELD = b"item"  # queue lanes: QueueItem bytes
 CHUNK_FIELD = b"chunk"  # reply stream: ResultChunk bytes
 ERROR_FIELD = b"error"  # reply stream: ItemError bytes
 
@@ -42,3 +48,9 @@ def cancel_key(request_id: str) -> str:
 def worker_info_key(worker_id: str) -> str:
     """A worker's ModelInfo bytes, refreshed with its heartbeat."""
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def lane_index(tokens: int) -> int:
+    """The lane (index into QUEUE_LANES) of a sequence of `tokens` tokens."""
+    fits = (i for i, limit in enumerate(LANE_MAX_TOKENS) if tokens <= limit)
+    return next(fits, len(LANE_MAX_TOKENS))

@@ -1,6 +1,6 @@
 """The frontend's side of the Redis queue: enqueue items, relay their results.
 
-A request becomes one QueueItem entry per item on the shared queue stream. Workers
+A request becomes one QueueItem entry per item, each on the queue lane of its length. Workers
 write the results to the request's own reply stream; `results` reads that stream
 with blocking reads and yields each ResultChunk as soon as it arrives, deleting
 what it has relayed so Redis holds only what the client has not taken yet.
@@ -28,15 +28,27 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 # Checks the bound and queues a request's items atomically, in one round trip.
-# KEYS: queue stream, request marker. ARGV: max items, marker TTL (s), then items.
-# Returns -1 when queued, else the queue depth that refused it.
+# KEYS: the request marker, then the queue lanes. ARGV: max items, marker TTL (s), then
+# (lane number from 0, item) pairs. Returns -1 when queued, else the queue depth that refused it.
 _ENQUEUE_SCRIPT = f"""
-local depth = redis.call('XLEN', KEYS[1])
-if depth + #ARGV - 2 > tonumber(ARGV[1]) then return depth end
-redis.call('SET', KEYS[2], #ARGV - 2, 'EX', ARGV[2])
-for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', '{queue.ITEM_FIELD.decode()}', ARGV[i]) end
+local depth = 0
+for i = 2, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
+local items = (#ARGV - 2) / 2
+if depth + items > tonumber(ARGV[1]) then return depth end
+redis.call('SET', KEYS[1], items, 'EX', ARGV[2])
+for i = 3, #ARGV, 2 do
+  redis.call('XADD', KEYS[2 + tonumber(ARGV[i])], '*', '{queue.ITEM_FIELD.decode()}', ARGV[i + 1])
+end
 return -1
 """
+
+
+async def queue_depth(redis: aioredis.Redis) -> int:
+    """Items waiting or being computed, over all lanes (workers delete what they acknowledge)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for lane in queue.QUEUE_LANES:
+            pipe.xlen(lane)
+        return sum(await pipe.execute())
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,15 @@ class Broker:
         deadline = now + min(
             timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
         )
-        items = [
-            _queue_item(request, request_id, index, sequence, deadline, now).SerializeToString()
-            for index, sequence in enumerate(request.sequences)
-        ]
+        lanes_and_items = []
+        for index, tokens in enumerate(request.token_counts):
+            item = _queue_item(request, request_id, index, request.sequences[index], deadline, now)
+            lanes_and_items += [queue.lane_index(tokens), item.SerializeToString()]
         marker_ttl_s = int(deadline - now) + self.settings.result_ttl_s
         try:
             depth = await self._enqueue(
-                keys=[queue.QUEUE_STREAM, queue.request_key(request_id)],
-                args=[self.settings.max_queue_items, marker_ttl_s, *items],
+                keys=[queue.request_key(request_id), *queue.QUEUE_LANES],
+                args=[self.settings.max_queue_items, marker_ttl_s, *lanes_and_items],
             )
         except REDIS_ERRORS as error:
             raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error

@@ -9,7 +9,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from esm2_service import queue
-from esm2_service.server.broker import REDIS_ERRORS
+from esm2_service.server.broker import REDIS_ERRORS, queue_depth
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class HealthMonitor:
                 queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf"
             )
             if self.metrics is not None:
-                self.metrics.queue_depth.set(await self.redis.xlen(queue.QUEUE_STREAM))
+                self.metrics.queue_depth.set(await queue_depth(self.redis))
                 self.metrics.workers_alive.set(alive)
         except REDIS_ERRORS as error:
             if self.metrics is not None:

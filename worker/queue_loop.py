@@ -7,6 +7,12 @@ them (XAUTOCLAIM) once they have been idle `claim_idle_s`. A live worker touches
 its in-flight entries every heartbeat so they are never claimed from under it.
 An entry delivered more than `max_deliveries` times is moved to the dead-letter
 stream and its request gets an error, instead of crashing workers forever.
+
+Order: items wait in lanes by length (`queue.QUEUE_LANES`). A worker takes from the
+shortest lane first and never mixes lanes in a batch, so a short item waits for at
+most the batch in progress, however deep the backlog of long ones. So that a steady
+stream of short items cannot starve long ones, a lane whose oldest item has waited
+more than `lane_max_wait_s` gets every other batch.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.batching import plan_batches
 from esm2_service.worker.metrics import WorkerMetrics, abandoned_outcome
-from esm2_service.worker.replies import ReplyWriter, item_key
+from esm2_service.worker.replies import EntryRef, ReplyWriter, group_by_stream, item_key
 from esm2_service.worker.settings import WorkerSettings
 from esm2_service.worker.work import Runner, WorkItem
 
@@ -34,12 +40,71 @@ log = logging.getLogger(__name__)
 
 _CLAIM_EVERY_S = 1.0
 
+# Takes up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] from the lanes
+# (KEYS, shortest first) without blocking. When ARGV[4] is "1", a lane whose next entry
+# has waited more than ARGV[5] ms goes first. Returns {lane number, entries} pairs.
+_TAKE_SCRIPT = """
+for _, lane in ipairs(KEYS) do
+  if redis.call('EXISTS', lane) == 0 then
+    return redis.error_reply('NOGROUP the queue lane ' .. lane .. ' is missing')
+  end
+end
+local function waited_ms(lane, now_ms)
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', lane)) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    if info['name'] == ARGV[1] then
+      local next = redis.call('XRANGE', lane, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
+      if #next == 0 then return -1 end
+      return now_ms - tonumber(string.match(next[1][1], '^(%d+)'))
+    end
+  end
+  return -1
+end
+local order = {}
+if ARGV[4] == '1' then
+  local time = redis.call('TIME')
+  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local oldest, longest = nil, tonumber(ARGV[5])
+  for i, lane in ipairs(KEYS) do
+    local waited = waited_ms(lane, now_ms)
+    if waited > longest then oldest, longest = i, waited end
+  end
+  if oldest then table.insert(order, oldest) end
+end
+for i = 1, #KEYS do
+  if i ~= order[1] then table.insert(order, i) end
+end
+local room = tonumber(ARGV[3])
+local taken = {}
+for _, i in ipairs(order) do
+  if room <= 0 then break end
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', room,
+                           'STREAMS', KEYS[i], '>')
+  if reply then
+    local entries = reply[1][2]
+    table.insert(taken, i - 1)
+    table.insert(taken, entries)
+    room = room - #entries
+  end
+end
+return taken
+"""
+
 
 @dataclass(frozen=True)
 class Job:
+    lane: int  # index into queue.QUEUE_LANES
     entry_id: bytes
     item: qpb.QueueItem
     work: WorkItem
+
+    @property
+    def ref(self) -> EntryRef:
+        return queue.QUEUE_LANES[self.lane], self.entry_id
+
+    def waited_s(self) -> float:
+        return time.time() - self.item.enqueued_unix_s
 
 
 class QueueWorker:
@@ -63,10 +128,12 @@ class QueueWorker:
             max_reply_chunks=settings.max_reply_chunks,
             reader_stall_s=settings.reader_stall_s,
         )
-        self.in_flight: set[bytes] = set()
+        self.in_flight: set[EntryRef] = set()
         self.held: list[Job] = []
         self.progress_at = time.monotonic()  # the loop's last sign of life
         self._last_claim = 0.0
+        self._take = client.register_script(_TAKE_SCRIPT)
+        self._may_promote = True  # False right after a batch of a lane that waited too long
         self.stats = {"items": 0, "batches": 0}
 
     def run(self, stop: threading.Event) -> None:
@@ -89,57 +156,109 @@ class QueueWorker:
         self._sign_off()
 
     def step(self) -> int:
-        """Runs one packed batch: the shortest of the jobs held over from the last step
-        and the entries taken now (up to `batch_size` in all). Jobs that do not fit the
-        token budget are held for the next step, where newly queued short items can
-        overtake them. Returns how many entries it took from Redis."""
+        """Runs one packed batch, planned from the jobs held over from the last step and
+        the entries taken now (up to `batch_size` in all). Jobs left out of it are held
+        for the next step, where newly queued shorter items can overtake them. Returns
+        how many entries it took from Redis."""
         self.progress_at = time.monotonic()
         room = self.settings.batch_size - len(self.held)
-        entries = (self._claim_stale(room) or self._read_new(room)) if room > 0 else []
-        admitted = (self._admit(entry_id, fields) for entry_id, fields in entries)
+        entries = []
+        if room > 0:
+            entries = self._claim_stale(room) or self._take_new(room)
+            if not entries and not self.held:
+                entries = self._wait_for_new(room)
+        admitted = (self._admit(*entry) for entry in entries)
         held = [job for job in self.held if not self._skipped(job)]
         jobs = held + [job for job in admitted if job]
         if not jobs:
             return len(entries)
-        lengths = [len(job.work.token_ids) for job in jobs]
-        first, *rest = plan_batches(lengths, self.settings.max_batch_tokens)
+        promoted = self._promoted_lane(jobs)
+        first, *rest = plan_batches(
+            [len(job.work.token_ids) for job in jobs],
+            [job.lane for job in jobs],
+            self.settings.max_batch_tokens,
+            first_lane=promoted,
+        )
         self.held = [jobs[i] for batch in rest for i in batch]
+        self._may_promote = promoted is None or jobs[first[0]].lane != promoted
         self._run_batch([jobs[i] for i in first])
         return len(entries)
 
-    def _read_new(self, count: int):
+    def _promoted_lane(self, jobs: Sequence[Job]) -> int | None:
+        """The lane of the job that waited longest, if it waited too long and the last
+        batch was not promoted: every other batch at most, so short items still wait
+        for one batch at most."""
+        if not self._may_promote:
+            return None
+        oldest = max(jobs, key=Job.waited_s)
+        return oldest.lane if oldest.waited_s() > self.settings.lane_max_wait_s else None
+
+    def _take_new(self, room: int) -> list[tuple[int, bytes, dict]]:
+        """New entries, shortest lane first (a lane that waited too long first, when
+        allowed), without blocking."""
+        taken = self._take(
+            keys=queue.QUEUE_LANES,
+            args=[
+                queue.WORKER_GROUP,
+                self.settings.worker_id,
+                room,
+                int(self._may_promote),
+                int(self.settings.lane_max_wait_s * 1000),
+            ],
+        )
+        return [
+            (lane, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+            for lane, entries in zip(taken[::2], taken[1::2], strict=True)
+            for entry_id, fields in entries
+        ]
+
+    def _wait_for_new(self, room: int) -> list[tuple[int, bytes, dict]]:
+        """Blocks until entries arrive in any lane (up to `room` per lane)."""
         reply = self.redis.xreadgroup(
             queue.WORKER_GROUP,
             self.settings.worker_id,
-            {queue.QUEUE_STREAM: ">"},
-            count=count,
-            block=None if self.held else self.settings.block_ms,  # never idle with work in hand
+            dict.fromkeys(queue.QUEUE_LANES, ">"),
+            count=room,
+            block=self.settings.block_ms,
         )
-        return reply[0][1] if reply else []
+        lanes = {name.encode(): lane for lane, name in enumerate(queue.QUEUE_LANES)}
+        return [
+            (lanes[_as_bytes(stream)], entry_id, fields)
+            for stream, entries in reply or []
+            for entry_id, fields in entries
+        ]
 
-    def _claim_stale(self, count: int):
+    def _claim_stale(self, room: int) -> list[tuple[int, bytes, dict]]:
         """Entries whose worker went silent, with their delivery counts checked."""
         now = time.monotonic()
         if now - self._last_claim < _CLAIM_EVERY_S:
             return []
         self._last_claim = now
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in queue.QUEUE_LANES:
+            pipe.xautoclaim(
+                lane,
+                queue.WORKER_GROUP,
+                self.settings.worker_id,
+                min_idle_time=int(self.settings.claim_idle_s * 1000),
+                start_id="0-0",
+                count=room,
+            )
         # Redis 6.2 replies [next, entries]; 7.0 adds the ids of deleted entries.
-        claimed = self.redis.xautoclaim(
-            queue.QUEUE_STREAM,
-            queue.WORKER_GROUP,
-            self.settings.worker_id,
-            min_idle_time=int(self.settings.claim_idle_s * 1000),
-            start_id="0-0",
-            count=count,
-        )[1]
+        claimed = [
+            (lane, entry_id, fields)
+            for lane, reply in enumerate(pipe.execute())
+            for entry_id, fields in reply[1]
+            if fields is not None
+        ]
         if claimed:
             log.warning("claimed %d entries from a silent worker", len(claimed))
-        return [entry for entry in claimed if entry[1] is not None and self._deliverable(entry)]
+        return [entry for entry in claimed if self._deliverable(*entry)]
 
-    def _deliverable(self, entry) -> bool:
-        entry_id, fields = entry
+    def _deliverable(self, lane: int, entry_id: bytes, fields) -> bool:
+        stream = queue.QUEUE_LANES[lane]
         pending = self.redis.xpending_range(
-            queue.QUEUE_STREAM, queue.WORKER_GROUP, min=entry_id, max=entry_id, count=1
+            stream, queue.WORKER_GROUP, min=entry_id, max=entry_id, count=1
         )
         deliveries = pending[0]["times_delivered"] if pending else 1
         if deliveries <= self.settings.max_deliveries:
@@ -155,21 +274,21 @@ class QueueWorker:
         self.redis.xadd(queue.DEAD_LETTER_STREAM, {**fields, b"reason": reason}, maxlen=10_000)
         if item is not None:
             self.replies.error(item, "INTERNAL", reason)
-        self._ack([entry_id])
+        self._ack([(stream, entry_id)])
         return False
 
-    def _admit(self, entry_id: bytes, fields) -> Job | None:
+    def _admit(self, lane: int, entry_id: bytes, fields) -> Job | None:
         """The job for an entry, or None (acknowledged) if it must not run."""
         item = _decode(fields)
         if item is None:
             log.error("entry %s holds no valid QueueItem; dropping it", entry_id)
             self.metrics.items("failed")
-            self._ack([entry_id])
+            self._ack([(queue.QUEUE_LANES[lane], entry_id)])
             return None
-        job = Job(entry_id, item, _work_item(item))
+        job = Job(lane, entry_id, item, _work_item(item))
         if self._skipped(job):
             return None
-        self.in_flight.add(entry_id)
+        self.in_flight.add(job.ref)
         return job
 
     def _skipped(self, job: Job) -> bool:
@@ -177,12 +296,12 @@ class QueueWorker:
         deadline passed; True if it did."""
         item = job.item
         if self.redis.exists(queue.cancel_key(item.request_id)):
-            self._ack([job.entry_id])  # nobody listens: write nothing
+            self._ack([job.ref])  # nobody listens: write nothing
             self.metrics.items("cancelled")
             return True
         if item.deadline_unix_s and item.deadline_unix_s < time.time():
             self.replies.error(item, "DEADLINE_EXCEEDED", "the deadline passed while it was queued")
-            self._ack([job.entry_id])
+            self._ack([job.ref])
             self.metrics.items("expired")
             return True
         return False
@@ -209,24 +328,24 @@ class QueueWorker:
                 extra={"request_id": item.request_id},
             )
             self.replies.error(item, "INTERNAL", "the model failed on this item; see worker logs")
-            self._ack([jobs[0].entry_id])
+            self._ack([jobs[0].ref])
             self.metrics.items("failed")
             return
         for job in jobs:
             abandoned = self.replies.abandoned.get(item_key(job.item))
             self.metrics.items(abandoned_outcome(abandoned[0]) if abandoned else "completed")
             self.replies.complete(job.item, job.work.predict)
-        self._ack([job.entry_id for job in jobs])
+        self._ack([job.ref for job in jobs])
         self.stats["items"] += len(jobs)
         self.stats["batches"] += 1
         tokens, seconds = sum(len(j.work.token_ids) for j in jobs), time.perf_counter() - started
         self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
         log.info("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
-    def _ack(self, entry_ids: list[bytes]) -> None:
+    def _ack(self, refs: list[EntryRef]) -> None:
         """Writes the replies buffered so far, then acknowledges the entries."""
-        self.replies.flush(ack_ids=entry_ids)
-        self.in_flight.difference_update(entry_ids)
+        self.replies.flush(acks=refs)
+        self.in_flight.difference_update(refs)
 
     def _emit(self, item: qpb.QueueItem, output) -> None:
         self.progress_at = time.monotonic()
@@ -237,14 +356,14 @@ class QueueWorker:
         does not leave them waiting `claim_idle_s` for another to claim them."""
         if not jobs:
             return
-        entry_ids = [job.entry_id for job in jobs]
         pipe = self.redis.pipeline(transaction=True)
         for job in jobs:
-            pipe.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: job.item.SerializeToString()})
-        pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *entry_ids)
-        pipe.xdel(queue.QUEUE_STREAM, *entry_ids)
+            stream, entry_id = job.ref
+            pipe.xadd(stream, {queue.ITEM_FIELD: job.item.SerializeToString()})
+            pipe.xack(stream, queue.WORKER_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
         pipe.execute()
-        self.in_flight.difference_update(entry_ids)
+        self.in_flight.difference_update(job.ref for job in jobs)
         self.held = []
         log.info("handed %d queued items back", len(jobs))
 
@@ -271,14 +390,13 @@ class QueueWorker:
         pipe.set(
             queue.worker_info_key(self.settings.worker_id), self.model.SerializeToString(), ex=ttl_s
         )
-        in_flight = list(self.in_flight)
-        if in_flight:
+        for stream, entry_ids in group_by_stream(list(self.in_flight)).items():
             pipe.xclaim(
-                queue.QUEUE_STREAM,
+                stream,
                 queue.WORKER_GROUP,
                 self.settings.worker_id,
                 min_idle_time=0,
-                message_ids=in_flight,
+                message_ids=entry_ids,
                 justid=True,
             )
         pipe.execute()
@@ -292,12 +410,17 @@ class QueueWorker:
 
 
 def ensure_group(client: redis.Redis) -> None:
-    """Creates the queue stream and the workers' group if missing (idempotent)."""
-    try:
-        client.xgroup_create(queue.QUEUE_STREAM, queue.WORKER_GROUP, id="0", mkstream=True)
-    except redis.ResponseError as error:
-        if "BUSYGROUP" not in str(error):
-            raise
+    """Creates the queue lanes and the workers' group on each if missing (idempotent)."""
+    for lane in queue.QUEUE_LANES:
+        try:
+            client.xgroup_create(lane, queue.WORKER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _decode(fields) -> qpb.QueueItem | None:

@@ -32,8 +32,19 @@ WRITE_AT_ONCE_BYTES = 1 << 20
 MAX_BUFFERED_BYTES = 16 << 20
 
 
+# A queue entry: (lane stream, entry id). Ids are unique per stream only.
+EntryRef = tuple[str, bytes]
+
+
 def item_key(item: qpb.QueueItem) -> tuple[str, int]:
     return item.request_id, item.sequence_index
+
+
+def group_by_stream(refs: Sequence[EntryRef]) -> dict[str, list[bytes]]:
+    grouped: dict[str, list[bytes]] = {}
+    for stream, entry_id in refs:
+        grouped.setdefault(stream, []).append(entry_id)
+    return grouped
 
 
 class ReplyWriter:
@@ -87,19 +98,19 @@ class ReplyWriter:
         if pipe.execute()[-1] > self.max_reply_chunks:
             self._wait_for_reader(item, stream)
 
-    def flush(self, ack_ids: Sequence[bytes] = ()) -> None:
-        """Writes everything buffered, then acknowledges (and deletes) `ack_ids`, in
-        one transaction: an entry is never acknowledged without its results."""
-        if not self._buffer and not ack_ids:
+    def flush(self, acks: Sequence[EntryRef] = ()) -> None:
+        """Writes everything buffered, then acknowledges (and deletes) the queue entries
+        `acks`, in one transaction: an entry is never acknowledged without its results."""
+        if not self._buffer and not acks:
             return
         pipe = self.redis.pipeline(transaction=True)
         for stream, fields in self._buffer:
             pipe.xadd(stream, fields)
         for stream in {stream for stream, _ in self._buffer}:
             pipe.expire(stream, self.result_ttl_s)
-        if ack_ids:
-            pipe.xack(queue.QUEUE_STREAM, queue.WORKER_GROUP, *ack_ids)
-            pipe.xdel(queue.QUEUE_STREAM, *ack_ids)  # the stream's length is the backlog
+        for lane, entry_ids in group_by_stream(acks).items():
+            pipe.xack(lane, queue.WORKER_GROUP, *entry_ids)
+            pipe.xdel(lane, *entry_ids)  # the lanes' lengths are the backlog
         pipe.execute()
         self.discard()
 

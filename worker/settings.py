@@ -51,6 +51,7 @@ class WorkerSettings:
     threads: int = 0  # intra-op threads; 0: the cores this process may use
     batch_size: int = 8  # queue entries taken per read
     max_batch_tokens: int = 8192  # tokens in one packed forward pass
+    lane_max_wait_s: float = 10.0  # a queue lane waiting this long gets every other batch
     block_ms: int = 1000  # one blocking read of the queue
     claim_idle_s: float = 30.0  # entries pending this long with a silent worker are claimed
     max_deliveries: int = 3  # deliveries of one entry before it is dead-lettered
@@ -99,6 +100,12 @@ _TUNING_FLAGS = (
     ),
     ("--reader-stall-s", float, "a client that reads nothing this long has its item dropped"),
     ("--max-batch-s", float, "a batch without output this long stops the heartbeat (stuck worker)"),
+    (
+        "--lane-max-wait-s",
+        float,
+        "a queue lane whose oldest item waited this long gets every other batch, so short "
+        "items cannot starve long ones",
+    ),
 )
 
 
@@ -183,6 +190,7 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         max_reply_chunks=args.max_reply_chunks,
         reader_stall_s=args.reader_stall_s,
         max_batch_s=args.max_batch_s,
+        lane_max_wait_s=args.lane_max_wait_s,
         log_level=args.log_level,
         log_format=args.log_format,
         metrics_port=args.metrics_port,

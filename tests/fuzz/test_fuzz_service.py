@@ -25,6 +25,7 @@ from fuzz import spec
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from queue_helpers import last_generated_ids, pending_count, queue_length
 
 from esm2_service import queue
 from esm2_service.client import Esm2Client
@@ -580,7 +581,7 @@ def tensor_problems(method, request, sequence, index, pieces) -> list[str]:
 
 
 class QueueAdds:
-    """Counts XADDs on the queue stream through Redis keyspace notifications.
+    """Counts XADDs on the queue lanes through Redis keyspace notifications.
 
     Redis 6.2 has no `entries-added` in XINFO STREAM, workers delete entries once done,
     and ids are timestamps, so neither the stream's length nor its ids count what was
@@ -596,12 +597,13 @@ class QueueAdds:
         self.saved = self.client.config_get("notify-keyspace-events")["notify-keyspace-events"]
         self.client.config_set("notify-keyspace-events", self.saved + "Kt")
         self.pubsub = self.client.pubsub()
-        self.pubsub.subscribe(f"__keyspace@0__:{queue.QUEUE_STREAM}", self.SENTINEL)
-        for _ in range(2):  # the two subscribe confirmations
+        lanes = [f"__keyspace@0__:{lane}" for lane in queue.QUEUE_LANES]
+        self.pubsub.subscribe(*lanes, self.SENTINEL)
+        for _ in range(len(lanes) + 1):  # the subscribe confirmations
             assert self.pubsub.get_message(timeout=5)["type"] == "subscribe"
 
     def count(self) -> collections.Counter:
-        """Every event on the queue key since subscribing."""
+        """Every event on the queue lanes since subscribing."""
         self.client.publish(self.SENTINEL, "end")
         events: collections.Counter = collections.Counter()
         deadline = time.monotonic() + 30
@@ -624,8 +626,7 @@ def wait_queue_drained(client: redis.Redis, timeout_s: float = 15.0) -> tuple[in
     """(length, pending) of the queue once both are 0, or when time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
-        length = client.xlen(queue.QUEUE_STREAM)
-        pending = sum(g["pending"] for g in client.xinfo_groups(queue.QUEUE_STREAM))
+        length, pending = queue_length(client), pending_count(client)
         if (length == 0 and pending == 0) or time.monotonic() > deadline:
             return length, pending
         time.sleep(0.05)
@@ -691,7 +692,7 @@ def test_fuzz_ten_thousand_requests_against_the_live_service(service, redis_serv
         if c.code == grpc.StatusCode.OK and c.method != "GetStatus"
     )
     client = redis.Redis.from_url(redis_server.url)
-    last_id_before = client.xinfo_stream(queue.QUEUE_STREAM)["last-generated-id"]
+    last_ids_before = last_generated_ids(client)
     adds = QueueAdds(redis_server.url)
     try:
         started = time.perf_counter()
@@ -705,7 +706,7 @@ def test_fuzz_ten_thousand_requests_against_the_live_service(service, redis_serv
         events = adds.count()
     finally:
         adds.close()
-    last_id_after = client.xinfo_stream(queue.QUEUE_STREAM)["last-generated-id"]
+    last_ids_after = last_generated_ids(client)
     client.close()
 
     outcomes = collections.Counter(answer.code.name for answer in answers)
@@ -734,7 +735,7 @@ def test_fuzz_ten_thousand_requests_against_the_live_service(service, redis_serv
     # Nothing invalid reached Redis: exactly the valid requests' items were queued.
     assert events["xadd"] == valid_items
     assert valid_items > 500
-    assert last_id_after != last_id_before
+    assert last_ids_after != last_ids_before
     assert (length, pending) == (0, 0), "the worker left queue entries behind"
     # The service survived all of it.
     assert service.frontend.poll() is None, "the frontend died"

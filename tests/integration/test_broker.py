@@ -42,15 +42,24 @@ async def collect(broker, request_id, items, deadline_s=5.0):
 
 async def test_submit_queues_one_entry_per_item_with_the_deadline(broker, redis_client):
     request = ValidRequest(
-        task=qpb.TASK_ENCODE, sequences=("MKV", "AC"), repr_layers=(6,), include=(1,)
+        task=qpb.TASK_ENCODE,
+        sequences=("MKV", "AC", "A" * 300, "A" * 1025),
+        repr_layers=(6,),
+        include=(1,),
     )
     request_id, deadline = await broker.submit(request, timeout_s=30)
-    entries = redis_client.xrange(queue.QUEUE_STREAM)
-    items = [qpb.QueueItem.FromString(fields[queue.ITEM_FIELD]) for _, fields in entries]
-    assert [(i.request_id, i.sequence_index, i.sequence) for i in items] == [
-        (request_id, 0, "MKV"),
-        (request_id, 1, "AC"),
+    queued = [
+        [(lane, qpb.QueueItem.FromString(fields[queue.ITEM_FIELD])) for _, fields in entries]
+        for lane, entries in enumerate(map(redis_client.xrange, queue.QUEUE_LANES))
     ]
+    # Each item on the lane of its length, in order within a lane.
+    assert [[(lane, i.sequence_index, len(i.sequence)) for lane, i in q] for q in queued] == [
+        [(0, 0, 3), (0, 1, 2)],
+        [(1, 2, 300)],
+        [(2, 3, 1025)],
+    ]
+    items = [item for entries in queued for _, item in entries]
+    assert {item.request_id for item in items} == {request_id}
     assert abs(items[0].deadline_unix_s - deadline) < 1e-6 and 29 < deadline - time.time() <= 30
     assert redis_client.exists(queue.request_key(request_id))
 

@@ -16,6 +16,7 @@ from conftest import ServiceProcesses
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from queue_helpers import pending_count, queue_length
 from support import assert_close
 
 from esm2_service import queue
@@ -126,9 +127,7 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
             thread.start()
         victim = service.workers[0]
         wait_for(
-            lambda: client.xpending_range(
-                queue.QUEUE_STREAM, queue.WORKER_GROUP, "-", "+", 100, "test-worker-0"
-            ),
+            lambda: pending_count(client, "test-worker-0"),
             60,
             "worker 0 never took work",
         )
@@ -144,7 +143,7 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
             assert sorted(p for p in found if len(p) == 1) == [(0,), (1,), (2,), (3,)]
             for item, mean in means(messages).items():
                 assert_close(mean, expected_mean(full_engine, requests[index][item]))
-        assert client.xlen(queue.QUEUE_STREAM) == 0
+        assert queue_length(client) == 0
     finally:
         service.stop()
 
@@ -190,7 +189,7 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(own_redis, ti
             request = pb.EncodeRequest(items=[pb.Item(sequence="MKV")] * 2)
             waiting = stub.Encode(request, timeout=30)  # queued; no worker runs it
             wait_for(
-                lambda: redis.Redis.from_url(own_redis.url).xlen(queue.QUEUE_STREAM) == 2,
+                lambda: queue_length(redis.Redis.from_url(own_redis.url)) == 2,
                 10,
                 "not queued",
             )
@@ -217,10 +216,7 @@ def test_expired_and_cancelled_requests_are_skipped_by_the_worker(own_redis, ful
         )
         busy.start()
         wait_for(
-            lambda: (
-                client.xlen(queue.QUEUE_STREAM) == 0
-                or client.xpending(queue.QUEUE_STREAM, queue.WORKER_GROUP)["pending"] > 0
-            ),
+            lambda: queue_length(client) == 0 or pending_count(client) > 0,
             30,
             "worker idle",
         )
@@ -234,7 +230,7 @@ def test_expired_and_cancelled_requests_are_skipped_by_the_worker(own_redis, ful
             time.sleep(0.5)
             call.cancel()
         busy.join(timeout=180)
-        wait_for(lambda: client.xlen(queue.QUEUE_STREAM) == 0, 30, "queue never drained")
+        wait_for(lambda: queue_length(client) == 0, 30, "queue never drained")
         cancelled = [
             key.decode().rsplit(":", 1)[1] for key in client.scan_iter(queue.cancel_key("*"))
         ]
@@ -259,7 +255,7 @@ def test_graceful_shutdown_finishes_streams_in_flight(own_redis, full_checkpoint
         thread.start()
         client = redis.Redis.from_url(own_redis.url)
         wait_for(
-            lambda: client.xpending(queue.QUEUE_STREAM, queue.WORKER_GROUP)["pending"] > 0,
+            lambda: pending_count(client) > 0,
             30,
             "idle",
         )

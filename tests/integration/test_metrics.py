@@ -80,6 +80,12 @@ def test_frontend_metrics_count_requests_items_and_workers(observed):
         with pytest.raises(grpc.RpcError) as invalid:
             client.encode(["not a protein"])
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The server counts an RPC once its handler returns, which can be just after the
+    # client has the status: wait for both to be counted.
+    count = "esm2_request_duration_seconds_count"
+    wait_for(
+        lambda: value(scrape(port), count, method=ENCODE) == value(before, count, method=ENCODE) + 2
+    )
     after = scrape(port)
     ok = {"method": ENCODE, "code": "OK"}
     assert (
@@ -90,7 +96,6 @@ def test_frontend_metrics_count_requests_items_and_workers(observed):
         value(after, "esm2_requests_total", **bad)
         == value(before, "esm2_requests_total", **bad) + 1
     )
-    count = "esm2_request_duration_seconds_count"
     assert value(after, count, method=ENCODE) == value(before, count, method=ENCODE) + 2
     items = "esm2_item_latency_seconds_count"
     assert value(after, items) == value(before, items) + len(SEQUENCES)
@@ -116,9 +121,10 @@ def test_queue_depth_and_live_workers_follow_redis(redis_server, tiny_checkpoint
         try:
             wait_for(lambda: ("esm2_queue_depth", ()) in scrape(port))
             assert value(scrape(port), "esm2_workers_alive") == 0
-            ids = [client.xadd(queue.QUEUE_STREAM, {b"noise": b"x"}) for _ in range(3)]
+            ids = [client.xadd(lane, {b"noise": b"x"}) for lane in queue.QUEUE_LANES]
             wait_for(lambda: value(scrape(port), "esm2_queue_depth") == 3)
-            client.xdel(queue.QUEUE_STREAM, *ids)
+            for lane, entry_id in zip(queue.QUEUE_LANES, ids, strict=True):
+                client.xdel(lane, entry_id)
             wait_for(lambda: value(scrape(port), "esm2_queue_depth") == 0)
             client.zadd(queue.HEARTBEATS, {"a-worker": time.time() + 60})
             wait_for(lambda: value(scrape(port), "esm2_workers_alive") == 1)

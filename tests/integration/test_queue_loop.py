@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
+from queue_helpers import lane_of, pending_count, queue_length
 
 from esm2_service import queue
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
@@ -15,6 +17,7 @@ from esm2_service.worker.model import Esm2
 from esm2_service.worker.queue_loop import QueueWorker, ensure_group
 from esm2_service.worker.settings import WorkerSettings
 
+_BACKDATED = itertools.count(1)  # sequence numbers of backdated entry ids (Redis 6.2 has no ms-*)
 MODEL = pb.ModelInfo(name="tiny", checkpoint_sha256="ab", random_weights=True, device="cpu")
 
 
@@ -42,7 +45,10 @@ def enqueue(
     task=qpb.TASK_ENCODE,
     include=(pb.INCLUDE_MEAN,),
     layers=(6,),
+    age_s=0.0,
 ):
+    """Queues one item on its lane; `age_s` backdates it (entry id and enqueue time)."""
+    enqueued = time.time() - age_s
     item = qpb.QueueItem(
         request_id=request_id,
         sequence_index=index,
@@ -52,9 +58,11 @@ def enqueue(
         include=include,
         dtype=pb.DTYPE_FLOAT32,
         deadline_unix_s=time.time() + deadline_s if deadline_s else 0,
-        enqueued_unix_s=time.time(),
+        enqueued_unix_s=enqueued,
     )
-    return redis_client.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: item.SerializeToString()})
+    entry_id = f"{int(enqueued * 1000)}-{next(_BACKDATED)}" if age_s else "*"
+    fields = {queue.ITEM_FIELD: item.SerializeToString()}
+    return redis_client.xadd(lane_of(sequence), fields, id=entry_id)
 
 
 def replies(redis_client, request_id):
@@ -85,8 +93,8 @@ def test_items_from_several_requests_run_in_one_read_and_are_acked_after_results
     assert [m.WhichOneof("payload") for m in r2] == ["chunk", "complete"]
     assert list(r2[0].chunk.tensor.shape) == [32]
     assert r2[1].complete.model.random_weights and len(r2[1].complete.vocab_tokens) == 33
-    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
-    assert redis_client.xpending(queue.QUEUE_STREAM, queue.WORKER_GROUP)["pending"] == 0
+    assert queue_length(redis_client) == 0
+    assert pending_count(redis_client) == 0
     assert 0 < redis_client.ttl(queue.reply_stream("r1")) <= 600
 
 
@@ -108,17 +116,17 @@ def test_expired_and_cancelled_items_are_skipped(redis_client, engine):
     (error,) = replies(redis_client, "late")
     assert error.code == "DEADLINE_EXCEEDED"
     assert replies(redis_client, "gone") == []
-    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+    assert queue_length(redis_client) == 0
 
 
 def test_undecodable_entries_are_dropped_without_stopping_the_worker(redis_client, engine):
     worker = make_worker(redis_client, engine)
-    redis_client.xadd(queue.QUEUE_STREAM, {queue.ITEM_FIELD: b"\xff\xfe not protobuf"})
-    redis_client.xadd(queue.QUEUE_STREAM, {b"other": b"x"})
+    redis_client.xadd(queue.QUEUE_LANES[0], {queue.ITEM_FIELD: b"\xff\xfe not protobuf"})
+    redis_client.xadd(queue.QUEUE_LANES[2], {b"other": b"x"})
     enqueue(redis_client, "ok", 0, "MKV")
     worker.step()
     assert [m.WhichOneof("payload") for m in replies(redis_client, "ok")] == ["chunk", "complete"]
-    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+    assert queue_length(redis_client) == 0
 
 
 class FailsOn:
@@ -145,14 +153,14 @@ def test_a_failing_item_does_not_take_its_batch_down(redis_client, engine):
         "chunk",
         "complete",
     ]
-    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+    assert queue_length(redis_client) == 0
 
 
 def test_entries_of_a_dead_worker_are_claimed_and_poison_is_dead_lettered(redis_client, engine):
     ensure_group(redis_client)
     enqueue(redis_client, "orphan", 0, "MKV")
     # A worker reads the entry and dies before acknowledging it.
-    redis_client.xreadgroup(queue.WORKER_GROUP, "dead", {queue.QUEUE_STREAM: ">"}, count=8)
+    redis_client.xreadgroup(queue.WORKER_GROUP, "dead", {lane_of("MKV"): ">"}, count=8)
     survivor = make_worker(
         redis_client, engine, worker_id="survivor", claim_idle_s=3.0, heartbeat_s=1.0
     )
@@ -167,27 +175,27 @@ def test_entries_of_a_dead_worker_are_claimed_and_poison_is_dead_lettered(redis_
 
     enqueue(redis_client, "poison", 0, "MKV")
     # Delivered to one worker, then claimed by another, and each time the worker died.
-    redis_client.xreadgroup(queue.WORKER_GROUP, "dead-1", {queue.QUEUE_STREAM: ">"}, count=8)
-    redis_client.xautoclaim(queue.QUEUE_STREAM, queue.WORKER_GROUP, "dead-2", 0, "0-0")
+    redis_client.xreadgroup(queue.WORKER_GROUP, "dead-1", {lane_of("MKV"): ">"}, count=8)
+    redis_client.xautoclaim(lane_of("MKV"), queue.WORKER_GROUP, "dead-2", 0, "0-0")
     time.sleep(3.2)
     survivor._last_claim = 0.0
     survivor.step()
     (error,) = replies(redis_client, "poison")
     assert error.code == "INTERNAL" and "set aside after 2 attempts" in error.message
     assert redis_client.xlen(queue.DEAD_LETTER_STREAM) == 1
-    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+    assert queue_length(redis_client) == 0
 
 
 def test_heartbeat_announces_the_model_and_refreshes_entries_in_flight(redis_client, engine):
     worker = make_worker(redis_client, engine, worker_id="hb")
     enqueue(redis_client, "slow", 0, "MKV")
     ((entry_id, _),) = redis_client.xreadgroup(
-        queue.WORKER_GROUP, "hb", {queue.QUEUE_STREAM: ">"}, count=1
+        queue.WORKER_GROUP, "hb", {lane_of("MKV"): ">"}, count=1
     )[0][1]
-    worker.in_flight.add(entry_id)
+    worker.in_flight.add((lane_of("MKV"), entry_id))
     time.sleep(0.3)
     worker.heartbeat()
-    pending = redis_client.xpending_range(queue.QUEUE_STREAM, queue.WORKER_GROUP, "-", "+", 1)
+    pending = redis_client.xpending_range(lane_of("MKV"), queue.WORKER_GROUP, "-", "+", 1)
     assert pending[0]["time_since_delivered"] < 200
     assert redis_client.zscore(queue.HEARTBEATS, "hb") > time.time() - 5
     assert pb.ModelInfo.FromString(redis_client.get(queue.worker_info_key("hb"))) == MODEL
@@ -218,6 +226,49 @@ def test_a_short_item_queued_later_overtakes_held_long_ones(redis_client, engine
     assert replies(redis_client, "short")[-1].WhichOneof("payload") == "complete"
 
 
+def test_a_short_item_overtakes_a_deep_backlog_of_long_ones(redis_client, engine):
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner)
+    for index in range(8):
+        enqueue(redis_client, f"bulk-{index}", 0, "A" * 300)  # 40 items, medium lane
+        for more in range(1, 5):
+            enqueue(redis_client, f"bulk-{index}", more, "A" * (300 + more))
+    worker.step()
+    assert runner.batches == [[300, 300, 301, 301, 302, 302, 303, 304]]  # first 8 queued
+    enqueue(redis_client, "short", 0, "MKV")
+    worker.step()
+    # The very next batch, and alone: a batch never mixes lanes.
+    assert runner.batches[1] == [3]
+    assert replies(redis_client, "short")[-1].WhichOneof("payload") == "complete"
+    assert len(worker.held) == 7 and queue_length(redis_client) == 32  # 40 + 1 - 9 done
+
+
+def test_a_read_spanning_lanes_runs_shortest_lane_first_in_separate_batches(redis_client, engine):
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner)
+    enqueue(redis_client, "mixed", 0, "A" * 1100)  # long lane
+    enqueue(redis_client, "mixed", 1, "A" * 300)  # medium
+    enqueue(redis_client, "mixed", 2, "A" * 20)  # short
+    enqueue(redis_client, "mixed", 3, "A" * 10)  # short
+    while runner.batches != [[10, 20], [300], [1100]]:
+        assert worker.step() >= 0 and len(runner.batches) <= 3, runner.batches
+    assert queue_length(redis_client) == 0
+
+
+def test_a_lane_that_waited_too_long_gets_every_other_batch(redis_client, engine):
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner, batch_size=2, lane_max_wait_s=5.0)
+    for index in range(4):
+        enqueue(redis_client, "old", index, "A" * 300, age_s=60.0)
+    for index in range(6):
+        enqueue(redis_client, "new", index, "A" * 20)
+    for _ in range(6):
+        worker.step()
+    # Short items still go first whenever the long lane just had its turn.
+    assert runner.batches == [[300, 300], [20, 20], [300, 300], [20, 20], [20, 20]]
+    assert queue_length(redis_client) == 0
+
+
 def test_a_stopping_worker_hands_held_items_back_at_once(redis_client, engine):
     worker = make_worker(redis_client, engine, max_batch_tokens=110)
     for index in range(2):
@@ -225,8 +276,8 @@ def test_a_stopping_worker_hands_held_items_back_at_once(redis_client, engine):
     worker.step()
     assert len(worker.held) == 1
     worker._hand_back(worker.held)
-    assert redis_client.xpending(queue.QUEUE_STREAM, queue.WORKER_GROUP)["pending"] == 0
-    (entry,) = redis_client.xrange(queue.QUEUE_STREAM)
+    assert pending_count(redis_client) == 0
+    (entry,) = redis_client.xrange(lane_of("A" * 100))
     assert qpb.QueueItem.FromString(entry[1][queue.ITEM_FIELD]).sequence_index == 1
     other = make_worker(redis_client, engine, worker_id="other")
     assert other.step() == 1
@@ -246,7 +297,7 @@ def test_a_reader_that_stops_reading_bounds_the_reply_stream(redis_client, engin
     assert [c.chunk.kind for c in chunks] == [pb.INCLUDE_ATTENTIONS] * 2  # then it gave up
     assert messages[-1].code == "RESOURCE_EXHAUSTED"
     assert "read no results for 0.5 s" in messages[-1].message
-    assert redis_client.xlen(queue.QUEUE_STREAM) == 0
+    assert queue_length(redis_client) == 0
 
 
 def test_a_reader_that_keeps_up_gets_everything_despite_the_bound(redis_client, engine):

@@ -13,9 +13,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from queue_helpers import last_generated_ids
 from support import assert_close, fair_esm_outputs
 
-from esm2_service import queue
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.client import AsyncEsm2Client, Esm2Client
 from esm2_service.esm2.v1 import esm2_pb2 as pb
@@ -127,7 +127,7 @@ def test_responses_larger_than_4_mib_arrive_in_chunks_a_default_client_reads(ser
 
 def test_invalid_requests_are_rejected_with_every_violation_before_queueing(service, redis_server):
     redis_client = redis.Redis.from_url(redis_server.url)
-    before = redis_client.xinfo_stream(queue.QUEUE_STREAM)["last-generated-id"]
+    before = last_generated_ids(redis_client)
     with grpc.insecure_channel(service.target) as channel:
         stub = esm2_pb2_grpc.Esm2Stub(channel)
         request = pb.EncodeRequest(
@@ -160,7 +160,7 @@ def test_invalid_requests_are_rejected_with_every_violation_before_queueing(serv
         assert bad_request_fields(raised.value) == [
             ("items[0].sequence", "no <mask>; Predict needs at least one per item")
         ]
-    assert redis_client.xinfo_stream(queue.QUEUE_STREAM)["last-generated-id"] == before
+    assert last_generated_ids(redis_client) == before
 
 
 def test_client_surfaces_server_errors_as_rpc_errors(client):

@@ -271,11 +271,22 @@ def check_scaled_object(doc: dict) -> None:
     assert target.get("kind", "Deployment") == "Deployment"
     assert target["name"] == WORKER[1]
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    (trigger,) = spec["triggers"]
+    triggers = spec["triggers"]
+    # One trigger per queue lane, summed: the backlog is spread over the lanes.
+    assert [trigger["metadata"]["stream"] for trigger in triggers] == list(queue.QUEUE_LANES)
+    names = [trigger["name"] for trigger in triggers]
+    assert names == list(queue.LANE_NAMES)
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers["formula"].replace(" ", "") == "+".join(names)
+    assert modifiers["metricType"] == "AverageValue" and int(modifiers["target"]) >= 1
+    for trigger in triggers:
+        check_lane_trigger(trigger)
+
+
+def check_lane_trigger(trigger: dict) -> None:
     assert trigger["type"] == "redis-streams"
     meta = trigger["metadata"]
     assert all(isinstance(value, str) for value in meta.values()), "metadata values are strings"
-    assert meta["stream"] == queue.QUEUE_STREAM
     assert "address" in meta or "addressFromEnv" in meta or "host" in meta
     # KEDA picks the mode from the keys: consumerGroup with lagCount -> XINFO GROUPS lag
     # (activationLagCount required); consumerGroup alone -> XPENDING; neither -> XLEN.
@@ -297,8 +308,8 @@ def test_scaled_object_scales_the_worker_on_the_queue_stream():
     check_scaled_object(scaled)
     assert scaled["spec"]["minReplicaCount"] == 1
     # The Redis address comes from the worker's environment, set from esm2-config.
-    env_key = scaled["spec"]["triggers"][0]["metadata"]["addressFromEnv"]
-    assert env_key in obj(("ConfigMap", "esm2-config"))["data"]
+    env_keys = {t["metadata"]["addressFromEnv"] for t in scaled["spec"]["triggers"]}
+    assert env_keys <= obj(("ConfigMap", "esm2-config"))["data"].keys()
     refs = [
         s["configMapRef"]["name"]
         for s in container(obj(WORKER)).get("envFrom", [])
