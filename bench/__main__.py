@@ -8,20 +8,21 @@ workers) are stopped on exit, error, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
 
-# The same OpenMP policy as the worker (esm2 worker sets it), before torch loads: the
+from esm2_service.worker.openmp import configure_openmp_wait
+
+# The same OpenMP wait as the worker (esm2 worker sets it), before torch loads: the
 # in-process timings are then comparable, and this process's idle threads do not
 # spin on the cores the worker needs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+configure_openmp_wait()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.corpus import (
+from bench.corpus import (  # noqa: E402
     CACHE_DIR,
     REPO_ROOT,
     Corpus,
@@ -29,7 +30,7 @@ from bench.corpus import (
     load_corpora,
     random_sequence,
 )
-from bench.report import machine_info, ratios, render_table, write_results
+from bench.report import machine_info, ratios, render_table, write_results  # noqa: E402
 
 STAGES = ("reference", "hf", "engine", "service")
 LATENCY_RESIDUES = 100

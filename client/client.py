@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+import grpc.experimental
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
@@ -94,6 +95,12 @@ def _call_metadata(metadata: Metadata | None, token: str | None) -> tuple | None
     return (*pairs, (AUTH_HEADER, f"Token {token}"))
 
 
+# Encode and Predict streams are read on the calling thread. Without this gRPC starts
+# a thread to drive each call when none is running, which costs a sequential caller
+# about 0.1-0.3 ms per request (measured against a live service).
+_SYNC_CHANNEL_OPTIONS = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+
+
 class _ClientBase:
     """Settings both clients share; see `Esm2Client` for their meaning."""
 
@@ -164,9 +171,9 @@ class Esm2Client(_ClientBase):
         )
         credentials = _channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if credentials is None:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=_SYNC_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(target, credentials)
+            self._channel = grpc.secure_channel(target, credentials, options=_SYNC_CHANNEL_OPTIONS)
         self._stub = esm2_pb2_grpc.Esm2Stub(self._channel)
 
     def __enter__(self) -> Esm2Client:

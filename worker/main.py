@@ -16,6 +16,7 @@ from esm2_service.config import redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.logs import configure_logging
 from esm2_service.worker.metrics import WorkerMetrics
+from esm2_service.worker.openmp import configure_openmp_wait
 from esm2_service.worker.settings import WorkerSettings, build_parser, settings_from_args
 
 log = logging.getLogger("esm2_service.worker")
@@ -115,9 +116,7 @@ def _wait_for_redis(client, settings: WorkerSettings, stop: threading.Event) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP: idle worker threads sleep instead of spinning, so
-    # the frontend and Redis sharing these cores answer without waiting for a core.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_openmp_wait()  # before torch loads OpenMP
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)

@@ -39,6 +39,10 @@ from esm2_service.worker.work import Runner, WorkItem
 log = logging.getLogger(__name__)
 
 _CLAIM_EVERY_S = 1.0
+# Items queued at least this long are checked for cancellation before they run. Fresher
+# ones run without the round trip (a client that left within a second of asking); the
+# write step drops a cancelled request's results either way.
+_CHECK_CANCELLED_AFTER_S = 1.0
 
 # Takes up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] from the lanes
 # (KEYS, shortest first) without blocking. When ARGV[4] is "1", a lane whose next entry
@@ -295,7 +299,9 @@ class QueueWorker:
         """Acknowledges (without running) a job whose request was cancelled or whose
         deadline passed; True if it did."""
         item = job.item
-        if self.redis.exists(queue.cancel_key(item.request_id)):
+        if job.waited_s() >= _CHECK_CANCELLED_AFTER_S and self.redis.exists(
+            queue.cancel_key(item.request_id)
+        ):
             self._ack([job.ref])  # nobody listens: write nothing
             self.metrics.items("cancelled")
             return True
@@ -331,21 +337,26 @@ class QueueWorker:
             self._ack([jobs[0].ref])
             self.metrics.items("failed")
             return
+        outcomes = []
         for job in jobs:
             abandoned = self.replies.abandoned.get(item_key(job.item))
-            self.metrics.items(abandoned_outcome(abandoned[0]) if abandoned else "completed")
+            outcomes.append(abandoned_outcome(abandoned[0]) if abandoned else "completed")
             self.replies.complete(job.item, job.work.predict)
-        self._ack([job.ref for job in jobs])
+        cancelled = self._ack([job.ref for job in jobs])
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self.metrics.items("cancelled" if job.item.request_id in cancelled else outcome)
         self.stats["items"] += len(jobs)
         self.stats["batches"] += 1
         tokens, seconds = sum(len(j.work.token_ids) for j in jobs), time.perf_counter() - started
         self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
         log.info("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
-    def _ack(self, refs: list[EntryRef]) -> None:
-        """Writes the replies buffered so far, then acknowledges the entries."""
-        self.replies.flush(acks=refs)
+    def _ack(self, refs: list[EntryRef]) -> set[str]:
+        """Writes the replies buffered so far, then acknowledges the entries. Returns
+        the ids of requests found cancelled (their replies were dropped)."""
+        cancelled = self.replies.flush(acks=refs)
         self.in_flight.difference_update(refs)
+        return cancelled
 
     def _emit(self, item: qpb.QueueItem, output) -> None:
         self.progress_at = time.monotonic()

@@ -1,5 +1,10 @@
 """Writing results to the per-request reply streams, paced to their readers.
 
+Every write goes through one Lua script that skips the reply streams of cancelled
+requests (nobody reads them, and a stream the frontend deleted must not come back)
+and acknowledges the batch's queue entries in the same step, so an entry is never
+acknowledged without its results.
+
 A reply stream only shrinks as the frontend relays it to the client (it deletes
 what it has sent). When a stream holds more than `max_reply_chunks` chunks, the
 writer waits for the reader to catch up, so a slow client cannot make Redis
@@ -34,6 +39,40 @@ MAX_BUFFERED_BYTES = 16 << 20
 
 # A queue entry: (lane stream, entry id). Ids are unique per stream only.
 EntryRef = tuple[str, bytes]
+# A reply entry waiting to be written: (request id, field, value).
+Entry = tuple[str, bytes, bytes]
+
+# KEYS: n reply streams, their n requests' cancel keys, then the lanes to acknowledge on.
+# ARGV: n, TTL (s), group; for each reply stream its entry count, then a (field, value)
+# pair per entry; for each lane its id count, then the ids. Returns each reply stream's
+# length after the write, or -1 where the request was cancelled and nothing was written.
+_WRITE_SCRIPT = """
+local n, ttl, group = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local at = 4
+local lengths = {}
+for i = 1, n do
+  local count = tonumber(ARGV[at])
+  at = at + 1
+  if redis.call('EXISTS', KEYS[n + i]) == 1 then
+    lengths[i] = -1
+  else
+    for e = at, at + 2 * count - 1, 2 do
+      redis.call('XADD', KEYS[i], '*', ARGV[e], ARGV[e + 1])
+    end
+    redis.call('EXPIRE', KEYS[i], ttl)
+    lengths[i] = redis.call('XLEN', KEYS[i])
+  end
+  at = at + 2 * count
+end
+for lane = 2 * n + 1, #KEYS do
+  local count = tonumber(ARGV[at])
+  local ids = {unpack(ARGV, at + 1, at + count)}
+  redis.call('XACK', KEYS[lane], group, unpack(ids))
+  redis.call('XDEL', KEYS[lane], unpack(ids))
+  at = at + 1 + count
+end
+return lengths
+"""
 
 
 def item_key(item: qpb.QueueItem) -> tuple[str, int]:
@@ -64,8 +103,9 @@ class ReplyWriter:
         self.reader_stall_s = reader_stall_s
         # Items whose reader went away: (request_id, index) -> (code, message).
         self.abandoned: dict[tuple[str, int], tuple[str, str]] = {}
-        self._buffer: list[tuple[str, dict]] = []  # (reply stream, entry fields)
+        self._buffer: list[Entry] = []
         self._buffered_bytes = 0
+        self._write_script = client.register_script(_WRITE_SCRIPT)
 
     def emit(self, item: qpb.QueueItem, output: TensorOutput) -> None:
         """Writes one output tensor of `item`, chunked. Small outputs wait in a buffer
@@ -73,9 +113,8 @@ class ReplyWriter:
         then the writer waits while the item's reader lags."""
         if item_key(item) in self.abandoned:
             return
-        stream = queue.reply_stream(item.request_id)
         entries = [
-            (stream, {queue.CHUNK_FIELD: message.SerializeToString()})
+            (item.request_id, queue.CHUNK_FIELD, message.SerializeToString())
             for message in (
                 pb.ResultChunk(sequence_index=item.sequence_index, chunk=chunk)
                 for chunk in chunk_messages(
@@ -90,29 +129,42 @@ class ReplyWriter:
                 self.flush()
             return
         self.flush()
-        pipe = self.redis.pipeline(transaction=False)
-        for _, fields in entries:
-            pipe.xadd(stream, fields)
-        pipe.expire(stream, self.result_ttl_s)
-        pipe.xlen(stream)
-        if pipe.execute()[-1] > self.max_reply_chunks:
-            self._wait_for_reader(item, stream)
+        length = self._write(entries)[item.request_id]
+        if length < 0:
+            self.abandoned[item_key(item)] = ("CANCELLED", "the request was cancelled")
+        elif length > self.max_reply_chunks:
+            self._wait_for_reader(item, queue.reply_stream(item.request_id))
 
-    def flush(self, acks: Sequence[EntryRef] = ()) -> None:
+    def flush(self, acks: Sequence[EntryRef] = ()) -> set[str]:
         """Writes everything buffered, then acknowledges (and deletes) the queue entries
-        `acks`, in one transaction: an entry is never acknowledged without its results."""
+        `acks`, in one step. Returns the ids of requests found cancelled, whose
+        results were dropped."""
         if not self._buffer and not acks:
-            return
-        pipe = self.redis.pipeline(transaction=True)
-        for stream, fields in self._buffer:
-            pipe.xadd(stream, fields)
-        for stream in {stream for stream, _ in self._buffer}:
-            pipe.expire(stream, self.result_ttl_s)
-        for lane, entry_ids in group_by_stream(acks).items():
-            pipe.xack(lane, queue.WORKER_GROUP, *entry_ids)
-            pipe.xdel(lane, *entry_ids)  # the lanes' lengths are the backlog
-        pipe.execute()
+            return set()
+        lengths = self._write(self._buffer, acks)
         self.discard()
+        return {request_id for request_id, length in lengths.items() if length < 0}
+
+    def _write(self, entries: Sequence[Entry], acks: Sequence[EntryRef] = ()) -> dict[str, int]:
+        """Appends `entries` to their reply streams unless the request was cancelled,
+        and acknowledges `acks`, atomically. Returns each request's reply stream length
+        (-1: cancelled, nothing written)."""
+        by_request: dict[str, list[bytes]] = {}
+        for request_id, field, value in entries:
+            by_request.setdefault(request_id, []).extend((field, value))
+        args: list = [len(by_request), self.result_ttl_s, queue.WORKER_GROUP]
+        for pairs in by_request.values():
+            args += [len(pairs) // 2, *pairs]
+        lanes = group_by_stream(acks)  # the lanes' lengths are the backlog: delete, too
+        for entry_ids in lanes.values():
+            args += [len(entry_ids), *entry_ids]
+        keys = [
+            *map(queue.reply_stream, by_request),
+            *map(queue.cancel_key, by_request),
+            *lanes,
+        ]
+        lengths = self._write_script(keys=keys, args=args)
+        return dict(zip(by_request, lengths, strict=True))
 
     def discard(self) -> None:
         """Drops buffered writes (their batch failed and will run again)."""
@@ -144,13 +196,9 @@ class ReplyWriter:
         if predict:
             done.sequence_tokens.extend(split_tokens(item.sequence))
         message = pb.ResultChunk(sequence_index=item.sequence_index, complete=done)
-        self._buffer.append(
-            (queue.reply_stream(item.request_id), {queue.CHUNK_FIELD: message.SerializeToString()})
-        )
+        self._buffer.append((item.request_id, queue.CHUNK_FIELD, message.SerializeToString()))
 
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:
         """Buffers an error for the item, in place of its results."""
         error = qpb.ItemError(sequence_index=item.sequence_index, code=code, message=message)
-        self._buffer.append(
-            (queue.reply_stream(item.request_id), {queue.ERROR_FIELD: error.SerializeToString()})
-        )
+        self._buffer.append((item.request_id, queue.ERROR_FIELD, error.SerializeToString()))

@@ -107,15 +107,63 @@ def test_predict_completion_carries_the_sequence_tokens(redis_client, engine):
     assert list(complete.complete.sequence_tokens) == ["M", "K", "<mask>", "A"]
 
 
+class Recording:
+    """Records which sequences each batch ran, then runs them for real."""
+
+    def __init__(self, engine):
+        self.engine, self.batches = engine, []
+
+    def run(self, items, emit):
+        self.batches.append([item.residues for item in items])
+        self.engine.run(items, emit)
+
+
 def test_expired_and_cancelled_items_are_skipped(redis_client, engine):
-    worker = make_worker(redis_client, engine)
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner)
+    enqueue(redis_client, "gone", 0, "MKVLA", age_s=5.0)  # waited: checked before running
     enqueue(redis_client, "late", 0, "MKV", deadline_s=-1)
-    enqueue(redis_client, "gone", 0, "MKV")
+    enqueue(redis_client, "just-gone", 0, "MKVL")  # fresh: runs, its results are dropped
     redis_client.set(queue.cancel_key("gone"), 1)
+    redis_client.set(queue.cancel_key("just-gone"), 1)
     worker.step()
     (error,) = replies(redis_client, "late")
     assert error.code == "DEADLINE_EXCEEDED"
-    assert replies(redis_client, "gone") == []
+    assert runner.batches == [[4]]
+    for request_id in ("gone", "just-gone"):
+        assert not redis_client.exists(queue.reply_stream(request_id))
+    assert queue_length(redis_client) == 0 and pending_count(redis_client) == 0
+
+
+class CancelledMidRun(Recording):
+    """Cancels the batch's first request while the model runs."""
+
+    def __init__(self, engine, redis_client):
+        super().__init__(engine)
+        self.redis = redis_client
+
+    def run(self, items, emit):
+        self.redis.set(queue.cancel_key("leaving"), 1)
+        super().run(items, emit)
+
+
+def test_a_request_cancelled_while_it_runs_gets_nothing_written(redis_client, engine):
+    worker = make_worker(redis_client, CancelledMidRun(engine, redis_client))
+    enqueue(redis_client, "leaving", 0, "MKV")
+    enqueue(redis_client, "staying", 0, "MKV")
+    worker.step()
+    # The frontend deleted the leaving request's reply stream; the write must not bring
+    # it back. The other request in the batch gets everything.
+    assert not redis_client.exists(queue.reply_stream("leaving"))
+    assert [m.WhichOneof("payload") for m in replies(redis_client, "staying")] == [
+        "chunk",
+        "complete",
+    ]
+    assert queue_length(redis_client) == 0 and pending_count(redis_client) == 0
+    # Attention maps over 1 MiB are written as soon as they exist, not buffered.
+    enqueue(redis_client, "leaving", 1, "MKV" * 100, include=(pb.INCLUDE_ATTENTIONS,))
+    worker.step()
+    assert not redis_client.exists(queue.reply_stream("leaving"))
     assert queue_length(redis_client) == 0
 
 
@@ -199,17 +247,6 @@ def test_heartbeat_announces_the_model_and_refreshes_entries_in_flight(redis_cli
     assert pending[0]["time_since_delivered"] < 200
     assert redis_client.zscore(queue.HEARTBEATS, "hb") > time.time() - 5
     assert pb.ModelInfo.FromString(redis_client.get(queue.worker_info_key("hb"))) == MODEL
-
-
-class Recording:
-    """Records which sequences each batch ran, then runs them for real."""
-
-    def __init__(self, engine):
-        self.engine, self.batches = engine, []
-
-    def run(self, items, emit):
-        self.batches.append([item.residues for item in items])
-        self.engine.run(items, emit)
 
 
 def test_a_short_item_queued_later_overtakes_held_long_ones(redis_client, engine):
