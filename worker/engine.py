@@ -45,7 +45,7 @@ class Engine:
         """`dtype` is the compute precision: float32, or float16/bfloat16 on GPUs (attention
         probabilities for contacts and attentions are always float32)."""
         self.device = torch.device(device)
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.model = model.to(self.device).compute_in(dtype).eval()
 
     def warm_up(self) -> None:
         """Runs every code path once, so the first request pays no start-up cost."""

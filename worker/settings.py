@@ -137,8 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         choices=PRECISIONS,
         default=env_or("ESM2_PRECISION", d.precision),
         help="compute precision (ESM2_PRECISION): fp32 matches fair-esm within 1e-4; fp16 "
-        "(CUDA) within 1e-2 relative; bf16 (CUDA, or CPUs with AVX512-BF16/AMX) within 3e-2 "
-        "relative, ~1.3x faster on such CPUs",
+        "(CUDA) and bf16 (CUDA, or CPUs with AVX512-BF16/AMX) within 1e-2 relative: attention "
+        "and the output and feed-forward products in half precision, the rest in fp32",
     )
     parser.add_argument(
         "--threads",
