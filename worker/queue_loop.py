@@ -39,6 +39,7 @@ from esm2_service.worker.work import Runner, WorkItem
 log = logging.getLogger(__name__)
 
 _CLAIM_EVERY_S = 1.0
+_LANE_OF_STREAM = {name.encode(): lane for lane, name in enumerate(queue.QUEUE_LANES)}
 # Items queued at least this long are checked for cancellation before they run. Fresher
 # ones run without the round trip (a client that left within a second of asking); the
 # write step drops a cancelled request's results either way.
@@ -225,9 +226,8 @@ class QueueWorker:
             count=room,
             block=self.settings.block_ms,
         )
-        lanes = {name.encode(): lane for lane, name in enumerate(queue.QUEUE_LANES)}
         return [
-            (lanes[_as_bytes(stream)], entry_id, fields)
+            (_LANE_OF_STREAM[_as_bytes(stream)], entry_id, fields)
             for stream, entries in reply or []
             for entry_id, fields in entries
         ]
