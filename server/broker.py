@@ -43,12 +43,12 @@ return -1
 """
 
 
-async def queue_depth(redis: aioredis.Redis) -> int:
-    """Items waiting or being computed, over all lanes (workers delete what they acknowledge)."""
+async def queue_depths(redis: aioredis.Redis) -> dict[str, int]:
+    """Items waiting or being computed, by lane name (workers delete what they acknowledge)."""
     async with redis.pipeline(transaction=False) as pipe:
         for lane in queue.QUEUE_LANES:
             pipe.xlen(lane)
-        return sum(await pipe.execute())
+        return dict(zip(queue.LANE_NAMES, await pipe.execute(), strict=True))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from esm2_service import queue
-from esm2_service.server.broker import REDIS_ERRORS, queue_depth
+from esm2_service.server.broker import REDIS_ERRORS, queue_depths
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class HealthMonitor:
                 queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf"
             )
             if self.metrics is not None:
-                self.metrics.queue_depth.set(await queue_depth(self.redis))
+                for lane, depth in (await queue_depths(self.redis)).items():
+                    self.metrics.queue_depth.labels(lane=lane).set(depth)
                 self.metrics.workers_alive.set(alive)
         except REDIS_ERRORS as error:
             if self.metrics is not None:

@@ -47,7 +47,8 @@ class FrontendMetrics:
         )
         self.queue_depth = Gauge(
             "esm2_queue_depth",
-            "Items queued or in progress (XLEN of the queue stream), refreshed by the health loop",
+            "Items queued or in progress per queue lane (XLEN), refreshed by the health loop",
+            ["lane"],
             registry=self.registry,
         )
         self.workers_alive = Gauge(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from esm2_service import queue
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
-from esm2_service.server.broker import REDIS_ERRORS, Broker, queue_depth
+from esm2_service.server.broker import REDIS_ERRORS, Broker, queue_depths
 from esm2_service.server.errors import BackendUnavailable, to_rpc_status
 from esm2_service.server.validation import (
     InvalidRequest,
@@ -105,7 +105,7 @@ async def read_status(redis, worker_timeout_s: float) -> pb.StatusResponse:
     infos = (
         await redis.mget([queue.worker_info_key(w.decode()) for w, _ in workers]) if workers else []
     )
-    response = pb.StatusResponse(queue_depth=await queue_depth(redis))
+    response = pb.StatusResponse(queue_depth=sum((await queue_depths(redis)).values()))
     for (worker_id, last_seen), info in zip(workers, infos, strict=True):
         model = pb.ModelInfo.FromString(info) if info else pb.ModelInfo()
         response.workers.add(worker_id=worker_id.decode(), model=model, last_seen_unix_s=last_seen)

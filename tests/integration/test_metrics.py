@@ -14,6 +14,7 @@ from conftest import ServiceProcesses
 from prometheus_client.parser import text_string_to_metric_families
 
 from esm2_service.client import Esm2Client
+from esm2_service.queue import LANE_NAMES
 from esm2_service.server.embedded_redis import free_port
 
 ENCODE = "esm2.v1.Esm2/Encode"
@@ -36,6 +37,10 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def depths(samples: dict) -> dict[str, float]:
+    return {lane: value(samples, "esm2_queue_depth", lane=lane) for lane in LANE_NAMES}
 
 
 def wait_for(predicate, timeout_s: float = 10.0):
@@ -105,7 +110,7 @@ def test_frontend_metrics_count_requests_items_and_workers(observed):
     # Health checks pass through the same interceptor.
     assert value(after, "esm2_requests_total", method="grpc.health.v1.Health/Check", code="OK") >= 1
     assert value(after, "esm2_workers_alive") == 1
-    assert ("esm2_queue_depth", ()) in after
+    assert {("esm2_queue_depth", (("lane", lane),)) for lane in LANE_NAMES} <= after.keys()
 
 
 def test_queue_depth_and_live_workers_follow_redis(redis_server, tiny_checkpoint):
@@ -119,13 +124,14 @@ def test_queue_depth_and_live_workers_follow_redis(redis_server, tiny_checkpoint
             url, tiny_checkpoint, workers=0, server_args=["--metrics-port", str(port)]
         )
         try:
-            wait_for(lambda: ("esm2_queue_depth", ()) in scrape(port))
+            wait_for(lambda: ("esm2_queue_depth", (("lane", "short"),)) in scrape(port))
             assert value(scrape(port), "esm2_workers_alive") == 0
             ids = [client.xadd(lane, {b"noise": b"x"}) for lane in queue.QUEUE_LANES]
-            wait_for(lambda: value(scrape(port), "esm2_queue_depth") == 3)
+            client.xadd(queue.QUEUE_LANES[2], {b"noise": b"y"})
+            wait_for(lambda: depths(scrape(port)) == {"short": 1, "medium": 1, "long": 2})
             for lane, entry_id in zip(queue.QUEUE_LANES, ids, strict=True):
                 client.xdel(lane, entry_id)
-            wait_for(lambda: value(scrape(port), "esm2_queue_depth") == 0)
+            wait_for(lambda: depths(scrape(port)) == {"short": 0, "medium": 0, "long": 1})
             client.zadd(queue.HEARTBEATS, {"a-worker": time.time() + 60})
             wait_for(lambda: value(scrape(port), "esm2_workers_alive") == 1)
         finally:
