@@ -66,25 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--latency-calls", type=int, default=50, help="timed calls per latency (default 50)"
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N for fair-esm, HF, our engine and the worker (default cpu)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="our engine's and the worker's compute precision; fair-esm and HF stay fp32",
+    )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     return parser
 
 
-def run_in_process(stages, corpus: Corpus, checkpoint, engine, repeats: int) -> dict:
+def run_in_process(args, stages, corpus: Corpus, checkpoint, engine) -> dict:
     """Throughputs of the in-process stages on `corpus`, by stage name."""
     from bench import baselines
 
     measured = {}
     if "reference" in stages:
         progress(f"fair-esm on {corpus.name} (slow: tens of seconds per pass)")
-        measured["reference"] = baselines.fair_esm_throughput(checkpoint, corpus, repeats)
+        measured["reference"] = baselines.fair_esm_throughput(
+            checkpoint, corpus, args.repeats, args.device
+        )
     if "hf" in stages:
         progress(f"HF transformers EsmModel (sdpa) on {corpus.name}")
-        measured["hf"] = baselines.hf_throughput(corpus, repeats)
+        measured["hf"] = baselines.hf_throughput(corpus, args.repeats, args.device)
     if "engine" in stages:
         progress(f"our engine in-process on {corpus.name}")
-        measured["engine"] = baselines.engine_throughput(engine, corpus, repeats)
+        measured["engine"] = baselines.engine_throughput(engine, corpus, args.repeats)
     return measured
 
 
@@ -96,7 +109,9 @@ def run_service(args, checkpoint_path, corpora, results, engine) -> None:
     from bench.service import ServiceProcesses, latency_pair, service_throughput
 
     progress("starting redis-server, the frontend and worker bench-0")
-    with ServiceProcesses(checkpoint_path, args.threads, CACHE_DIR / "logs") as service:
+    placement = ["--device", args.device, "--precision", args.precision]
+    logs = CACHE_DIR / "logs"
+    with ServiceProcesses(checkpoint_path, args.threads, logs, placement) as service:
         service.start_worker("bench-0")
         service.wait_serving()
         for corpus in corpora:
@@ -149,8 +164,8 @@ def run(args) -> dict:
     corpora = load_corpora(args.corpus)
     checkpoint_path = ensure_checkpoint()
     checkpoint = load_checkpoint(checkpoint_path)
-    engine = baselines.build_engine(checkpoint)
-    results = {"machine": machine_info(), "settings": vars(args) | {"batch_size": 8}}
+    engine = baselines.build_engine(checkpoint, args.device, args.precision)
+    results = {"machine": machine_info(args.device), "settings": vars(args) | {"batch_size": 8}}
     relative = checkpoint_path.relative_to(REPO_ROOT)
     results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
@@ -158,7 +173,7 @@ def run(args) -> dict:
         for record_id, reason in corpus.skipped:
             progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
         progress(corpus.describe())
-        measured = run_in_process(stages, corpus, checkpoint, engine, args.repeats)
+        measured = run_in_process(args, stages, corpus, checkpoint, engine)
         throughput = {key: value.to_json() for key, value in measured.items()}
         results["corpora"][corpus.name] = {"corpus": corpus.summary(), "throughput": throughput}
     if with_service:

@@ -18,6 +18,13 @@ from esm2_service.worker.checkpoint import Checkpoint, build_fair_esm_model
 from esm2_service.worker.work import TensorOutput, WorkItem
 
 BATCH_SIZE = 8
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def synchronize(device: str) -> None:
+    """Waits for queued GPU work, so a timed pass ends when its results exist."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def chunked(values: Sequence, size: int = BATCH_SIZE) -> list[list]:
@@ -25,24 +32,27 @@ def chunked(values: Sequence, size: int = BATCH_SIZE) -> list[list]:
     return [list(values[start : start + size]) for start in range(0, len(values), size)]
 
 
-def fair_esm_throughput(checkpoint: Checkpoint, corpus: Corpus, repeats: int) -> Throughput:
-    """fair-esm's `ESM2.forward` in batches of 8 in arrival order, padded by its own
-    batch converter; warmed up with one batch."""
+def fair_esm_throughput(
+    checkpoint: Checkpoint, corpus: Corpus, repeats: int, device: str = "cpu"
+) -> Throughput:
+    """fair-esm's `ESM2.forward` (fp32) in batches of 8 in arrival order, padded by its
+    own batch converter; warmed up with one batch."""
     import esm
 
-    model = build_fair_esm_model(checkpoint)
+    model = build_fair_esm_model(checkpoint).to(device)
     convert = esm.data.Alphabet.from_architecture("ESM-1b").get_batch_converter()
     batches = chunked(list(zip(corpus.ids, corpus.sequences, strict=True)))
     last = model.num_layers
 
     def run_batch(batch):
         _, strings, tokens = convert(batch)
-        states = model(tokens, repr_layers=[last])["representations"][last]
+        states = model(tokens.to(device), repr_layers=[last])["representations"][last]
         return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(strings)]
 
     def run_pass():
         for batch in batches:
             run_batch(batch)
+        synchronize(device)
 
     with torch.inference_mode():
         run_batch(batches[0])
@@ -90,19 +100,20 @@ def _padded(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def hf_throughput(corpus: Corpus, repeats: int) -> Throughput:
-    """HF `EsmModel` (sdpa) in batches of 8 sorted by length; warmed up with one batch."""
-    model = hf_esm_model()
+def hf_throughput(corpus: Corpus, repeats: int, device: str = "cpu") -> Throughput:
+    """HF `EsmModel` (sdpa, fp32) in batches of 8 sorted by length; warmed up with one batch."""
+    model = hf_esm_model().to(device)
     batches = chunked(sorted(corpus.sequences, key=len))
 
     def run_batch(batch):
         ids, mask = _padded(batch)
-        states = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        states = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(batch)]
 
     def run_pass():
         for batch in batches:
             run_batch(batch)
+        synchronize(device)
 
     with torch.inference_mode():
         run_batch(batches[0])
@@ -124,12 +135,12 @@ def _discard(output: TensorOutput) -> None:
     """An `emit` that drops every output."""
 
 
-def build_engine(checkpoint: Checkpoint):
+def build_engine(checkpoint: Checkpoint, device: str = "cpu", precision: str = "fp32"):
     """Our serving engine on `checkpoint`, as a worker builds it."""
     from esm2_service.worker.engine import Engine
     from esm2_service.worker.model import Esm2
 
-    return Engine(Esm2.from_checkpoint(checkpoint))
+    return Engine(Esm2.from_checkpoint(checkpoint), device, COMPUTE_DTYPES[precision])
 
 
 def engine_throughput(engine, corpus: Corpus, repeats: int) -> Throughput:

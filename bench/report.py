@@ -51,9 +51,12 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     """Where and when the numbers were taken."""
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
     return {
+        "device": device,
+        "gpu": gpu,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),
@@ -158,7 +161,8 @@ def render_table(results: dict) -> str:
     lines = [
         f"ESM-2 8M benchmark, {machine['date']}: {machine['cpu_model']}, "
         f"{machine['cores_available']} cores, torch {machine['torch']}, "
-        f"{results['settings']['threads']} threads",
+        f"{results['settings']['threads']} threads, "
+        f"{_placement(results)}",
         "tokens/s: residues / wall s of the fastest pass (after warm-up); other CPU s: CPU "
         "seconds processes outside the benchmark used during that pass (shared-machine noise;",
         "a noisy fastest pass, over 5% of a core, gets up to --repeats more passes)",
@@ -170,6 +174,15 @@ def render_table(results: dict) -> str:
     if "memory" in results:
         lines += ["", *_memory_lines(results["memory"])]
     return "\n".join(lines)
+
+
+def _placement(results: dict) -> str:
+    """Where our engine and worker ran, e.g. "cpu fp32" or "cuda (NVIDIA H100) fp16"."""
+    settings, machine = results["settings"], results["machine"]
+    device = settings.get("device", "cpu")
+    if machine.get("gpu"):
+        device += f" ({machine['gpu']})"
+    return f"ours on {device} {settings.get('precision', 'fp32')}"
 
 
 def _markdown_cell(row: dict | None) -> str:
@@ -197,7 +210,8 @@ def render_markdown(results: dict) -> str:
     lines = [
         f"Throughput in residues/s (ESM-2 8M shape, mean embedding of the last layer, "
         f"batches of 8, {results['settings']['threads']} threads; {machine['cpu_model']}, "
-        f"{machine['cores_available']} cores, torch {machine['torch']}, {machine['date'][:10]}):",
+        f"{machine['cores_available']} cores, torch {machine['torch']}, {machine['date'][:10]}; "
+        f"{_placement(results)}):",
         "",
         *_markdown_throughput(results),
     ]

@@ -63,9 +63,10 @@ class ServiceProcesses:
     Each child's stderr (its log) goes to `log_dir/<name>.log`.
     """
 
-    def __init__(self, weights: Path, threads: int, log_dir: Path):
+    def __init__(self, weights: Path, threads: int, log_dir: Path, worker_args: list[str] = ()):
         self.weights = weights
         self.threads = threads
+        self.worker_args = list(worker_args)  # e.g. --device cuda --precision fp16
         self.log_dir = log_dir
         self.redis = None
         self.frontend: subprocess.Popen | None = None
@@ -113,7 +114,7 @@ class ServiceProcesses:
     def start_worker(self, worker_id: str) -> subprocess.Popen:
         """Starts a worker and returns once it has loaded the model and said 'ready'."""
         args = ["--threads", str(self.threads), "--worker-id", worker_id]
-        args += ["--weights", str(self.weights)]
+        args += ["--weights", str(self.weights), *self.worker_args]
         process = self._spawn(worker_id, "esm2_service.worker", args)
         self.workers[worker_id] = process
         line = _first_line(process, START_TIMEOUT_S)
