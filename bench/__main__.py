@@ -36,6 +36,9 @@ STAGES = ("reference", "hf", "engine", "service")
 LATENCY_RESIDUES = 100
 LATENCY_TARGET_MS = 3.0
 LATENCY_WARMUP = 10
+MIXED_LONG_ITEMS = 64  # eight requests of 8
+MIXED_LONG_RESIDUES = 1100
+MIXED_SHORT_CALLS = 5
 _started = time.monotonic()
 
 
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-mixed", action="store_true")
     return parser
 
 
@@ -106,7 +110,7 @@ def run_service(args, checkpoint_path, corpora, results, engine) -> None:
     corpus, the latency and the memory check; stops every process it started."""
     from bench.baselines import engine_call
     from bench.memory import memory_check
-    from bench.service import ServiceProcesses, latency_pair, service_throughput
+    from bench.service import ServiceProcesses, latency_pair, mixed_traffic, service_throughput
 
     progress("starting redis-server, the frontend and worker bench-0")
     placement = ["--device", args.device, "--precision", args.precision]
@@ -127,10 +131,25 @@ def run_service(args, checkpoint_path, corpora, results, engine) -> None:
                 service, engine_call(engine, sequence), sequence, calls, "bench-0"
             )
             results["latency"] = latency_result(local, served) | breakdown
+        if not args.skip_mixed:
+            progress(f"mixed traffic: short requests behind {MIXED_LONG_ITEMS} long items")
+            results["mixed"] = mixed_traffic(
+                service,
+                latency_sequence(),
+                mixed_long_sequences(),
+                MIXED_SHORT_CALLS,
+                "bench-0",
+            )
         if not args.skip_memory:
             progress("memory check: fresh worker, 8 x 2048 residues, every output")
             results["memory"] = memory_check(service)
     progress("service stopped")
+
+
+def mixed_long_sequences() -> list[str]:
+    """The backlog of the mixed-traffic check: long sequences of the long lane."""
+    rng = np.random.default_rng(1000)
+    return [random_sequence(rng, MIXED_LONG_RESIDUES) for _ in range(MIXED_LONG_ITEMS)]
 
 
 def latency_sequence() -> str:

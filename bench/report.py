@@ -137,6 +137,20 @@ def _latency_lines(latency: dict) -> list[str]:
     ]
 
 
+def _mixed_lines(mixed: dict) -> list[str]:
+    return [
+        f"== mixed traffic: {len(mixed['short_ms'])} one-item Encodes of "
+        f"{mixed['short_residues']} residues, sent one after another while "
+        f"{mixed['long_items']} items of {mixed['long_residues']} residues are queued ==",
+        f"  backlog when the first was sent {mixed['backlog_at_first_call']} items, after the "
+        f"last {mixed['backlog_after_last_call']}",
+        f"  short requests p50 {mixed['short_p50_ms']:.1f} ms, max {mixed['short_max_ms']:.1f} ms;"
+        f" longest batch meanwhile {mixed['longest_batch_ms']:.1f} ms",
+        f"  max <= longest batch + its own batch ({mixed['allowed_ms']:.0f} ms)  "
+        f"{_verdict(mixed['pass'])}",
+    ]
+
+
 def _memory_lines(memory: dict) -> list[str]:
     response = memory["response"]
     loaded = memory["worker_peak_rss_after_load_bytes"] / MB
@@ -171,6 +185,8 @@ def render_table(results: dict) -> str:
         lines += ["", *_corpus_lines(name, result)]
     if "latency" in results:
         lines += ["", *_latency_lines(results["latency"])]
+    if "mixed" in results:
+        lines += ["", *_mixed_lines(results["mixed"])]
     if "memory" in results:
         lines += ["", *_memory_lines(results["memory"])]
     return "\n".join(lines)
@@ -228,6 +244,15 @@ def render_markdown(results: dict) -> str:
             f"Latency of one {latency['residues']}-residue Encode: service p50 "
             f"{latency['service']['p50_ms']:.1f} ms, p99 {latency['service']['p99_ms']:.1f} ms; "
             f"in-process engine p50 {latency['engine']['p50_ms']:.1f} ms.",
+        ]
+    if "mixed" in results:
+        mixed = results["mixed"]
+        lines += [
+            "",
+            f"Mixed traffic: {mixed['short_residues']}-residue requests sent behind "
+            f"{mixed['backlog_at_first_call']} queued items of {mixed['long_residues']} residues: "
+            f"p50 {mixed['short_p50_ms']:.0f} ms, max {mixed['short_max_ms']:.0f} ms (longest "
+            f"batch {mixed['longest_batch_ms']:.0f} ms).",
         ]
     if "memory" in results:
         memory = results["memory"]

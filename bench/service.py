@@ -27,6 +27,7 @@ STOP_TIMEOUT_S = 30.0
 # No metrics port to collide with other servers on the machine; text logs to parse.
 CHILD_ENV = {"ESM2_METRICS_PORT": "0", "ESM2_LOG_FORMAT": "text"}
 _BATCH_LOG = re.compile(r"batch of (\d+) \((\d+) tokens\) in ([\d.]+) ms")
+SHORT_REQUEST_ALLOWANCE_MS = 250.0  # a short request's own batch and round trips
 _REQUEST_LOG = re.compile(r"Encode request_id=\S+ items=\d+ done in ([\d.]+) ms")
 
 
@@ -257,4 +258,52 @@ def worker_busy(batch_lines: list[re.Match]) -> dict:
         "items": sum(items for items, _, _ in batches),
         "tokens": sum(tokens for _, tokens, _ in batches),
         "busy_ms": round(sum(ms for _, _, ms in batches), 1),
+    }
+
+
+def mixed_traffic(
+    service: ServiceProcesses,
+    short: str,
+    long_sequences: list[str],
+    calls: int,
+    worker_id: str,
+) -> dict:
+    """Latency of one-item requests of `short` sent while `long_sequences` (in requests
+    of 8, all sent at once) wait in the queue: with length lanes each short request
+    should wait for at most the batch in progress, not for the backlog. Returns the
+    short requests' latencies, the longest batch the worker ran meanwhile and the
+    backlog they arrived behind."""
+    log = service.log_path(worker_id)
+    with Esm2Client(service.target, timeout_s=600) as client:
+        client.encode([short], include=["mean"], repr_layers=[-1])  # warm
+        marks = LogMarks(log)
+        bulk = threading.Thread(
+            target=client.encode, args=(long_sequences,), kwargs={"include": ["mean"]}
+        )
+        bulk.start()
+        while client.status().queue_depth < len(long_sequences) // 2:
+            time.sleep(0.01)
+        backlog = client.status().queue_depth
+        milliseconds = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            client.encode([short], include=["mean"], repr_layers=[-1])
+            milliseconds.append(1000 * (time.perf_counter() - started))
+        behind = client.status().queue_depth
+        bulk.join()
+    batches_ms = [float(match[3]) for match in marks.matches(log, _BATCH_LOG)]
+    # At most the batch in progress, then its own: a short batch, plus the round trips.
+    allowed_ms = max(batches_ms) + SHORT_REQUEST_ALLOWANCE_MS
+    return {
+        "short_residues": len(short),
+        "long_items": len(long_sequences),
+        "long_residues": len(long_sequences[0]),
+        "backlog_at_first_call": backlog,
+        "backlog_after_last_call": behind,
+        "short_ms": [round(ms, 1) for ms in milliseconds],
+        "short_p50_ms": round(statistics.median(milliseconds), 1),
+        "short_max_ms": round(max(milliseconds), 1),
+        "longest_batch_ms": round(max(batches_ms), 1),
+        "allowed_ms": round(allowed_ms, 1),
+        "pass": max(milliseconds) <= allowed_ms,
     }
