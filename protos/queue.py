@@ -13,9 +13,11 @@ PREFIX = "esm2:v1"
 # short item never queues behind a backlog of long ones: workers take from the
 # shortest lane first (see worker/queue_loop.py for the starvation guard).
 # A lane holds sequences of at most LANE_MAX_TOKENS[i] tokens (residues and masks;
-# BOS and EOS not counted); the last lane takes the rest. All workers share one group on every lane.
-LANE_NAMES = ("short", "medium", "long")
-LANE_MAX_TOKENS = (256, 1024)
+# BOS and EOS not counted); the last lane takes the rest, up to the 2,048-token limit.
+# With doubling bounds, an item past the first lane only ever queues behind items at
+# most twice its length. All workers share one group on every lane.
+LANE_MAX_TOKENS = (128, 256, 512, 1024)
+LANE_NAMES = (*(f"to{limit}" for limit in LANE_MAX_TOKENS), f"over{LANE_MAX_TOKENS[-1]}")
 QUEUE_LANES = tuple(f"{PREFIX}:queue:{name}" for name in LANE_NAMES)
 WORKER_GROUP = "workers"
 # Entries that failed `max_deliveries` times, kept for inspection.

@@ -55,8 +55,10 @@ async def test_submit_queues_one_entry_per_item_with_the_deadline(broker, redis_
     # Each item on the lane of its length, in order within a lane.
     assert [[(lane, i.sequence_index, len(i.sequence)) for lane, i in q] for q in queued] == [
         [(0, 0, 3), (0, 1, 2)],
-        [(1, 2, 300)],
-        [(2, 3, 1025)],
+        [],
+        [(2, 2, 300)],
+        [],
+        [(4, 3, 1025)],
     ]
     items = [item for entries in queued for _, item in entries]
     assert {item.request_id for item in items} == {request_id}

@@ -124,14 +124,16 @@ def test_queue_depth_and_live_workers_follow_redis(redis_server, tiny_checkpoint
             url, tiny_checkpoint, workers=0, server_args=["--metrics-port", str(port)]
         )
         try:
-            wait_for(lambda: ("esm2_queue_depth", (("lane", "short"),)) in scrape(port))
+            wait_for(lambda: ("esm2_queue_depth", (("lane", LANE_NAMES[0]),)) in scrape(port))
             assert value(scrape(port), "esm2_workers_alive") == 0
             ids = [client.xadd(lane, {b"noise": b"x"}) for lane in queue.QUEUE_LANES]
-            client.xadd(queue.QUEUE_LANES[2], {b"noise": b"y"})
-            wait_for(lambda: depths(scrape(port)) == {"short": 1, "medium": 1, "long": 2})
+            client.xadd(queue.QUEUE_LANES[-1], {b"noise": b"y"})
+            expected = dict.fromkeys(LANE_NAMES, 1) | {LANE_NAMES[-1]: 2}
+            wait_for(lambda: depths(scrape(port)) == expected)
             for lane, entry_id in zip(queue.QUEUE_LANES, ids, strict=True):
                 client.xdel(lane, entry_id)
-            wait_for(lambda: depths(scrape(port)) == {"short": 0, "medium": 0, "long": 1})
+            expected = dict.fromkeys(LANE_NAMES, 0) | {LANE_NAMES[-1]: 1}
+            wait_for(lambda: depths(scrape(port)) == expected)
             client.zadd(queue.HEARTBEATS, {"a-worker": time.time() + 60})
             wait_for(lambda: value(scrape(port), "esm2_workers_alive") == 1)
         finally:

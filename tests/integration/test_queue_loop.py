@@ -267,7 +267,7 @@ def test_a_short_item_overtakes_a_deep_backlog_of_long_ones(redis_client, engine
     runner = Recording(engine)
     worker = make_worker(redis_client, runner)
     for index in range(8):
-        enqueue(redis_client, f"bulk-{index}", 0, "A" * 300)  # 40 items, medium lane
+        enqueue(redis_client, f"bulk-{index}", 0, "A" * 300)  # 40 items, lane to512
         for more in range(1, 5):
             enqueue(redis_client, f"bulk-{index}", more, "A" * (300 + more))
     worker.step()
@@ -283,10 +283,10 @@ def test_a_short_item_overtakes_a_deep_backlog_of_long_ones(redis_client, engine
 def test_a_read_spanning_lanes_runs_shortest_lane_first_in_separate_batches(redis_client, engine):
     runner = Recording(engine)
     worker = make_worker(redis_client, runner)
-    enqueue(redis_client, "mixed", 0, "A" * 1100)  # long lane
-    enqueue(redis_client, "mixed", 1, "A" * 300)  # medium
-    enqueue(redis_client, "mixed", 2, "A" * 20)  # short
-    enqueue(redis_client, "mixed", 3, "A" * 10)  # short
+    enqueue(redis_client, "mixed", 0, "A" * 1100)  # lane over1024
+    enqueue(redis_client, "mixed", 1, "A" * 300)  # to512
+    enqueue(redis_client, "mixed", 2, "A" * 20)  # to128
+    enqueue(redis_client, "mixed", 3, "A" * 10)  # to128
     while runner.batches != [[10, 20], [300], [1100]]:
         assert worker.step() >= 0 and len(runner.batches) <= 3, runner.batches
     assert queue_length(redis_client) == 0
