@@ -8,6 +8,7 @@ workers) are stopped on exit, error, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ LATENCY_WARMUP = 10
 MIXED_LONG_ITEMS = 64  # eight requests of 8
 MIXED_LONG_RESIDUES = 1100
 MIXED_SHORT_CALLS = 5
+WORKER_ID = "bench-0"
 _started = time.monotonic()
 
 
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=3,
-        help="timed passes per throughput; the fastest counts (default 3)",
+        help="rounds of one timed pass per stage, run in turn; each stage's fastest pass "
+        "counts (default 3)",
     )
     parser.add_argument(
         "--latency-calls", type=int, default=50, help="timed calls per latency (default 50)"
@@ -86,64 +89,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_in_process(args, stages, corpus: Corpus, checkpoint, engine) -> dict:
-    """Throughputs of the in-process stages on `corpus`, by stage name."""
+def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine) -> dict:
+    """The warmed-up in-process contenders of `stages` on `corpus`, by stage name."""
     from bench import baselines
 
-    measured = {}
+    contenders = {}
     if "reference" in stages:
-        progress(f"fair-esm on {corpus.name} (slow: tens of seconds per pass)")
-        measured["reference"] = baselines.fair_esm_throughput(
-            checkpoint, corpus, args.repeats, args.device
-        )
+        progress(f"loading fair-esm (slow: tens of seconds per pass on {corpus.name})")
+        contenders["reference"] = baselines.fair_esm_contender(checkpoint, corpus, args.device)
     if "hf" in stages:
-        progress(f"HF transformers EsmModel (sdpa) on {corpus.name}")
-        measured["hf"] = baselines.hf_throughput(corpus, args.repeats, args.device)
+        progress("loading HF transformers EsmModel (sdpa)")
+        contenders["hf"] = baselines.hf_contender(corpus, args.device)
     if "engine" in stages:
-        progress(f"our engine in-process on {corpus.name}")
-        measured["engine"] = baselines.engine_throughput(engine, corpus, args.repeats)
-    return measured
+        contenders["engine"] = baselines.engine_contender(engine, corpus)
+    return contenders
 
 
-def run_service(args, checkpoint_path, corpora, results, engine) -> None:
-    """Starts Redis, the frontend and one worker; runs the service throughput per
-    corpus, the latency and the memory check; stops every process it started."""
-    from bench.baselines import engine_call
-    from bench.memory import memory_check
-    from bench.service import ServiceProcesses, latency_pair, mixed_traffic, service_throughput
+def start_service(args, checkpoint_path, stack: contextlib.ExitStack):
+    """Redis, the frontend and worker bench-0 as child processes (stopped when `stack`
+    closes), and a client of theirs."""
+    from bench.service import ServiceProcesses
+    from esm2_service.client import Esm2Client
 
     progress("starting redis-server, the frontend and worker bench-0")
     placement = ["--device", args.device, "--precision", args.precision]
-    logs = CACHE_DIR / "logs"
-    with ServiceProcesses(checkpoint_path, args.threads, logs, placement) as service:
-        service.start_worker("bench-0")
-        service.wait_serving()
-        for corpus in corpora:
-            progress(f"service end to end on {corpus.name}")
-            throughput, busy = service_throughput(service, corpus, args.repeats, "bench-0")
-            results["corpora"][corpus.name]["throughput"]["service"] = throughput.to_json()
-            results["corpora"][corpus.name]["service_worker"] = busy
-        if not args.skip_latency:
-            progress(f"latency: {args.latency_calls} in-process and service calls, alternated")
-            sequence = latency_sequence()
-            calls = (LATENCY_WARMUP, args.latency_calls)
-            local, served, breakdown = latency_pair(
-                service, engine_call(engine, sequence), sequence, calls, "bench-0"
-            )
-            results["latency"] = latency_result(local, served) | breakdown
-        if not args.skip_mixed:
-            progress(f"mixed traffic: short requests behind {MIXED_LONG_ITEMS} long items")
-            results["mixed"] = mixed_traffic(
-                service,
-                latency_sequence(),
-                mixed_long_sequences(),
-                MIXED_SHORT_CALLS,
-                "bench-0",
-            )
-        if not args.skip_memory:
-            progress("memory check: fresh worker, 8 x 2048 residues, every output")
-            results["memory"] = memory_check(service)
-    progress("service stopped")
+    service = ServiceProcesses(checkpoint_path, args.threads, CACHE_DIR / "logs", placement)
+    stack.enter_context(service)
+    service.start_worker(WORKER_ID)
+    service.wait_serving()
+    return service, stack.enter_context(Esm2Client(service.target, timeout_s=600))
+
+
+def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service, client) -> dict:
+    """Every selected stage's throughput on `corpus`, timed in interleaved rounds,
+    and (with the service) where the service's time went."""
+    from bench.service import ServicePasses
+    from bench.timing import time_rounds
+
+    contenders = in_process_contenders(args, stages, corpus, checkpoint, engine)
+    service_passes = None
+    if service is not None:
+        service_passes = ServicePasses(service, client, corpus, WORKER_ID)
+        contenders["service"] = service_passes.contender()
+    progress(f"{args.repeats} rounds of one pass each of {', '.join(contenders)} on {corpus.name}")
+    measured = time_rounds(contenders, args.repeats, corpus.residues)
+    result = {"throughput": {key: value.to_json() for key, value in measured.items()}}
+    if service_passes is not None:
+        result["service_worker"] = service_passes.profile()
+    return result
+
+
+def service_checks(args, service, engine, results) -> None:
+    """The latency, mixed-traffic and memory checks, as selected."""
+    from bench.baselines import engine_call
+    from bench.memory import memory_check
+    from bench.service import latency_pair, mixed_traffic
+
+    if not args.skip_latency:
+        progress(f"latency: {args.latency_calls} in-process and service calls, alternated")
+        sequence = latency_sequence()
+        calls = (LATENCY_WARMUP, args.latency_calls)
+        local, served, breakdown = latency_pair(
+            service, engine_call(engine, sequence), sequence, calls, WORKER_ID
+        )
+        results["latency"] = latency_result(local, served) | breakdown
+    if not args.skip_mixed:
+        progress(f"mixed traffic: short requests behind {MIXED_LONG_ITEMS} long items")
+        results["mixed"] = mixed_traffic(
+            service, latency_sequence(), mixed_long_sequences(), MIXED_SHORT_CALLS, WORKER_ID
+        )
+    if not args.skip_memory:
+        progress("memory check: fresh worker, 8 x 2048 residues, every output")
+        results["memory"] = memory_check(service)
 
 
 def mixed_long_sequences() -> list[str]:
@@ -179,7 +196,6 @@ def run(args) -> dict:
     from esm2_service.worker.checkpoint import load_checkpoint
 
     stages = set(args.only or STAGES)
-    with_service = "service" in stages
     corpora = load_corpora(args.corpus)
     checkpoint_path = ensure_checkpoint()
     checkpoint = load_checkpoint(checkpoint_path)
@@ -188,15 +204,19 @@ def run(args) -> dict:
     relative = checkpoint_path.relative_to(REPO_ROOT)
     results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
-    for corpus in corpora:
-        for record_id, reason in corpus.skipped:
-            progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
-        progress(corpus.describe())
-        measured = run_in_process(args, stages, corpus, checkpoint, engine)
-        throughput = {key: value.to_json() for key, value in measured.items()}
-        results["corpora"][corpus.name] = {"corpus": corpus.summary(), "throughput": throughput}
-    if with_service:
-        run_service(args, checkpoint_path, corpora, results, engine)
+    with contextlib.ExitStack() as stack:
+        service = client = None
+        if "service" in stages:
+            service, client = start_service(args, checkpoint_path, stack)
+        for corpus in corpora:
+            for record_id, reason in corpus.skipped:
+                progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
+            progress(corpus.describe())
+            timed = time_corpus(args, stages, corpus, checkpoint, engine, service, client)
+            results["corpora"][corpus.name] = {"corpus": corpus.summary(), **timed}
+        if service is not None:
+            service_checks(args, service, engine, results)
+    progress("every process the bench started is stopped")
     for result in results["corpora"].values():
         result["ratios"] = ratios(result["throughput"])
     return results

@@ -1,7 +1,8 @@
-"""In-process throughput: fair-esm (the reference), Hugging Face `EsmModel`, our engine.
+"""In-process contenders: fair-esm (the reference), Hugging Face `EsmModel`, our engine.
 
-Every measurement counts residues only (no <cls>/<eos>, no padding) and returns
-the mean embedding of the last layer per sequence, the job the service is timed on.
+Each builds a warmed-up pass over a corpus that computes the mean embedding of the
+last layer per sequence, the job the service is timed on (`bench.timing.time_rounds`
+times them; tokens/s counts residues only, no <cls>/<eos>, no padding).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from bench.corpus import Corpus
-from bench.timing import Throughput, time_passes
+from bench.timing import Contender
 from esm2_service.alphabet import PAD_INDEX, encode_tokens, split_tokens
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import Checkpoint, build_fair_esm_model
@@ -32,9 +33,7 @@ def chunked(values: Sequence, size: int = BATCH_SIZE) -> list[list]:
     return [list(values[start : start + size]) for start in range(0, len(values), size)]
 
 
-def fair_esm_throughput(
-    checkpoint: Checkpoint, corpus: Corpus, repeats: int, device: str = "cpu"
-) -> Throughput:
+def fair_esm_contender(checkpoint: Checkpoint, corpus: Corpus, device: str = "cpu") -> Contender:
     """fair-esm's `ESM2.forward` (fp32) in batches of 8 in arrival order, padded by its
     own batch converter; warmed up with one batch."""
     import esm
@@ -49,16 +48,8 @@ def fair_esm_throughput(
         states = model(tokens.to(device), repr_layers=[last])["representations"][last]
         return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(strings)]
 
-    def run_pass():
-        for batch in batches:
-            run_batch(batch)
-        synchronize(device)
-
-    with torch.inference_mode():
-        run_batch(batches[0])
-        timed = time_passes(run_pass, repeats)
     label = "fair-esm ESM2.forward, batches of 8, arrival order"
-    return Throughput(label, corpus.residues, *timed)
+    return _warmed_up(label, run_batch, batches, device)
 
 
 def hf_esm_model() -> torch.nn.Module:
@@ -100,7 +91,7 @@ def _padded(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def hf_throughput(corpus: Corpus, repeats: int, device: str = "cpu") -> Throughput:
+def hf_contender(corpus: Corpus, device: str = "cpu") -> Contender:
     """HF `EsmModel` (sdpa, fp32) in batches of 8 sorted by length; warmed up with one batch."""
     model = hf_esm_model().to(device)
     batches = chunked(sorted(corpus.sequences, key=len))
@@ -110,6 +101,15 @@ def hf_throughput(corpus: Corpus, repeats: int, device: str = "cpu") -> Throughp
         states = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(batch)]
 
+    label = "HF EsmModel (sdpa), batches of 8, length-sorted"
+    return _warmed_up(label, run_batch, batches, device)
+
+
+def _warmed_up(label: str, run_batch, batches: list[list], device: str) -> Contender:
+    """The contender running `run_batch` over `batches` without autograd, after one
+    untimed batch."""
+
+    @torch.inference_mode()
     def run_pass():
         for batch in batches:
             run_batch(batch)
@@ -117,9 +117,7 @@ def hf_throughput(corpus: Corpus, repeats: int, device: str = "cpu") -> Throughp
 
     with torch.inference_mode():
         run_batch(batches[0])
-        timed = time_passes(run_pass, repeats)
-    label = "HF EsmModel (sdpa), batches of 8, length-sorted"
-    return Throughput(label, corpus.residues, *timed)
+    return Contender(label, run_pass)
 
 
 def work_item(sequence: str, last_layer: int = 6) -> WorkItem:
@@ -143,7 +141,7 @@ def build_engine(checkpoint: Checkpoint, device: str = "cpu", precision: str = "
     return Engine(Esm2.from_checkpoint(checkpoint), device, COMPUTE_DTYPES[precision])
 
 
-def engine_throughput(engine, corpus: Corpus, repeats: int) -> Throughput:
+def engine_contender(engine, corpus: Corpus) -> Contender:
     """`engine.run` in packed batches of 8 sorted by length; warmed up with one pass."""
     batches = chunked(sorted(corpus.sequences, key=len))
     last = engine.model.num_layers
@@ -153,9 +151,7 @@ def engine_throughput(engine, corpus: Corpus, repeats: int) -> Throughput:
             engine.run([work_item(sequence, last) for sequence in batch], _discard)
 
     run_pass()
-    timed = time_passes(run_pass, repeats)
-    label = "our engine in-process, batches of 8, length-sorted"
-    return Throughput(label, corpus.residues, *timed)
+    return Contender("our engine in-process, batches of 8, length-sorted", run_pass)
 
 
 def engine_call(engine, sequence: str) -> Callable[[], None]:

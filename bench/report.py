@@ -177,9 +177,10 @@ def render_table(results: dict) -> str:
         f"{machine['cores_available']} cores, torch {machine['torch']}, "
         f"{results['settings']['threads']} threads, "
         f"{_placement(results)}",
-        "tokens/s: residues / wall s of the fastest pass (after warm-up); other CPU s: CPU "
-        "seconds processes outside the benchmark used during that pass (shared-machine noise;",
-        "a noisy fastest pass, over 5% of a core, gets up to --repeats more passes)",
+        "tokens/s: residues / wall s of the fastest pass (after warm-up); the stages run in "
+        "rounds of one pass each, side by side; other CPU s: CPU seconds processes",
+        "outside the benchmark used during that pass (shared-machine noise; a noisy fastest "
+        "pass, over 5% of a core, gets up to --repeats more rounds)",
     ]
     for name, result in results["corpora"].items():
         lines += ["", *_corpus_lines(name, result)]

@@ -18,7 +18,7 @@ import grpc
 
 from bench.corpus import Corpus
 from bench.procfs import cpu_seconds
-from bench.timing import Latency, Throughput, time_interleaved, time_passes
+from bench.timing import Contender, Latency, time_interleaved
 from esm2_service.client import Esm2Client
 
 SERVICE_NAME = "esm2.v1.Esm2"
@@ -181,30 +181,44 @@ class LogMarks:
             return [match for match in map(pattern.search, log) if match]
 
 
-def service_throughput(
-    service: ServiceProcesses, corpus: Corpus, repeats: int, worker_id: str
-) -> tuple[Throughput, dict]:
-    """`Esm2Client.encode` of the whole corpus (requests of 8, sent concurrently),
-    mean of the last layer; one untimed warm-up pass first. Also returns where time
-    went in the timed passes: the worker's logged batches (see `worker_busy`) and the
-    CPU seconds of every process."""
-    log = service.log_path(worker_id)
-    with Esm2Client(service.target, timeout_s=600) as client:
+class ServicePasses:
+    """Encodes of a whole corpus through the service (requests of 8 sent concurrently,
+    mean of the last layer), warmed up with one untimed pass; and where the time of
+    the timed passes went: the worker's logged batches (see `worker_busy`) and the CPU
+    seconds of every process during those passes only."""
 
-        def run_pass():
-            client.encode(corpus.sequences, include=["mean"], repr_layers=[-1])
+    LABEL = "our service e2e: client, gRPC, Redis, 1 worker"
 
-        run_pass()
+    def __init__(self, service: ServiceProcesses, client: Esm2Client, corpus: Corpus, worker_id):
+        self.service = service
+        self.client = client
+        self.sequences = corpus.sequences
+        self.log = service.log_path(worker_id)
+        self._encode()
         time.sleep(0.2)  # lets the worker log the warm-up's last batch
-        marks, cpu_before = LogMarks(log), service.cpu_snapshot()
-        seconds, foreign = time_passes(run_pass, repeats, service.pids().values())
-        cpu_after = service.cpu_snapshot()
-    profile = worker_busy(marks.matches(log, _BATCH_LOG))
-    profile["wall_s"] = round(sum(seconds), 3)
-    profile["busy_share"] = round(profile["busy_ms"] / 1000 / sum(seconds), 3)
-    profile["cpu_s"] = {role: round(cpu_after[role] - cpu_before[role], 2) for role in cpu_after}
-    label = "our service e2e: client, gRPC, Redis, 1 worker"
-    return Throughput(label, corpus.residues, seconds, foreign), profile
+        self.marks = LogMarks(self.log)
+        self.wall_s = 0.0
+        self.cpu_s = dict.fromkeys(service.pids(), 0.0)
+
+    def _encode(self) -> None:
+        self.client.encode(self.sequences, include=["mean"], repr_layers=[-1])
+
+    def timed_pass(self) -> None:
+        cpu_before, started = self.service.cpu_snapshot(), time.perf_counter()
+        self._encode()
+        self.wall_s += time.perf_counter() - started
+        for role, seconds in self.service.cpu_snapshot().items():
+            self.cpu_s[role] += seconds - cpu_before[role]
+
+    def contender(self) -> Contender:
+        return Contender(self.LABEL, self.timed_pass, tuple(self.service.pids().values()))
+
+    def profile(self) -> dict:
+        profile = worker_busy(self.marks.matches(self.log, _BATCH_LOG))
+        profile["wall_s"] = round(self.wall_s, 3)
+        profile["busy_share"] = round(profile["busy_ms"] / 1000 / self.wall_s, 3)
+        profile["cpu_s"] = {role: round(seconds, 2) for role, seconds in self.cpu_s.items()}
+        return profile
 
 
 ENGINE_LABEL = "engine.run in-process, 1 item"

@@ -1,4 +1,4 @@
-"""Timing helpers: repeated wall-clock passes and latency percentiles.
+"""Timing helpers: passes over a corpus timed in interleaved rounds, and latency percentiles.
 
 The machine may be shared, so every timing also records how many CPU seconds
 processes other than the measured ones used meanwhile (`ForeignCpu`).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,23 +63,44 @@ def is_noisy(seconds: float, foreign_cpu_s: float) -> bool:
     return foreign_cpu_s > NOISY_SHARE * seconds
 
 
-def time_passes(
-    run_pass: Callable[[], object], repeats: int, pids: Iterable[int] | None = None
-) -> tuple[list[float], list[float]]:
-    """Wall seconds of `repeats` calls of `run_pass`, and the CPU seconds processes
-    other than `pids` (default: this one) used during each. While the fastest pass
-    so far was noisy (`is_noisy`), up to `repeats` more passes are run."""
-    foreign = ForeignCpu(pids if pids is not None else [os.getpid()])
-    seconds, foreign_cpu = [], []
-    while len(seconds) < repeats or (
-        len(seconds) < 2 * repeats and is_noisy(*_fastest(seconds, foreign_cpu))
-    ):
-        foreign.start()
-        started = time.perf_counter()
-        run_pass()
-        seconds.append(time.perf_counter() - started)
-        foreign_cpu.append(foreign.stop())
-    return seconds, foreign_cpu
+@dataclass(frozen=True)
+class Contender:
+    """One way of running a pass over a corpus, warmed up and ready to be timed."""
+
+    label: str
+    run_pass: Callable[[], object]
+    pids: tuple[int, ...] = ()  # the processes doing its work (default: this one)
+
+
+def time_rounds(
+    contenders: Mapping[str, Contender], repeats: int, residues: int
+) -> dict[str, Throughput]:
+    """Throughput of each contender over `repeats` rounds, a round being one pass of
+    every contender in turn: a shared machine's slow minutes then hit them all alike,
+    and ratios between them are measured side by side. While some contender's fastest
+    pass was noisy (`is_noisy`), up to `repeats` more rounds are run."""
+    foreign = {
+        name: ForeignCpu(contender.pids or [os.getpid()]) for name, contender in contenders.items()
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    foreign_cpu: dict[str, list[float]] = {name: [] for name in contenders}
+
+    def any_noisy() -> bool:
+        return any(is_noisy(*_fastest(seconds[n], foreign_cpu[n])) for n in contenders)
+
+    rounds = 0
+    while rounds < repeats or (rounds < 2 * repeats and any_noisy()):
+        for name, contender in contenders.items():
+            foreign[name].start()
+            started = time.perf_counter()
+            contender.run_pass()
+            seconds[name].append(time.perf_counter() - started)
+            foreign_cpu[name].append(foreign[name].stop())
+        rounds += 1
+    return {
+        name: Throughput(contender.label, residues, seconds[name], foreign_cpu[name])
+        for name, contender in contenders.items()
+    }
 
 
 def _fastest(seconds: list[float], foreign_cpu: list[float]) -> tuple[float, float]:
