@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         default=env_or("REDIS_URL", d.redis_url),
-        help="Redis URL, e.g. redis://:password@host:6379/0 or rediss:// for TLS (REDIS_URL)",
+        help="Redis URL, e.g. redis://:password@host:6379/0, rediss:// for TLS or "
+        "unix:///path/redis.sock (REDIS_URL)",
     )
     add_setting(
         parser,

@@ -83,19 +83,26 @@ def run_worker(
     except CheckpointError as error:
         log.error("%s", error)
         raise SystemExit(2) from error
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2.0,
-        socket_timeout=max(10.0, settings.block_ms / 1000 + 5),
-        socket_keepalive=True,
-        health_check_interval=10,
-    )
+    client = redis_client(settings)
     _wait_for_redis(client, settings, stop)
     worker = QueueWorker(client, engine, settings, info, metrics)
     log.info("worker %s serving (%s)", settings.worker_id, settings.describe())
     print(f"esm2 worker {settings.worker_id} ready", flush=True)
     worker.run(stop)
     log.info("worker %s stopped after %d items", settings.worker_id, worker.stats["items"])
+
+
+def redis_client(settings: WorkerSettings) -> redis.Redis:
+    """The worker's Redis client: TCP (redis://, rediss://) or a Unix socket (unix://)."""
+    # Keepalive probes find a peer that vanished without a FIN; Unix sockets have none.
+    tcp = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=max(10.0, settings.block_ms / 1000 + 5),
+        health_check_interval=10,
+        **tcp,
+    )
 
 
 def _wait_for_redis(client, settings: WorkerSettings, stop: threading.Event) -> None:
