@@ -106,10 +106,9 @@ def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine) -> d
 
 
 def start_service(args, checkpoint_path, stack: contextlib.ExitStack):
-    """Redis, the frontend and worker bench-0 as child processes (stopped when `stack`
-    closes), and a client of theirs."""
+    """Redis, the frontend and worker bench-0 as child processes, stopped when `stack`
+    closes."""
     from bench.service import ServiceProcesses
-    from esm2_service.client import Esm2Client
 
     progress("starting redis-server, the frontend and worker bench-0")
     placement = ["--device", args.device, "--precision", args.precision]
@@ -117,22 +116,26 @@ def start_service(args, checkpoint_path, stack: contextlib.ExitStack):
     stack.enter_context(service)
     service.start_worker(WORKER_ID)
     service.wait_serving()
-    return service, stack.enter_context(Esm2Client(service.target, timeout_s=600))
+    return service
 
 
-def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service, client) -> dict:
+def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service) -> dict:
     """Every selected stage's throughput on `corpus`, timed in interleaved rounds,
     and (with the service) where the service's time went."""
     from bench.service import ServicePasses
     from bench.timing import time_rounds
+    from esm2_service.client import Esm2Client
 
     contenders = in_process_contenders(args, stages, corpus, checkpoint, engine)
     service_passes = None
-    if service is not None:
-        service_passes = ServicePasses(service, client, corpus, WORKER_ID)
-        contenders["service"] = service_passes.contender()
-    progress(f"{args.repeats} rounds of one pass each of {', '.join(contenders)} on {corpus.name}")
-    measured = time_rounds(contenders, args.repeats, corpus.residues)
+    with contextlib.ExitStack() as stack:
+        if service is not None:
+            client = stack.enter_context(Esm2Client(service.target, timeout_s=600))
+            service_passes = ServicePasses(service, client, corpus, WORKER_ID)
+            contenders["service"] = service_passes.contender()
+        rounds = f"{args.repeats} rounds of one pass each of {', '.join(contenders)}"
+        progress(f"{rounds} on {corpus.name}")
+        measured = time_rounds(contenders, args.repeats, corpus.residues)
     result = {"throughput": {key: value.to_json() for key, value in measured.items()}}
     if service_passes is not None:
         result["service_worker"] = service_passes.profile()
@@ -205,14 +208,12 @@ def run(args) -> dict:
     results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
     with contextlib.ExitStack() as stack:
-        service = client = None
-        if "service" in stages:
-            service, client = start_service(args, checkpoint_path, stack)
+        service = start_service(args, checkpoint_path, stack) if "service" in stages else None
         for corpus in corpora:
             for record_id, reason in corpus.skipped:
                 progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
             progress(corpus.describe())
-            timed = time_corpus(args, stages, corpus, checkpoint, engine, service, client)
+            timed = time_corpus(args, stages, corpus, checkpoint, engine, service)
             results["corpora"][corpus.name] = {"corpus": corpus.summary(), **timed}
         if service is not None:
             service_checks(args, service, engine, results)
