@@ -217,7 +217,8 @@ def run(args) -> dict:
             results["corpora"][corpus.name] = {"corpus": corpus.summary(), **timed}
         if service is not None:
             service_checks(args, service, engine, results)
-    progress("every process the bench started is stopped")
+    if "service" in stages:
+        progress("redis-server, the frontend and the workers are stopped")
     for result in results["corpora"].values():
         result["ratios"] = ratios(result["throughput"])
     return results
