@@ -12,6 +12,7 @@ import contextlib
 import signal
 import sys
 import time
+from pathlib import Path
 
 from esm2_service.worker.openmp import configure_openmp_wait
 
@@ -31,7 +32,13 @@ from bench.corpus import (  # noqa: E402
     load_corpora,
     random_sequence,
 )
-from bench.report import machine_info, ratios, render_table, write_results  # noqa: E402
+from bench.report import (  # noqa: E402
+    RESULTS_DIR,
+    machine_info,
+    ratios,
+    render_table,
+    write_results,
+)
 
 STAGES = ("reference", "hf", "engine", "service")
 LATENCY_RESIDUES = 100
@@ -82,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "fp16", "bf16"),
         default="fp32",
         help="our engine's and the worker's compute precision; fair-esm and HF stay fp32",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder for latest.json and latest.md (default bench/results, the figures the "
+        "README quotes; point partial or experimental runs elsewhere)",
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -203,7 +217,8 @@ def run(args) -> dict:
     checkpoint_path = ensure_checkpoint()
     checkpoint = load_checkpoint(checkpoint_path)
     engine = baselines.build_engine(checkpoint, args.device, args.precision)
-    results = {"machine": machine_info(args.device), "settings": vars(args) | {"batch_size": 8}}
+    settings = vars(args) | {"batch_size": 8, "output": str(args.output)}
+    results = {"machine": machine_info(args.device), "settings": settings}
     relative = checkpoint_path.relative_to(REPO_ROOT)
     results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = run(args)
     print(render_table(results), flush=True)
-    json_path, markdown_path = write_results(results)
+    json_path, markdown_path = write_results(results, args.output)
     progress(f"wrote {json_path} and {markdown_path}")
     return 0
 
