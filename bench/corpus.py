@@ -12,7 +12,7 @@ from esm2_service.alphabet import ACCEPTED_CHARACTERS, STANDARD_RESIDUES
 from esm2_service.client.fasta import read_fasta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DATA_DIR = REPO_ROOT / "tests" / "data"
 CACHE_DIR = REPO_ROOT / ".cache" / "bench"
 CHECKPOINT_NAME = "esm2_t6_8M_UR50D.pt"
 CORPUS_NAMES = ("lognormal", "real")
@@ -89,7 +89,7 @@ def _rejection(sequence: str) -> str | None:
     return None
 
 
-def real_corpus(data_dir: Path = SHARED_DATA) -> Corpus:
+def real_corpus(data_dir: Path = DATA_DIR) -> Corpus:
     """The real proteins of `REAL_FILES`; sequences the service would refuse are skipped."""
     ids, sequences, skipped = [], [], []
     for file_name, limit in REAL_FILES:

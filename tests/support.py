@@ -10,7 +10,7 @@ import torch
 from esm2_service.alphabet import MASK_INDEX, encode_tokens, split_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA_DIR = ROOT / "tests" / "data"  # real sequences from fair-esm (see its README)
 
 
 def fair_esm_outputs(model, sequence: str, layers=(0, 1, 2, 3, 4, 5, 6)) -> dict:
@@ -41,9 +41,9 @@ def assert_close(actual, expected, atol: float = 1e-4, what: str = "") -> None:
 
 
 def read_fasta_records(name: str) -> list[tuple[str, str]]:
-    """(id, sequence) records of one of the real FASTA files in ../shared/data."""
+    """(id, sequence) records of one of the real FASTA files in tests/data."""
     records, header, parts = [], None, []
-    for line in (SHARED_DATA / name).read_text().splitlines():
+    for line in (DATA_DIR / name).read_text().splitlines():
         if line.startswith(">"):
             if header is not None:
                 records.append((header, "".join(parts)))

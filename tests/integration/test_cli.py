@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import SHARED_DATA, assert_close, fair_esm_outputs, read_fasta_records
+from support import DATA_DIR, assert_close, fair_esm_outputs, read_fasta_records
 
 from esm2_service.server.embedded_redis import free_port
 
@@ -35,7 +35,7 @@ def test_encode_a_real_fasta_to_npz(service, tiny_reference, tmp_path):
     out = tmp_path / "few.npz"
     result = esm2(
         "encode",
-        SHARED_DATA / "few_proteins.fasta",
+        DATA_DIR / "few_proteins.fasta",
         "-o",
         out,
         "--include",

@@ -520,7 +520,7 @@ def run_lines(name: str) -> list[str]:
 
 
 def makefile_torch_pin() -> str:
-    (pin,) = re.findall(r"^TORCH_CPU\s*:=\s*(torch==\S+)", (ROOT / "Makefile").read_text(), re.M)
+    (pin,) = re.findall(r"^TORCH\s*:=\s*(torch==\S+)", (ROOT / "Makefile").read_text(), re.M)
     return pin
 
 
