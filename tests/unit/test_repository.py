@@ -28,9 +28,7 @@ def test_data_folders_are_inside_the_repository():
 
 def test_every_data_file_read_is_tracked():
     tracked = set(_tracked("tests/data"))
-    needed = {"few_proteins.fasta", "some_proteins.fasta"} | {
-        name for name, _ in corpus.REAL_FILES
-    }
+    needed = {"few_proteins.fasta", "some_proteins.fasta"} | {name for name, _ in corpus.REAL_FILES}
     for name in needed:
         assert f"tests/data/{name}" in tracked, f"tests/data/{name} is not committed"
     assert "tests/data/README.md" in tracked  # the fair-esm licence note
