@@ -94,7 +94,7 @@ def real_corpus(data_dir: Path = DATA_DIR) -> Corpus:
     ids, sequences, skipped = [], [], []
     for file_name, limit in REAL_FILES:
         records = read_fasta(data_dir / file_name)
-        for record_id, sequence in records[:limit]:
+        for record_id, sequence, _ in records[:limit]:
             reason = _rejection(sequence)
             if reason:
                 skipped.append((record_id, reason))

@@ -11,16 +11,18 @@ from .results import (
     PredictResult,
     ResultStreamError,
 )
-from .rich_errors import field_violations
+from .rich_errors import InvalidArgumentError, field_violations, request_id
 
 __all__ = [
     "AsyncEsm2Client",
     "EncodeResult",
     "Esm2Client",
     "IncompleteResultError",
+    "InvalidArgumentError",
     "ModelInfo",
     "PredictResult",
     "ResultStreamError",
     "field_violations",
+    "request_id",
     "tls_credentials",
 ]

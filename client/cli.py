@@ -19,14 +19,15 @@ from google.protobuf import json_format
 
 from esm2_service import __version__
 from esm2_service.config import env_or
+from esm2_service.validation import check_sequence
 
 from .client import Esm2Client, tls_credentials
-from .fasta import read_fasta
+from .fasta import FastaRecord, read_fasta
 from .output import NPZ_LAYOUT, npz_arrays, predict_document, predict_json, string_array
 from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, include_value
 from .progress import Progress
 from .results import ResultStreamError
-from .rich_errors import field_violations
+from .rich_errors import InvalidArgumentError, field_violations, request_id, shift_item
 
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENV = "ESM2_TARGET"
@@ -146,7 +147,8 @@ def _add_predict(commands: Any) -> None:
         help="logits and top tokens at the <mask> positions of sequences, as JSON",
         description="Prints (or writes with -o) a JSON object: vocab_tokens, and per sequence "
         "its id, sequence_tokens, mask_positions (indices into sequence_tokens), "
-        "predicted_tokens (the top token at each mask) and logits (one row per mask).",
+        "predicted_tokens (at each mask, the top-scoring of the 20 standard amino acids) and "
+        "logits (one row per mask, all 33 vocabulary columns).",
     )
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("fasta", nargs="?", help="input FASTA file")
@@ -270,7 +272,7 @@ def _client(args: argparse.Namespace) -> Esm2Client:
         raise UsageError(str(error)) from None
 
 
-def _read_records(path: str) -> list[tuple[str, str]]:
+def _read_records(path: str) -> list[FastaRecord]:
     try:
         records = read_fasta(path)
     except (OSError, ValueError) as error:
@@ -280,8 +282,37 @@ def _read_records(path: str) -> list[tuple[str, str]]:
     return records
 
 
+def _check_records(records: list[FastaRecord], allow_mask: bool) -> None:
+    """InvalidArgumentError naming every bad record, before any request is sent."""
+    violations = [
+        (f"items[{index}].sequence", violation.description)
+        for index, record in enumerate(records)
+        for violation in check_sequence(record.sequence, "sequence", allow_mask)
+    ]
+    if violations:
+        raise _name_records(InvalidArgumentError(violations), records, offset=0)
+
+
+def _name_records(
+    error: InvalidArgumentError, records: list[FastaRecord], offset: int
+) -> InvalidArgumentError:
+    """`items[i]` of a call that sent records[offset:] -> `items[offset+i] (record 'ID',
+    line N)`, the record's place in the user's FASTA file (no line for --sequence)."""
+    named = []
+    for field, description in error.violations:
+        field = shift_item(field, offset)
+        if field.startswith("items["):
+            index = int(field[len("items[") : field.index("]")])
+            if index < len(records):
+                record = records[index]
+                line = f", line {record.line}" if record.line else ""
+                field += f" (record {record.id!r}{line})"
+        named.append((field, description))
+    return InvalidArgumentError(named, error.request_ids)
+
+
 def _run_windows(
-    records: list[tuple[str, str]],
+    records: list[FastaRecord],
     call: Callable[[list[str]], list[Result]],
     args: argparse.Namespace,
 ) -> Iterator[tuple[str, Result]]:
@@ -291,18 +322,22 @@ def _run_windows(
     with progress:
         for start in range(0, len(records), window):
             part = records[start : start + window]
-            results = call([sequence for _, sequence in part])
+            try:
+                results = call([record.sequence for record in part])
+            except InvalidArgumentError as error:
+                raise _name_records(error, records, start) from None
             progress.update(len(part))
-            yield from zip((record_id for record_id, _ in part), results, strict=True)
+            yield from zip((record.id for record in part), results, strict=True)
 
 
 def run_encode(args: argparse.Namespace) -> int:
     records = _read_records(args.fasta)
-    ids = [record_id for record_id, _ in records]
+    ids = [record.id for record in records]
     duplicates = sorted(record_id for record_id, count in Counter(ids).items() if count > 1)
     _check_output_dir(args.output)
     if duplicates:
         raise UsageError(f"{args.fasta}: duplicate record ids {duplicates}")
+    _check_records(records, allow_mask=False)
     arrays: dict[str, np.ndarray] = {}
     vocab: list[str] = []
     random_weights = False
@@ -323,11 +358,14 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.fasta is not None:
         records = _read_records(args.fasta)
     else:
-        records = [(f"seq{i}", sequence) for i, sequence in enumerate(args.sequence, start=1)]
+        records = [
+            FastaRecord(f"seq{i}", sequence, 0) for i, sequence in enumerate(args.sequence, 1)
+        ]
     vocab: list[str] = []
     documents: list[dict[str, Any]] = []
     random_weights = False
     _check_output_dir(args.output)
+    _check_records(records, allow_mask=True)
     with _client(args) as client:
         predict = partial(client.predict, dtype=args.dtype)
         for record_id, result in _run_windows(records, predict, args):
@@ -378,10 +416,19 @@ def _warn_if_random(random_weights: bool) -> None:
 
 
 def print_rpc_error(error: grpc.RpcError) -> None:
-    """`error: CODE: details` on stderr, then one line per BadRequest field violation."""
-    print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-    for field, description in field_violations(error):
-        print(f"  {field}: {description}", file=sys.stderr)
+    """`error: CODE: details` on stderr, or, for invalid input, one line per violation;
+    then the request id the service logged the call under, if it got one."""
+    violations = field_violations(error)
+    if violations:
+        noun = "violation" if len(violations) == 1 else "violations"
+        print(f"error: {error.code().name}: {len(violations)} {noun}:", file=sys.stderr)
+        for field, description in violations:
+            print(f"  {field}: {description}", file=sys.stderr)
+    else:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+    found = request_id(error)
+    if found:
+        print(f"request id: {found}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """gRPC clients of the `esm2.v1.Esm2` service: `Esm2Client` and `AsyncEsm2Client`.
 
-Both split a list of sequences into requests of at most 8 items, run up to
-`max_concurrency` of them at once, and return one result per sequence in the
-caller's order. Server errors surface unchanged, as `grpc.RpcError` (sync) or
-`grpc.aio.AioRpcError` (async).
+Both check a list of sequences with the service's own rules, split it into
+requests of at most 8 items, run up to `max_concurrency` of them at once, and
+return one result per sequence in the caller's order. Invalid input raises
+`InvalidArgumentError` (a `grpc.RpcError`) naming every violation by its index in
+the caller's list; other server errors surface unchanged, as `grpc.RpcError`
+(sync) or `grpc.aio.AioRpcError` (async).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import grpc.experimental
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
+from esm2_service.metadata import AUTHORIZATION
+from esm2_service.validation import FieldViolation, encode_violations, predict_violations
 
 from .params import (
     MAX_ITEMS_PER_REQUEST,
@@ -38,6 +42,7 @@ from .results import (
     StreamAssembler,
     predict_result,
 )
+from .rich_errors import InvalidArgumentError
 
 Metadata = Sequence[tuple[str, str | bytes]]
 PathLike = str | os.PathLike[str]
@@ -45,9 +50,9 @@ R = TypeVar("R")
 # Turns the items of one request into the call's response stream.
 StartCall = Callable[[list[str]], Any]
 MakeResult = Callable[[CompletedItem, int], R]
-
-
-AUTH_HEADER = "authorization"
+# The violations of a whole list of sequences, checked as one request of any length.
+CheckList = Callable[[list[str]], list[FieldViolation]]
+Batch = tuple[int, list[str]]  # (offset of its first item in the caller's list, items)
 
 
 def tls_credentials(
@@ -90,9 +95,9 @@ def _call_metadata(metadata: Metadata | None, token: str | None) -> tuple | None
         return pairs or None
     if not token or any(character.isspace() for character in token):
         raise ValueError("token must be non-empty, without spaces")
-    if any(key.lower() == AUTH_HEADER for key, _ in pairs):
+    if any(key.lower() == AUTHORIZATION for key, _ in pairs):
         raise ValueError("metadata already holds 'authorization'; give it or token, not both")
-    return (*pairs, (AUTH_HEADER, f"Token {token}"))
+    return (*pairs, (AUTHORIZATION, f"Token {token}"))
 
 
 # Encode and Predict streams are read on the calling thread. Without this gRPC starts
@@ -122,8 +127,54 @@ class _ClientBase:
         self._max_concurrency = max_concurrency
         self._batch_size = check_batch_size(batch_size)
 
-    def _batches(self, sequences: Sequence[str]) -> list[tuple[int, list[str]]]:
-        return split_batches(check_sequences(sequences), self._batch_size)
+    def _batches(self, sequences: Sequence[str], check_list: CheckList) -> list[Batch]:
+        """One batch per request; InvalidArgumentError, before any request is sent,
+        listing every violation in the whole list."""
+        sequences = check_sequences(sequences)
+        violations = check_list(sequences) if sequences else []
+        if violations:
+            raise InvalidArgumentError((v.field, v.description) for v in violations)
+        return split_batches(sequences, self._batch_size)
+
+
+def _encode_check(spec: EncodeSpec) -> CheckList:
+    return lambda sequences: encode_violations(spec.request(sequences), max_items=None)
+
+
+def _predict_check(dtype: int) -> CheckList:
+    return lambda sequences: predict_violations(predict_request(sequences, dtype), max_items=None)
+
+
+class _Refusals:
+    """The requests of one call that the server refused as invalid.
+
+    The client checks a list before sending it, so only a server whose rules differ
+    from the client's (another version) refuses one. Then the call sends no further
+    requests, lets those in flight end (the refused ones end at once), and raises one
+    InvalidArgumentError with the violations of every refused request, each item
+    numbered in the caller's list.
+    """
+
+    def __init__(self) -> None:
+        self._errors: list[tuple[int, InvalidArgumentError]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._errors)
+
+    def keep(self, error: grpc.RpcError, offset: int) -> bool:
+        """Whether `error` (of the request starting at `offset`) was a refusal, kept."""
+        if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            return False
+        self._errors.append((offset, InvalidArgumentError.from_server(error, offset)))
+        return True
+
+    def raise_any(self) -> None:
+        errors = [error for _, error in sorted(self._errors, key=lambda pair: pair[0])]
+        if errors:
+            raise InvalidArgumentError(
+                [violation for error in errors for violation in error.violations],
+                [rid for error in errors for rid in error.request_ids],
+            )
 
 
 def _results(items: list[CompletedItem], offset: int, make_result: MakeResult[R]) -> list[R]:
@@ -204,12 +255,15 @@ class Esm2Client(_ClientBase):
 
         Raises:
             ValueError: an unknown include or dtype name.
-            grpc.RpcError: the server refused or failed the request.
+            InvalidArgumentError: a `grpc.RpcError` listing every invalid sequence or
+                parameter, sequences numbered in `sequences`; raised before any request
+                is sent, or when the server refuses one.
+            grpc.RpcError: the server failed the request.
             ResultStreamError: the response stream was malformed or incomplete.
         """
         spec = EncodeSpec.parse(include, repr_layers, dtype)
         return self._run(
-            sequences,
+            self._batches(sequences, _encode_check(spec)),
             lambda items: self._stub.Encode(spec.request(items), **self._call_options),
             spec.result,
         )
@@ -221,7 +275,7 @@ class Esm2Client(_ClientBase):
         """
         wire_dtype = dtype_value(dtype)
         return self._run(
-            sequences,
+            self._batches(sequences, _predict_check(wire_dtype)),
             lambda items: self._stub.Predict(
                 predict_request(items, wire_dtype), **self._call_options
             ),
@@ -233,24 +287,33 @@ class Esm2Client(_ClientBase):
         return self._stub.GetStatus(pb.StatusRequest(), **self._call_options)
 
     def _run(
-        self, sequences: Sequence[str], start_call: StartCall, make_result: MakeResult[R]
+        self, batches: list[Batch], start_call: StartCall, make_result: MakeResult[R]
     ) -> list[R]:
-        batches = self._batches(sequences)
+        refusals = _Refusals()
 
-        def run_batch(batch: tuple[int, list[str]]) -> list[R]:
+        def run_batch(batch: Batch) -> list[R]:
             offset, items = batch
+            if refusals:
+                return []
             assembler = StreamAssembler(len(items))
             call = start_call(items)
             try:
                 for message in call:
                     assembler.add(message)
+            except grpc.RpcError as error:
+                if refusals.keep(error, offset):
+                    return []
+                raise
             finally:
                 call.cancel()  # a no-op once the stream has ended
             return _results(assembler.finish(), offset, make_result)
 
         if len(batches) <= 1:
-            return [result for batch in batches for result in run_batch(batch)]
-        return _run_in_threads(run_batch, batches, min(self._max_concurrency, len(batches)))
+            results = [result for batch in batches for result in run_batch(batch)]
+        else:
+            results = _run_in_threads(run_batch, batches, min(self._max_concurrency, len(batches)))
+        refusals.raise_any()
+        return results
 
 
 def _run_in_threads(
@@ -320,10 +383,11 @@ class AsyncEsm2Client(_ClientBase):
         repr_layers: Iterable[int] | int = (-1,),
         dtype: str = "float32",
     ) -> list[EncodeResult]:
-        """See `Esm2Client.encode`; raises `grpc.aio.AioRpcError` for server errors."""
+        """See `Esm2Client.encode`; raises `grpc.aio.AioRpcError` for server errors
+        other than INVALID_ARGUMENT."""
         spec = EncodeSpec.parse(include, repr_layers, dtype)
         return await self._run(
-            sequences,
+            self._batches(sequences, _encode_check(spec)),
             lambda items: self._stub.Encode(spec.request(items), **self._call_options),
             spec.result,
         )
@@ -331,10 +395,11 @@ class AsyncEsm2Client(_ClientBase):
     async def predict(
         self, sequences: Sequence[str], dtype: str = "float32"
     ) -> list[PredictResult]:
-        """See `Esm2Client.predict`; raises `grpc.aio.AioRpcError` for server errors."""
+        """See `Esm2Client.predict`; raises `grpc.aio.AioRpcError` for server errors
+        other than INVALID_ARGUMENT."""
         wire_dtype = dtype_value(dtype)
         return await self._run(
-            sequences,
+            self._batches(sequences, _predict_check(wire_dtype)),
             lambda items: self._stub.Predict(
                 predict_request(items, wire_dtype), **self._call_options
             ),
@@ -346,18 +411,24 @@ class AsyncEsm2Client(_ClientBase):
         return await self._stub.GetStatus(pb.StatusRequest(), **self._call_options)
 
     async def _run(
-        self, sequences: Sequence[str], start_call: StartCall, make_result: MakeResult[R]
+        self, batches: list[Batch], start_call: StartCall, make_result: MakeResult[R]
     ) -> list[R]:
-        batches = self._batches(sequences)
         semaphore = asyncio.Semaphore(self._max_concurrency)
+        refusals = _Refusals()
 
         async def run_batch(offset: int, items: list[str]) -> list[R]:
             async with semaphore:
+                if refusals:
+                    return []
                 assembler = StreamAssembler(len(items))
                 call = start_call(items)
                 try:
                     async for message in call:
                         assembler.add(message)
+                except grpc.RpcError as error:
+                    if refusals.keep(error, offset):
+                        return []
+                    raise
                 finally:
                     call.cancel()  # a no-op once the stream has ended
             return _results(assembler.finish(), offset, make_result)
@@ -370,4 +441,5 @@ class AsyncEsm2Client(_ClientBase):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        refusals.raise_any()
         return [result for batch in per_batch for result in batch]

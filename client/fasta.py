@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 
-def read_fasta(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(id, sequence) for each record of a FASTA file, in file order.
+class FastaRecord(NamedTuple):
+    id: str  # the first word of the header, after ">"
+    sequence: str
+    line: int  # the header's line number, from 1
+
+
+def read_fasta(path: str | os.PathLike[str]) -> list[FastaRecord]:
+    """The records of a FASTA file, in file order.
 
     The id is the first word of the header line after ">". A sequence may span
     several lines; all whitespace is removed and letters are kept as written.
@@ -16,7 +23,7 @@ def read_fasta(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
         ValueError: text before the first header, a header without an id, or a
             record without sequence, naming the line number (from 1).
     """
-    records: list[tuple[str, str]] = []
+    records: list[FastaRecord] = []
     header_line = 0
     record_id: str | None = None
     parts: list[str] = []
@@ -44,8 +51,8 @@ def _header_id(path: str | os.PathLike[str], number: int, line: str) -> str:
 
 def _record(
     path: str | os.PathLike[str], header_line: int, record_id: str, parts: list[str]
-) -> tuple[str, str]:
+) -> FastaRecord:
     sequence = "".join(parts)
     if not sequence:
         raise ValueError(f"{path}:{header_line}: record {record_id!r} has no sequence")
-    return record_id, sequence
+    return FastaRecord(record_id, sequence, header_line)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esm2_service.alphabet import MASK_TOKEN
+from esm2_service.alphabet import MASK_TOKEN, STANDARD_RESIDUES
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler
 
@@ -89,8 +89,12 @@ class PredictResult:
 
     @property
     def predicted_tokens(self) -> list[str]:
-        """The top-scoring vocabulary token at each mask."""
-        return [self.vocab_tokens[i] for i in np.argmax(self.logits, axis=1)]
+        """The predicted residue at each mask: the top-scoring of the 20 standard amino
+        acids (ACDEFGHIKLMNPQRSTVWY). Special tokens (`<cls>`, `<eos>`, `<pad>`, ...),
+        X, B, U, Z, O, "." and "-" never count, whatever their score."""
+        columns = [i for i, token in enumerate(self.vocab_tokens) if token in STANDARD_RESIDUES]
+        best = np.argmax(self.logits[:, columns], axis=1)
+        return [self.vocab_tokens[columns[i]] for i in best]
 
 
 @dataclass

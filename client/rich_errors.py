@@ -1,4 +1,5 @@
-"""Field violations of an INVALID_ARGUMENT error, without extra dependencies.
+"""Field violations of an INVALID_ARGUMENT error, without extra dependencies, and the
+client's own error for invalid input in a list of any length.
 
 The server sends a `google.rpc.Status` holding a `google.rpc.BadRequest` in the
 `grpc-status-details-bin` trailer. Decoding it usually takes googleapis-common-protos;
@@ -9,13 +10,18 @@ private descriptor pool (the wire format is all that matters).
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Iterable
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from esm2_service import metadata
+
 _FIELD = descriptor_pb2.FieldDescriptorProto
 _DETAILS_KEY = "grpc-status-details-bin"
+_ITEM_FIELD = re.compile(r"^items\[(\d+)\]")
 
 
 @functools.cache
@@ -64,7 +70,9 @@ def _messages():
 def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     """(field, description) of every violation the server reported, e.g.
     ("items[3].sequence", "character 'a' at position 12 is not accepted ...")."""
-    trailers = error.trailing_metadata() or () if hasattr(error, "trailing_metadata") else ()
+    if isinstance(error, InvalidArgumentError):
+        return list(error.violations)
+    trailers = _trailers(error)
     status_class, bad_request_class = _messages()
     found = []
     for key, value in trailers:
@@ -78,3 +86,60 @@ def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
         except DecodeError:
             return []
     return found
+
+
+def request_id(error: grpc.RpcError) -> str | None:
+    """The id the frontend gave the failed call, to quote when reporting it; None if the
+    call never reached the frontend's handler (e.g. refused by authentication)."""
+    if isinstance(error, InvalidArgumentError):
+        return error.request_ids[0] if error.request_ids else None
+    for key, value in _trailers(error):
+        if key == metadata.REQUEST_ID:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def _trailers(error: grpc.RpcError):
+    return error.trailing_metadata() or () if hasattr(error, "trailing_metadata") else ()
+
+
+class InvalidArgumentError(grpc.RpcError):
+    """Invalid input, each violation numbered in the caller's own list of sequences.
+
+    The clients raise it before sending anything when their copy of the service's rules
+    (`esm2_service.validation`) finds a problem anywhere in the list, and in place of a
+    server's INVALID_ARGUMENT for one of the requests a list was split into, with that
+    request's `items[i]` shifted to the caller's index. It is a `grpc.RpcError` with
+    code INVALID_ARGUMENT, like the server's.
+    """
+
+    def __init__(self, violations: Iterable[tuple[str, str]], request_ids: Iterable[str] = ()):
+        self.violations = list(violations)
+        self.request_ids = tuple(request_ids)
+        shown = "; ".join(f"{field}: {description}" for field, description in self.violations[:5])
+        more = f" (and {len(self.violations) - 5} more)" if len(self.violations) > 5 else ""
+        self._details = f"invalid request: {shown}{more}"
+        super().__init__(self._details)
+
+    @classmethod
+    def from_server(cls, error: grpc.RpcError, offset: int) -> InvalidArgumentError:
+        """The server's violations for a request whose first item is the caller's `offset`."""
+        violations = [(shift_item(field, offset), text) for field, text in field_violations(error)]
+        if not violations:  # no BadRequest details: keep the server's message
+            violations = [("request", error.details() or "invalid")]
+        found = request_id(error)
+        return cls(violations, () if found is None else (found,))
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return tuple((metadata.REQUEST_ID, rid) for rid in self.request_ids)
+
+
+def shift_item(field: str, offset: int) -> str:
+    """ "items[3].sequence" of a request starting at item `offset` -> "items[3+offset]..."."""
+    return _ITEM_FIELD.sub(lambda match: f"items[{int(match.group(1)) + offset}]", field)

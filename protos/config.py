@@ -8,6 +8,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from esm2_service.logs import LOG_FORMATS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# What the frontend and the metrics endpoints bind unless told otherwise: this machine
+# only. Containers set ESM2_HOST / ESM2_METRICS_HOST to every interface (deploy/).
+LOOPBACK = "127.0.0.1"
 
 
 def redact_url(url: str) -> str:
@@ -27,6 +30,28 @@ def redact_url(url: str) -> str:
         ]
         parts = parts._replace(query=urlencode(query, safe="*/"))
     return urlunsplit(parts)
+
+
+def check_redis_address(redis_url: str, address: str | None) -> None:
+    """ValueError unless `address` (REDIS_ADDRESS: host:port of the same Redis, for KEDA's
+    redis-streams scaler, which takes no URL) is unset or names REDIS_URL's host and port."""
+    if not address:
+        return
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        raise ValueError(
+            f"REDIS_ADDRESS={address} names a TCP address, but REDIS_URL is a Unix socket"
+        )
+    expected = f"{parts.hostname}:{parts.port or 6379}"
+    host, _, port = address.rpartition(":")
+    if (host.strip("[]").lower(), port) != (
+        (parts.hostname or "").lower(),
+        str(parts.port or 6379),
+    ):
+        raise ValueError(
+            f"REDIS_ADDRESS={address} is not the Redis of REDIS_URL ({expected}): KEDA would "
+            f"scale the workers on another Redis's queue; set REDIS_ADDRESS={expected}"
+        )
 
 
 def env_or(name: str, default: str | None = None) -> str | None:
@@ -58,8 +83,9 @@ def add_observability_arguments(parser, *, metrics_port: int, metrics_help: str)
     )
     parser.add_argument(
         "--metrics-host",
-        default=env_or("ESM2_METRICS_HOST", "0.0.0.0"),
-        help="address the metrics endpoint binds (ESM2_METRICS_HOST, default 0.0.0.0)",
+        default=env_or("ESM2_METRICS_HOST", LOOPBACK),
+        help=f"address the metrics endpoint binds (ESM2_METRICS_HOST, default {LOOPBACK}; "
+        "0.0.0.0 for every interface)",
     )
     parser.add_argument(
         "--log-format",

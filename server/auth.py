@@ -22,9 +22,10 @@ from pathlib import Path
 
 import grpc
 
+from esm2_service import metadata
+
 log = logging.getLogger(__name__)
 
-HEADER = "authorization"
 SCHEME = "Token"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
@@ -118,7 +119,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         values = [
             value
             for key, value in handler_call_details.invocation_metadata or ()
-            if key == HEADER and isinstance(value, str)
+            if key == metadata.AUTHORIZATION and isinstance(value, str)
         ]
         reason = self.checker.check(values)
         if reason is None:

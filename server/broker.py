@@ -22,7 +22,7 @@ from esm2_service import queue
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed, QueueFull
-from esm2_service.server.validation import ValidRequest
+from esm2_service.validation import ValidRequest
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -60,6 +60,11 @@ class BrokerSettings:
     retry_after_s: float = 1.0  # the retry hint sent with RESOURCE_EXHAUSTED
 
 
+def new_request_id() -> str:
+    """A request's id: in its Redis keys, its log lines and the client's trailers."""
+    return uuid.uuid4().hex
+
+
 class Broker:
     def __init__(
         self,
@@ -72,9 +77,11 @@ class Broker:
         self.on_item_complete = on_item_complete  # called with each item's s since enqueue
         self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
 
-    async def submit(self, request: ValidRequest, timeout_s: float | None) -> tuple[str, float]:
-        """Queues every item of `request`; returns its id and absolute deadline (unix s)."""
-        request_id = uuid.uuid4().hex
+    async def submit(
+        self, request: ValidRequest, request_id: str, timeout_s: float | None
+    ) -> float:
+        """Queues every item of `request` under `request_id` (see `new_request_id`);
+        returns its absolute deadline (unix s)."""
         now = time.time()
         deadline = now + min(
             timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
@@ -97,7 +104,7 @@ class Broker:
                 f"retry in {self.settings.retry_after_s:g} s",
                 self.settings.retry_after_s,
             )
-        return request_id, deadline
+        return deadline
 
     async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[bytes]:
         """Yields the request's serialized ResultChunks until every item is complete."""

@@ -13,7 +13,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from esm2_service.server.validation import InvalidRequest
+from esm2_service.validation import InvalidRequest
 
 log = logging.getLogger(__name__)
 

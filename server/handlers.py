@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
-from esm2_service.server.validation import Undecodable
+from esm2_service.validation import Undecodable
 
 SERVICE_NAME = "esm2.v1.Esm2"
 

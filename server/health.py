@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
@@ -21,13 +22,22 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthMonitor:
     """Polls Redis and the worker heartbeats; publishes the result to the health service."""
 
-    def __init__(self, redis, worker_timeout_s: float, interval_s: float, metrics=None):
+    def __init__(
+        self,
+        redis,
+        worker_timeout_s: float,
+        interval_s: float,
+        metrics=None,
+        on_first_serving: Callable[[], None] | None = None,
+    ):
         self.redis = redis
         self.metrics = metrics  # FrontendMetrics: queue depth and live workers, every check
         self.worker_timeout_s = worker_timeout_s
         self.interval_s = interval_s
         self.servicer = health.aio.HealthServicer()
-        self._reason = None
+        self._reason: str | None = "starting"
+        # Called once, after health first reports SERVING: the service takes requests.
+        self._on_first_serving = on_first_serving
 
     async def check_once(self) -> str | None:
         """None when healthy, else why not."""
@@ -49,12 +59,19 @@ class HealthMonitor:
     async def run(self) -> None:
         while True:
             reason = await self.check_once()
-            if reason != self._reason:
-                log.warning("health: NOT_SERVING (%s)", reason) if reason else log.info(
-                    "health: SERVING"
-                )
-                self._reason = reason
             status = NOT_SERVING if reason else SERVING
             for name in ("", SERVICE_NAME):
                 await self.servicer.set(name, status)
+            if reason != self._reason:
+                self._log_change(reason)
             await asyncio.sleep(self.interval_s)
+
+    def _log_change(self, reason: str | None) -> None:
+        self._reason = reason
+        if reason:
+            log.warning("health: NOT_SERVING (%s)", reason)
+            return
+        log.info("health: SERVING")
+        if self._on_first_serving is not None:
+            self._on_first_serving()
+            self._on_first_serving = None

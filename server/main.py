@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from esm2_service.config import check_redis_address, env_or
 from esm2_service.esm2.v1 import esm2_pb2
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import TokenAuthInterceptor
@@ -30,6 +31,9 @@ log = logging.getLogger("esm2_service.server")
 MAX_REQUEST_BYTES = 256 * 1024
 # Every response message is built under gRPC's default 4 MiB limit.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# On stdout, after "esm2 server listening on port N": health first reported SERVING (Redis
+# answers and a worker is alive), so requests are taken. `esm2 serve` waits for it.
+READY_LINE = "esm2 server ready"
 
 
 async def serve(
@@ -63,7 +67,13 @@ async def serve(
         ),
         on_item_complete=metrics.item_latency.observe,
     )
-    monitor = HealthMonitor(redis, settings.worker_timeout_s, settings.health_interval_s, metrics)
+    monitor = HealthMonitor(
+        redis,
+        settings.worker_timeout_s,
+        settings.health_interval_s,
+        metrics,
+        on_first_serving=lambda: print(READY_LINE, flush=True),
+    )
     # The metrics interceptor comes first, so it also counts the calls auth refuses.
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if settings.auth_tokens:
@@ -92,7 +102,12 @@ async def serve(
         port = server.add_secure_port(address, credentials)
     await server.start()
     monitor_task = asyncio.create_task(monitor.run())
-    log.info("listening on port %d (%s)", port, settings.describe())
+    log.info(
+        "listening on %s:%d; requests wait until health reports SERVING (a worker is ready) (%s)",
+        settings.host,
+        port,
+        settings.describe(),
+    )
     print(f"esm2 server listening on port {port}", flush=True)
     if ready is not None:
         ready.set()
@@ -115,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        check_redis_address(settings.redis_url, env_or("REDIS_ADDRESS"))
         credentials = server_credentials(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca
         )

@@ -15,73 +15,106 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from esm2_service.config import env_or, redact_url
+from esm2_service.config import LOOPBACK, add_setting, env_or, redact_url
 from esm2_service.logs import LOG_FORMATS, configure_logging
 from esm2_service.server import settings as server_settings
 
 log = logging.getLogger("esm2_service.serve")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from esm2_service.worker.settings import PRECISIONS
+
     parser = argparse.ArgumentParser(
         prog="esm2 serve",
-        description="Run Redis (embedded unless REDIS_URL is set), the gRPC frontend and workers.",
+        description="Run Redis (embedded unless REDIS_URL is set), the gRPC frontend and "
+        "workers. Logs 'esm2 serve: ready to take requests on HOST:PORT' once a worker is "
+        "ready. Auth and TLS: set ESM2_AUTH_TOKENS_FILE, ESM2_TLS_CERT, ... (see README).",
     )
     parser.add_argument(
-        "--port",
-        type=int,
-        default=int(env_or("ESM2_PORT", "50051")),
-        help="gRPC port (ESM2_PORT, default 50051)",
+        "--host",
+        default=env_or("ESM2_HOST", LOOPBACK),
+        help=f"address the gRPC frontend binds (ESM2_HOST, default {LOOPBACK}: this machine "
+        "only; 0.0.0.0 or [::] for every interface, then set tokens and TLS)",
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=int(env_or("ESM2_WORKERS", "1")),
-        help="worker processes (ESM2_WORKERS, default 1)",
-    )
+    add_setting(parser, "--port", 50051, "gRPC port", kind=int)
+    add_setting(parser, "--workers", 1, "worker processes", kind=int)
     parser.add_argument(
         "--weights",
         default=env_or("ESM2_WEIGHTS"),
-        help="fair-esm checkpoint for every worker (ESM2_WEIGHTS)",
+        help="fair-esm checkpoint for every worker (ESM2_WEIGHTS; unset: esm2_t6_8M_UR50D "
+        "through fair-esm's download cache)",
     )
-    parser.add_argument("--device", default=env_or("ESM2_DEVICE", "cpu"))
+    add_setting(parser, "--device", "cpu", "cpu, cuda or cuda:N, for every worker")
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=env_or("ESM2_PRECISION", "fp32"),
+        help="compute precision of every worker (ESM2_PRECISION, default fp32; see README)",
+    )
+    add_setting(
+        parser,
         "--threads",
-        type=int,
-        default=int(env_or("ESM2_THREADS", "0")),
-        help="threads per worker; 0: the machine's cores split among the workers",
+        0,
+        "threads per worker; 0: the machine's cores split among the workers",
+        kind=int,
+    )
+    add_setting(
+        parser,
+        "--metrics-port",
+        9090,
+        "the frontend's Prometheus port; worker i gets this + 1 + i; 0: no metrics",
+        kind=int,
     )
     parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(env_or("ESM2_METRICS_PORT", "9090")),
-        help="the frontend's Prometheus port; worker i gets this + 1 + i; 0: no metrics "
-        "(ESM2_METRICS_PORT, default 9090)",
+        "--metrics-host",
+        default=env_or("ESM2_METRICS_HOST", LOOPBACK),
+        help=f"address every metrics endpoint binds (ESM2_METRICS_HOST, default {LOOPBACK})",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=env_or("ESM2_LOG_LEVEL", "INFO").upper(),
+        help="for every process (ESM2_LOG_LEVEL, default INFO; DEBUG adds a line per batch)",
     )
     parser.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         default=env_or("ESM2_LOG_FORMAT", "text"),
-        help="text or JSON lines, for every process (ESM2_LOG_FORMAT)",
+        help="text or JSON lines, for every process (ESM2_LOG_FORMAT, default text)",
     )
     return parser
 
 
-def _child(module: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _child(module: str, args: list[str], env: dict[str, str], stdout=None) -> subprocess.Popen:
     # A session of its own: Ctrl-C reaches only this supervisor, which stops the
     # children in the order that loses nothing.
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        stdout=stdout,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _frontend_args(args: argparse.Namespace) -> list[str]:
     # Auth and TLS settings reach the frontend through the environment it inherits
     # (ESM2_AUTH_TOKENS_FILE, ESM2_AUTH_TOKENS, ESM2_TLS_*), never through argv.
     return [
+        *("--host", args.host),
         *("--port", str(args.port)),
         *("--metrics-port", str(args.metrics_port)),
+        *("--metrics-host", args.metrics_host),
+        *("--log-level", args.log_level),
         *("--log-format", args.log_format),
     ]
 
@@ -91,17 +124,15 @@ def _worker_args(args: argparse.Namespace, index: int) -> list[str]:
 
     threads = args.threads or max(1, available_cores() // args.workers)
     worker_args = [
-        "--device",
-        args.device,
-        "--threads",
-        str(threads),
-        "--worker-id",
-        f"serve-{index}",
+        *("--device", args.device),
+        *("--precision", args.precision),
+        *("--threads", str(threads)),
+        *("--worker-id", f"serve-{index}"),
         # Explicit, so an inherited ESM2_METRICS_PORT never gives two processes one port.
-        "--metrics-port",
-        str(args.metrics_port + 1 + index if args.metrics_port else 0),
-        "--log-format",
-        args.log_format,
+        *("--metrics-port", str(args.metrics_port + 1 + index if args.metrics_port else 0)),
+        *("--metrics-host", args.metrics_host),
+        *("--log-level", args.log_level),
+        *("--log-format", args.log_format),
     ]
     if args.weights:
         worker_args += ["--weights", args.weights]
@@ -132,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             env["REDIS_URL"] = embedded.url
             log.info("started an embedded Redis on port %d", embedded.port)
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
-        frontend = _child("esm2_service.server", _frontend_args(args), env)
+        frontend = _child("esm2_service.server", _frontend_args(args), env, subprocess.PIPE)
         workers = [
             _child("esm2_service.worker", _worker_args(args, i), env) for i in range(args.workers)
         ]
@@ -140,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopping.append(True))
         try:
+            address = f"{args.host}:{_read_port(frontend)}"
+            threading.Thread(target=_announce_ready, args=(frontend, address), daemon=True).start()
             code = _supervise(frontend, workers, args, env, stopping)
         finally:
             # The frontend first: it refuses new requests and drains the streams in
@@ -150,6 +183,22 @@ def run(args: argparse.Namespace) -> int:
             if embedded:
                 embedded.stop()
         return code
+
+
+def _read_port(frontend: subprocess.Popen) -> int:
+    """The port the frontend printed ("esm2 server listening on port N"); 0 if it failed."""
+    line = frontend.stdout.readline()
+    return int(line.rsplit(" ", 1)[1]) if "listening on port" in line else 0
+
+
+def _announce_ready(frontend: subprocess.Popen, address: str) -> None:
+    """Logs the one line that says the whole service takes requests, when the frontend
+    says its health is SERVING (a worker is alive); then drains the frontend's stdout."""
+    from esm2_service.server.main import READY_LINE
+
+    for line in frontend.stdout:
+        if line.strip() == READY_LINE:
+            log.info("esm2 serve: ready to take requests on %s", address)
 
 
 def _supervise(frontend, workers, args, env, stopping) -> int:
@@ -179,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    configure_logging("INFO", args.log_format)
+    configure_logging(args.log_level, args.log_format)
     return run(args)
 
 

@@ -7,12 +7,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from esm2_service import queue
+from esm2_service import metadata, queue
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
-from esm2_service.server.broker import REDIS_ERRORS, Broker, queue_depths
+from esm2_service.server.broker import REDIS_ERRORS, Broker, new_request_id, queue_depths
 from esm2_service.server.errors import BackendUnavailable, to_rpc_status
-from esm2_service.server.validation import (
+from esm2_service.validation import (
     InvalidRequest,
     ValidRequest,
     check_decoded,
@@ -48,12 +48,15 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
             await _abort(context, error)
 
     async def _run(self, method: str, validate: Callable[..., ValidRequest], request, context):
-        request_id = None
-        finished = False
+        request_id = new_request_id()
+        # The id goes back in the trailers of every outcome, so a user can quote it.
+        context.set_trailing_metadata(((metadata.REQUEST_ID, request_id),))
+        queued = finished = False
         started = time.perf_counter()
         try:
             valid = validate(request)
-            request_id, deadline = await self.broker.submit(valid, context.time_remaining())
+            deadline = await self.broker.submit(valid, request_id, context.time_remaining())
+            queued = True
             async for chunk in self.broker.results(request_id, len(valid.sequences), deadline):
                 yield chunk
             finished = True
@@ -81,9 +84,9 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
                 error,
                 extra={"request_id": request_id},
             )
-            await _abort(context, error)
+            await _abort(context, error, request_id)
         finally:
-            if request_id is not None:
+            if queued:
                 # Off the response's path: the client's stream ends without waiting for it.
                 cleanup = self.broker.finish if finished else self.broker.cancel
                 task = asyncio.get_running_loop().create_task(cleanup(request_id))
@@ -91,9 +94,12 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
                 task.add_done_callback(self._cleanups.discard)
 
 
-async def _abort(context, error: Exception) -> None:
+async def _abort(context, error: Exception, request_id: str | None = None) -> None:
     status = to_rpc_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailers = tuple(status.trailing_metadata)
+    if request_id is not None:
+        trailers += ((metadata.REQUEST_ID, request_id),)
+    await context.abort(status.code, status.details, trailers)
 
 
 async def read_status(redis, worker_timeout_s: float) -> pb.StatusResponse:

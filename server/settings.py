@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from esm2_service.config import (
     DEFAULT_REDIS_URL,
+    LOOPBACK,
     add_observability_arguments,
     add_setting,
     check_observability,
@@ -20,7 +21,7 @@ DEFAULT_METRICS_PORT = 9090
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "[::]"
+    host: str = LOOPBACK
     port: int = 50051
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     max_queue_items: int = 1024
@@ -32,7 +33,7 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: no metrics endpoint
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = LOOPBACK
     # Secrets: never in repr or logs; describe() gives only their count.
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
     auth_tokens_file: str | None = None
@@ -71,7 +72,10 @@ def build_parser(prog: str = "esm2 server") -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServerSettings()
     parser.add_argument(
-        "--host", default=env_or("ESM2_HOST", d.host), help="address to bind (ESM2_HOST)"
+        "--host",
+        default=env_or("ESM2_HOST", d.host),
+        help=f"address to bind (ESM2_HOST, default {d.host}: this machine only; 0.0.0.0 or "
+        "[::] for every interface)",
     )
     add_setting(parser, "--port", d.port, "gRPC port; 0 picks a free one", kind=int)
     parser.add_argument(

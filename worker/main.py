@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from esm2_service.config import redact_url
+from esm2_service.config import check_redis_address, env_or, redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.logs import configure_logging
 from esm2_service.worker.metrics import WorkerMetrics
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        check_redis_address(settings.redis_url, env_or("REDIS_ADDRESS"))
     except ValueError as error:
         print(f"esm2 worker: {error}", file=sys.stderr)
         return 2

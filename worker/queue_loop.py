@@ -349,7 +349,7 @@ class QueueWorker:
         self.stats["batches"] += 1
         tokens, seconds = sum(len(j.work.token_ids) for j in jobs), time.perf_counter() - started
         self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
-        log.info("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
+        log.debug("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
     def _ack(self, refs: list[EntryRef]) -> set[str]:
         """Writes the replies buffered so far, then acknowledges the entries. Returns

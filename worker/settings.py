@@ -10,6 +10,7 @@ from pathlib import Path
 
 from esm2_service.config import (
     DEFAULT_REDIS_URL,
+    LOOPBACK,
     add_observability_arguments,
     add_setting,
     check_observability,
@@ -64,7 +65,7 @@ class WorkerSettings:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int = 0  # 0: no metrics endpoint (several workers share a machine)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = LOOPBACK
 
     def __post_init__(self) -> None:
         check_observability(self.metrics_port, self.log_format)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.handlers import _decoder
-from esm2_service.server.validation import (
+from esm2_service.validation import (
     MAX_CHARACTER_VIOLATIONS,
     InvalidRequest,
     Undecodable,

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 from esm2_service import queue
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
-from esm2_service.server.broker import Broker, BrokerSettings
+from esm2_service.server.broker import Broker, BrokerSettings, new_request_id
 from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed
-from esm2_service.server.validation import ValidRequest
+from esm2_service.validation import ValidRequest
 
 
 @pytest.fixture
@@ -47,7 +47,8 @@ async def test_submit_queues_one_entry_per_item_with_the_deadline(broker, redis_
         repr_layers=(6,),
         include=(1,),
     )
-    request_id, deadline = await broker.submit(request, timeout_s=30)
+    request_id = new_request_id()
+    deadline = await broker.submit(request, request_id, timeout_s=30)
     queued = [
         [(lane, qpb.QueueItem.FromString(fields[queue.ITEM_FIELD])) for _, fields in entries]
         for lane, entries in enumerate(map(redis_client.xrange, queue.QUEUE_LANES))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+from conftest import ServiceProcesses
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import DATA_DIR, assert_close, fair_esm_outputs, read_fasta_records
 
@@ -76,22 +80,32 @@ def test_server_errors_print_the_violations_and_exit_1(service):
 
 
 def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoint, tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ESM2_HOST")}
+    argv = ["serve", "--port", port, "--metrics-port", metrics_port, "--workers", "2"]
     process = subprocess.Popen(
-        [*ESM2, "serve", "--port", str(port), "--workers", "2", "--weights", str(tiny_checkpoint)],
+        [*ESM2, *map(str, argv), "--weights", str(tiny_checkpoint)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    target = f"127.0.0.1:{port}"
     try:
-        _wait_serving(f"127.0.0.1:{port}")
+        _wait_for_line(lines, f"esm2 serve: ready to take requests on 127.0.0.1:{port}")
+        # Ready means ready: health says SERVING and a request is served at once.
+        assert _health(target) == health_pb2.HealthCheckResponse.SERVING
         fasta = tmp_path / "two.fasta"
         fasta.write_text(">a\nMKTAYIAK\n>b\nACDEFG\n")
-        result = esm2("encode", fasta, "-o", tmp_path / "two.npz", "--target", f"127.0.0.1:{port}")
+        result = esm2("encode", fasta, "-o", tmp_path / "two.npz", "--target", target)
         assert result.returncode == 0, result.stderr
+        # This machine only: the gRPC port and every metrics port listen on loopback.
+        for listening_port in (port, metrics_port, metrics_port + 1, metrics_port + 2):
+            assert listening_addresses(listening_port) == {"127.0.0.1"}, listening_port
         children = _descendants(process.pid)
         assert len(children) >= 4  # redis-server, frontend, two workers
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
@@ -101,23 +115,55 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
+        process.wait()
+        reader.join(timeout=10)
+        process.stderr.close()
+    stderr = "".join(lines)
     assert "Traceback" not in stderr
+    assert stderr.count("ready to take requests") == 1
+    assert "batch of " not in stderr  # per-batch lines are DEBUG
 
 
-def _wait_serving(target: str, timeout_s: float = 90) -> None:
+def test_the_frontend_binds_every_interface_only_when_told(redis_server, tiny_checkpoint):
+    for host, expected in (("0.0.0.0", ({"0.0.0.0"}, {"::"})), (None, ({"127.0.0.1"},))):
+        server_args = ["--host", host] if host else []
+        service = ServiceProcesses(redis_server.url, tiny_checkpoint, 0, server_args)
+        try:
+            # gRPC binds 0.0.0.0 as the dual-stack wildcard where the machine has IPv6.
+            assert listening_addresses(service.port) in expected
+        finally:
+            service.stop()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of TCP sockets listening on `port`, from /proc/net/tcp{,6}
+    (an IPv4-mapped IPv6 address as the IPv4 address it is)."""
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                address = ipaddress.ip_address(socket.inet_ntop(family, words))
+                found.add(str(getattr(address, "ipv4_mapped", None) or address))
+    return found
+
+
+def _wait_for_line(lines: list[str], text: str, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
+    while not any(text in line for line in lines):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no line with {text!r} in: {''.join(lines)}")
+        time.sleep(0.05)
+
+
+def _health(target: str) -> int:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"esm2 serve on {target} never reported SERVING")
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
 def _descendants(pid: int) -> list[int]:

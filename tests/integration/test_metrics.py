@@ -13,7 +13,9 @@ import redis
 from conftest import ServiceProcesses
 from prometheus_client.parser import text_string_to_metric_families
 
-from esm2_service.client import Esm2Client
+from esm2_service.client import Esm2Client, request_id
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.queue import LANE_NAMES
 from esm2_service.server.embedded_redis import free_port
 
@@ -82,8 +84,10 @@ def test_frontend_metrics_count_requests_items_and_workers(observed):
     before = scrape(port)
     with Esm2Client(observed.target, timeout_s=60) as client:
         client.encode(SEQUENCES)
-        with pytest.raises(grpc.RpcError) as invalid:
-            client.encode(["not a protein"])
+    # Straight to the server: the Python client would refuse it before sending.
+    with grpc.insecure_channel(observed.target) as channel, pytest.raises(grpc.RpcError) as invalid:
+        bad = pb.EncodeRequest(items=[pb.Item(sequence="not a protein")])
+        list(esm2_pb2_grpc.Esm2Stub(channel).Encode(bad, timeout=60))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # The server counts an RPC once its handler returns, which can be just after the
     # client has the status: wait for both to be counted.
@@ -179,24 +183,34 @@ def test_worker_metrics_count_batches_tokens_and_outcomes(observed):
 
 
 def test_json_logs_carry_request_and_worker_ids(observed):
-    with Esm2Client(observed.target, timeout_s=60) as client:
-        client.encode(["MKTAYIAK"])
-        with pytest.raises(grpc.RpcError):
-            client.encode(["not a protein"])
-    lines = observed.log_path.read_text().splitlines()
-    records = [json.loads(line) for line in lines if line and not GRPC_CORE_LINE.match(line)]
-    assert records
+    with grpc.insecure_channel(observed.target) as channel:
+        stub = esm2_pb2_grpc.Esm2Stub(channel)
+        call = stub.Encode(pb.EncodeRequest(items=[pb.Item(sequence="MKTAYIAK")]), timeout=60)
+        list(call)
+        served_id = dict(call.trailing_metadata())["esm2-request-id"]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Encode(pb.EncodeRequest(items=[pb.Item(sequence="not a protein")])))
+    refused_id = request_id(refused.value)
+    assert re.fullmatch(r"[0-9a-f]{32}", served_id) and re.fullmatch(r"[0-9a-f]{32}", refused_id)
+    assert served_id != refused_id
+
+    def service_records():
+        lines = observed.log_path.read_text().splitlines()
+        records = [json.loads(line) for line in lines if line and not GRPC_CORE_LINE.match(line)]
+        return records, [r for r in records if r["logger"] == "esm2_service.server.service"]
+
+    # The refusal is logged under the id the client got, like the served request.
+    wait_for(lambda: any(r.get("request_id") == refused_id for r in service_records()[1]))
+    records, service = service_records()
     for record in records:
         assert {"ts", "level", "logger", "message"} <= set(record)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", record["ts"])
-    service = [r for r in records if r["logger"] == "esm2_service.server.service"]
-    done = [r for r in service if " done in " in r["message"]]
-    assert done, "no finished request was logged"
-    # A request refused before it was queued has no id, and its line no request_id.
-    assert any("request_id" not in r and "failed" in r["message"] for r in service)
-    for record in done:
-        assert re.fullmatch(r"[0-9a-f]{32}", record["request_id"])
-        assert f"request_id={record['request_id']}" in record["message"]
+    (refusal,) = [r for r in service if r.get("request_id") == refused_id]
+    assert "failed: invalid request: items[0].sequence" in refusal["message"]
+    (done,) = [r for r in service if r.get("request_id") == served_id]
+    assert " done in " in done["message"] and f"request_id={served_id}" in done["message"]
+    assert all("request_id" in r for r in service)
     worker = [r for r in records if r.get("worker_id") == "test-worker-0"]
-    assert any(r["message"].startswith("batch of") for r in worker)
-    assert any("loaded" in r["message"] for r in worker)
+    assert any(" serving " in r["message"] for r in worker)
+    # Per-batch lines are DEBUG: an INFO log stays what an operator needs.
+    assert not any(r["message"].startswith("batch of") for r in worker)

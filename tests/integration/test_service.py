@@ -222,13 +222,21 @@ def test_undecodable_request_bytes_get_invalid_argument_and_the_service_keeps_se
     assert result.embeddings[6].shape == (32,)
 
 
-def test_the_client_decodes_field_violations_without_googleapis(client):
+def test_the_client_decodes_field_violations_without_googleapis(service, client):
     from esm2_service.client import field_violations
 
-    with pytest.raises(grpc.RpcError) as raised:
-        client.encode(["MKV", "MK<cls>"], repr_layers=[9])
-    assert field_violations(raised.value) == bad_request_fields(raised.value)
-    assert field_violations(raised.value)[-1] == (
+    request = pb.EncodeRequest(items=[pb.Item(sequence="MKV"), pb.Item(sequence="MK<cls>")])
+    request.params.repr_layers.append(9)
+    with grpc.insecure_channel(service.target) as channel, pytest.raises(grpc.RpcError) as server:
+        list(esm2_pb2_grpc.Esm2Stub(channel).Encode(request, timeout=30))
+    assert field_violations(server.value) == bad_request_fields(server.value)
+    assert field_violations(server.value)[-1] == (
         "params.repr_layers[0]",
         "layer 9 is outside -7..6",
     )
+    # The client checks a list with the server's own rules, and refuses it the same way
+    # before sending it.
+    with pytest.raises(grpc.RpcError) as refused:
+        client.encode(["MKV", "MK<cls>"], repr_layers=[9])
+    assert refused.value.code() == server.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(refused.value) == field_violations(server.value)

@@ -41,8 +41,6 @@ K8S_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 # Custom resources: no schema in kubernetes-validate; checked by structure below.
 CRD_API_VERSIONS = {"keda.sh/v1alpha1"}
 KUSTOMIZE_KINDS = {"Kustomization", "Component"}
-# Settings being added to the frontend; the manifests may set them before the code reads them.
-UPCOMING_SETTINGS = {"ESM2_METRICS_PORT", "ESM2_AUTH_TOKENS_FILE", "ESM2_TLS_CERT", "ESM2_TLS_KEY"}
 METRICS_PORT = 9090
 NON_ROOT_UID = 10001
 
@@ -353,6 +351,10 @@ def test_frontend_ports_and_probes_agree_with_the_server():
     env = env_of(c)
     assert env["ESM2_PORT"] == str(grpc_port)
     assert env["ESM2_METRICS_PORT"] == str(METRICS_PORT)
+    # The processes bind loopback unless told: a pod's must listen on every interface.
+    assert server_settings.ServerSettings().host == "127.0.0.1"
+    assert env["ESM2_HOST"] == "[::]"
+    assert obj(("ConfigMap", "esm2-config"))["data"]["ESM2_METRICS_HOST"] == "0.0.0.0"
     readiness = c["readinessProbe"]["grpc"]
     assert readiness == {"port": grpc_port, "service": health.SERVICE_NAME}
     liveness = c["livenessProbe"]
@@ -474,19 +476,90 @@ def manifest_env_names() -> set[str]:
     return names
 
 
-def test_every_setting_the_manifests_set_is_one_the_code_reads():
+@cache
+def settings_the_code_reads() -> frozenset[str]:
     sources = "".join(
         Path(module.__file__).read_text() for module in (config, server_settings, worker_settings)
     )
     helps = (
         server_settings.build_parser().format_help() + worker_settings.build_parser().format_help()
     )
-    known = set(re.findall(r'"(ESM2_[A-Z0-9_]+|REDIS_URL)"', sources)) | UPCOMING_SETTINGS
+    known = set(re.findall(r'"(ESM2_[A-Z0-9_]+|REDIS_URL)"', sources))
     known |= set(re.findall(r"\b(ESM2_[A-Z0-9_]+)\b", helps))  # flags derive their variable
-    # Read by others: KEDA (REDIS_ADDRESS), torch (TORCH_HOME).
+    # REDIS_ADDRESS: KEDA's, checked against REDIS_URL by every process; TORCH_HOME: torch's.
     known |= {"REDIS_ADDRESS", "TORCH_HOME"}
-    unknown = manifest_env_names() - known
+    return frozenset(known)
+
+
+def test_every_setting_the_manifests_set_is_one_the_code_reads():
+    unknown = manifest_env_names() - settings_the_code_reads()
     assert not unknown, f"environment variables no process reads: {sorted(unknown)}"
+
+
+def deploy_texts() -> dict[str, str]:
+    """Every file under deploy/, comments and READMEs included."""
+    return {rel(path): path.read_text() for path in sorted(DEPLOY.rglob("*")) if path.is_file()}
+
+
+def test_every_setting_deploy_mentions_is_one_the_code_reads():
+    found = {
+        (name, path)
+        for path, text in deploy_texts().items()
+        for name in re.findall(r"\b(ESM2_[A-Z0-9_]*[A-Z0-9])\b", text)
+    }
+    unknown = sorted((name, path) for name, path in found if name not in settings_the_code_reads())
+    assert not unknown, f"settings no process reads: {unknown}"
+
+
+def redis_names_in(text: str) -> set[str]:
+    """`esm2:v1:...` names, with `{a,b}` alternatives expanded."""
+    names = set()
+    for written in re.findall(r"esm2:v1(?::[a-z0-9_<>]+|:\{[a-z0-9,]+\})+", text):
+        expanded = [""]
+        for part in re.findall(r"\{[^}]*\}|[^{]+", written):
+            options = part.strip("{}").split(",") if part.startswith("{") else [part]
+            expanded = [prefix + option for prefix in expanded for option in options]
+        names |= set(expanded)
+    return names
+
+
+def test_every_redis_name_in_deploy_is_one_the_queue_defines():
+    fixed = {*queue.QUEUE_LANES, queue.DEAD_LETTER_STREAM, queue.HEARTBEATS}
+    per_key = {queue.reply_stream(""), queue.request_key(""), queue.cancel_key("")}
+    per_key.add(queue.worker_info_key(""))
+
+    def defined(name: str) -> bool:
+        return name in fixed or any(name.startswith(prefix) for prefix in per_key)
+
+    unknown = sorted(
+        (name, path)
+        for path, text in deploy_texts().items()
+        for name in redis_names_in(text)
+        if not defined(name)
+    )
+    assert not unknown, f"Redis names the code does not define: {unknown}"
+    assert redis_names_in("esm2:v1:queue:{to128,over1024} esm2:v1:queue") == {
+        "esm2:v1:queue:to128",
+        "esm2:v1:queue:over1024",
+        "esm2:v1:queue",
+    }
+
+
+@pytest.mark.parametrize("module", ["esm2_service.server.main", "esm2_service.worker.main"])
+def test_processes_refuse_a_redis_address_that_is_not_their_redis(module, monkeypatch, capsys):
+    import importlib
+
+    data = obj(("ConfigMap", "esm2-config"))["data"]
+    config.check_redis_address(data["REDIS_URL"], data["REDIS_ADDRESS"])  # the manifests agree
+    monkeypatch.setenv("REDIS_URL", data["REDIS_URL"])
+    monkeypatch.setenv("REDIS_ADDRESS", "esm2-redis:6380")
+
+    assert importlib.import_module(module).main([]) == 2
+
+    assert (
+        "REDIS_ADDRESS=esm2-redis:6380 is not the Redis of REDIS_URL (esm2-redis:6379)"
+        in capsys.readouterr().err
+    )
 
 
 def test_pods_run_as_the_images_non_root_user():

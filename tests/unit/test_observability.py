@@ -107,7 +107,8 @@ def test_redact_url(url, redacted):
 
 def test_serve_gives_every_process_a_metrics_port_of_its_own():
     args = serve.build_parser().parse_args(["--workers", "2", "--metrics-port", "9100"])
-    assert serve._frontend_args(args)[2:4] == ["--metrics-port", "9100"]
+    frontend = serve._frontend_args(args)
+    assert frontend[frontend.index("--metrics-port") + 1] == "9100"
     ports = []
     for index in range(2):
         worker = serve._worker_args(args, index)

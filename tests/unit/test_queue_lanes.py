@@ -1,5 +1,5 @@
 from esm2_service import queue
-from esm2_service.server.validation import MAX_TOKENS
+from esm2_service.validation import MAX_TOKENS
 
 
 def test_each_length_has_one_lane_and_the_bounds_double_up_to_the_limit():

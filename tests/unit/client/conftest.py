@@ -24,6 +24,9 @@ from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.tensors import chunk_messages, resolve_dtype, to_wire_bytes
 
 LAYERED = (pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS)
+# A rule only this server has, as a server of another version might: the client's own
+# check passes such sequences, and the server refuses them.
+REFUSED_MOTIF = "QQQQ"
 MODEL = pb.ModelInfo(name="esm2_t6_8M_UR50D", checkpoint_sha256="ab" * 32, device="cpu")
 
 
@@ -112,8 +115,10 @@ class FakeEsm2(esm2_pb2_grpc.Esm2Servicer):
 
     def _start(self, request, context) -> list[str]:
         sequences = [item.sequence for item in request.items]
-        if any("!" in sequence for sequence in sequences):
-            context.abort_with_status(rpc_status.to_status(bad_request_status()))
+        refused = [i for i, sequence in enumerate(sequences) if REFUSED_MOTIF in sequence]
+        if refused:
+            time.sleep(self.delay_s)
+            context.abort_with_status(rpc_status.to_status(bad_request_status(refused)))
         with self._lock:
             self.requests.append(sequences)
             self._in_flight += 1
@@ -141,13 +146,16 @@ class FakeEsm2(esm2_pb2_grpc.Esm2Servicer):
             yield pb.ResultChunk(sequence_index=index, complete=complete)
 
 
-def bad_request_status() -> status_pb2.Status:
-    """INVALID_ARGUMENT with one BadRequest field violation."""
-    violation = error_details_pb2.BadRequest.FieldViolation(
-        field="items[0].sequence", description="character '!' is not an amino acid"
-    )
+def bad_request_status(indices: list[int]) -> status_pb2.Status:
+    """INVALID_ARGUMENT with a BadRequest field violation for each of `indices`."""
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=f"items[{i}].sequence", description=f"holds {REFUSED_MOTIF}"
+        )
+        for i in indices
+    ]
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
     return status_pb2.Status(
         code=code_pb2.INVALID_ARGUMENT, message="invalid request", details=[detail]
     )

@@ -154,16 +154,45 @@ def test_status_prints_json_and_warns_on_random_weights(fake_server, capsys):
     assert "WARNING" in captured.err and "RANDOM weights" in captured.err
 
 
-def test_server_errors_print_code_and_field_violations(fake_server, capsys):
-    argv = ["predict", "--sequence", "M!<mask>", "--target", fake_server[0], "--no-progress"]
+def test_server_refusals_print_each_violation_once_with_its_record(fake_server, tmp_path, capsys):
+    target, servicer = fake_server
+    sequences = [f"MKV{'A' * i}<mask>" for i in range(20)]
+    sequences[2] += "QQQQ"
+    sequences[17] += "QQQQ"
+    path = tmp_path / "in.fasta"
+    path.write_text("".join(f">s{i}\n{sequence}\n" for i, sequence in enumerate(sequences)))
+    argv = ["predict", str(path), "--target", target, "--no-progress", "--concurrency", "1"]
 
     assert main(argv) == 1
 
-    err = capsys.readouterr().err
-    assert err.splitlines() == [
-        "error: INVALID_ARGUMENT: invalid request",
-        "  items[0].sequence: character '!' is not an amino acid",
+    # The first window (one request of 8) is refused; the later windows are never sent.
+    assert capsys.readouterr().err.splitlines() == [
+        "error: INVALID_ARGUMENT: 1 violation:",
+        "  items[2].sequence (record 's2', line 5): holds QQQQ",
     ]
+    assert servicer.requests == []
+
+
+def test_every_bad_record_is_named_once_before_any_request(fake_server, tmp_path, capsys):
+    target, servicer = fake_server
+    records = [f">r{i} description\nMKV{'A' * i}\n" for i in range(30)]
+    records[3] = ">r3\nMKaV\n"
+    records[27] = ">r27\nMK<mask>V\n"
+    path = tmp_path / "in.fasta"
+    path.write_text("".join(records))
+    argv = ["encode", str(path), "-o", str(tmp_path / "out.npz"), "--target", target]
+
+    assert main([*argv, "--no-progress"]) == 1
+
+    assert capsys.readouterr().err.splitlines() == [
+        "error: INVALID_ARGUMENT: 2 violations:",
+        "  items[3].sequence (record 'r3', line 7): character 'a' at position 3 is not "
+        "accepted (accepted: ACDEFGHIKLMNPQRSTVWY, XBUZO, '-')",
+        "  items[27].sequence (record 'r27', line 55): <mask> at position 3: only Predict "
+        "accepts <mask>",
+    ]
+    assert servicer.requests == []
+    assert not (tmp_path / "out.npz").exists()
 
 
 def test_unreachable_server_is_reported_without_traceback(capsys):

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from esm2_service.alphabet import VOCAB_TOKENS
-from esm2_service.client import AsyncEsm2Client, Esm2Client, IncompleteResultError
+from esm2_service.client import (
+    AsyncEsm2Client,
+    Esm2Client,
+    IncompleteResultError,
+    InvalidArgumentError,
+    field_violations,
+)
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 
 ALL = ("mean", "per_token", "bos", "contacts", "logits", "attentions")
@@ -102,13 +108,39 @@ def test_a_lone_string_is_refused(fake_server):
         client.encode("MKV")
 
 
-def test_server_errors_surface_unchanged(fake_server):
-    target, _ = fake_server
+def test_invalid_input_anywhere_in_a_long_list_is_named_before_any_request(fake_server):
+    target, servicer = fake_server
+    sequences = ["MKV"] * 30
+    sequences[3], sequences[27] = "MKa", "MK<mask>"
     with Esm2Client(target) as client, pytest.raises(grpc.RpcError) as caught:
-        client.encode(SEQUENCES[:9] + ["MK!"])
+        client.encode(sequences, repr_layers=[9])
 
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details() == "invalid request"
+    error = caught.value
+    assert isinstance(error, InvalidArgumentError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in field_violations(error)] == [
+        "items[3].sequence",
+        "items[27].sequence",
+        "params.repr_layers[0]",
+    ]
+    assert "items[3].sequence: character 'a' at position 3" in error.details()
+    assert servicer.requests == []
+
+
+def test_server_refusals_of_every_request_are_merged_in_the_callers_numbering(fake_server):
+    target, servicer = fake_server
+    servicer.delay_s = 0.3  # the three requests are all in flight before any refusal
+    sequences = [f"MK{'A' * i}" for i in range(20)]
+    sequences[3] += "QQQQ"
+    sequences[17] += "QQQQ"
+    with Esm2Client(target) as client, pytest.raises(InvalidArgumentError) as caught:
+        client.encode(sequences)
+
+    assert caught.value.violations == [
+        ("items[3].sequence", "holds QQQQ"),
+        ("items[17].sequence", "holds QQQQ"),
+    ]
+    assert servicer.requests == [sequences[8:16]]  # the valid request ran
 
 
 def test_stream_without_an_items_complete_raises(fake_server):
@@ -151,10 +183,18 @@ async def test_async_client_splits_orders_and_bounds_concurrency(fake_server):
     assert status.queue_depth == 3
 
 
-async def test_async_server_errors_surface_unchanged(fake_server):
-    target, _ = fake_server
+async def test_async_invalid_input_and_refusals_name_the_callers_items(fake_server):
+    target, servicer = fake_server
+    servicer.delay_s = 0.3
     async with AsyncEsm2Client(target) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(InvalidArgumentError) as caught:
             await client.predict(["<mask>"] * 12 + ["!<mask>"])
+        assert field_violations(caught.value)[0][0] == "items[12].sequence"
 
+        with pytest.raises(InvalidArgumentError) as caught:
+            await client.predict(["<mask>"] * 12 + ["QQQQ<mask>", "<mask>QQQQ"])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in caught.value.violations] == [
+        "items[12].sequence",
+        "items[13].sequence",
+    ]

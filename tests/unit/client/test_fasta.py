@@ -26,10 +26,10 @@ def test_records_span_lines_and_lose_whitespace(tmp_path):
         "ACDE",
     )
 
-    assert read_fasta(path) == [
-        ("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGA"),
-        ("second", "MK<mask>VL"),
-        ("third", "ACDE"),
+    assert [tuple(record) for record in read_fasta(path)] == [
+        ("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGA", 1),
+        ("second", "MK<mask>VL", 5),
+        ("third", "ACDE", 7),
     ]
 
 

@@ -180,6 +180,19 @@ def test_predict_result_names_masks_and_top_tokens():
     np.testing.assert_array_equal(result.logits, logits)
 
 
+def test_predicted_tokens_are_standard_amino_acids_whatever_else_scores_higher():
+    logits = np.full((3, 33), -9.0, np.float32)
+    for row, (beaten, residue) in enumerate((("<eos>", "A"), ("<cls>", "C"), ("X", "Y"))):
+        logits[row, VOCAB_TOKENS.index(beaten)] = 5.0
+        logits[row, VOCAB_TOKENS.index("<pad>")] = 4.0
+        logits[row, VOCAB_TOKENS.index("-")] = 3.0
+        logits[row, VOCAB_TOKENS.index(residue)] = 1.0
+    tokens = ["<mask>", "M", "<mask>", "<mask>"]
+    items = assemble(chunks(0, pb.INCLUDE_LOGITS, 0, logits) + [complete(0, tokens)], 1)
+
+    assert predict_result(items[0], 0).predicted_tokens == ["A", "C", "Y"]
+
+
 def test_predict_result_without_logits_raises():
     with pytest.raises(IncompleteResultError, match="item 0: no logits tensor"):
         predict_result(assemble([complete(0)], 1)[0], 0)

@@ -5,7 +5,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.errors import MAX_DETAILS_BYTES, QueueFull, to_rpc_status
-from esm2_service.server.validation import InvalidRequest, validate_encode
+from esm2_service.validation import InvalidRequest, validate_encode
 
 
 def details_of(status: grpc.Status) -> status_pb2.Status:

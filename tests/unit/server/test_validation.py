@@ -4,7 +4,7 @@ import pytest
 
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
-from esm2_service.server.validation import (
+from esm2_service.validation import (
     InvalidRequest,
     resolve_layers,
     validate_encode,

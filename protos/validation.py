@@ -2,7 +2,9 @@
 
 Every violation in a request is collected and reported at once, each naming its
 field (`items[3].sequence`, `params.repr_layers[0]`) and, for a bad character,
-its position. Nothing here knows gRPC or Redis.
+its position. Nothing here knows gRPC or Redis. The frontend decides with these
+rules; the Python client runs the same ones over a caller's whole list before it
+splits the list into requests, so every violation names the caller's own index.
 """
 
 from __future__ import annotations
@@ -71,12 +73,30 @@ class ValidRequest:
         return tuple(len(split_tokens(sequence)) for sequence in self.sequences)
 
 
+def encode_violations(
+    request: pb.EncodeRequest, max_items: int | None = MAX_ITEMS
+) -> list[FieldViolation]:
+    """Every rule `request` breaks; `max_items=None` checks a list of any length."""
+    return (
+        _check_items(request.items, allow_mask=False, max_items=max_items)
+        + _check_layers(request.params.repr_layers)
+        + _check_include(request.params.include)
+        + _check_dtype(request.params.dtype)
+    )
+
+
+def predict_violations(
+    request: pb.PredictRequest, max_items: int | None = MAX_ITEMS
+) -> list[FieldViolation]:
+    """Every rule `request` breaks; `max_items=None` checks a list of any length."""
+    return _check_items(request.items, allow_mask=True, max_items=max_items) + _check_dtype(
+        request.params.dtype
+    )
+
+
 def validate_encode(request: pb.EncodeRequest | Undecodable) -> ValidRequest:
     request = check_decoded(request)
-    violations = _check_items(request.items, allow_mask=False)
-    violations += _check_layers(request.params.repr_layers)
-    violations += _check_include(request.params.include)
-    violations += _check_dtype(request.params.dtype)
+    violations = encode_violations(request)
     if violations:
         raise InvalidRequest(violations)
     return ValidRequest(
@@ -90,8 +110,7 @@ def validate_encode(request: pb.EncodeRequest | Undecodable) -> ValidRequest:
 
 def validate_predict(request: pb.PredictRequest | Undecodable) -> ValidRequest:
     request = check_decoded(request)
-    violations = _check_items(request.items, allow_mask=True)
-    violations += _check_dtype(request.params.dtype)
+    violations = predict_violations(request)
     if violations:
         raise InvalidRequest(violations)
     return ValidRequest(
@@ -107,11 +126,11 @@ def resolve_layers(layers) -> tuple[int, ...]:
     return tuple(sorted({layer % (NUM_LAYERS + 1) for layer in layers}))
 
 
-def _check_items(items, *, allow_mask: bool) -> list[FieldViolation]:
+def _check_items(items, *, allow_mask: bool, max_items: int | None) -> list[FieldViolation]:
     if not items:
         return [FieldViolation("items", f"no items; send 1 to {MAX_ITEMS}")]
     violations = []
-    if len(items) > MAX_ITEMS:
+    if max_items is not None and len(items) > max_items:
         violations.append(FieldViolation("items", f"{len(items)} items; the limit is {MAX_ITEMS}"))
     for index, item in enumerate(items):
         violations += check_sequence(item.sequence, f"items[{index}].sequence", allow_mask)
