@@ -161,7 +161,7 @@ def client_loop(target: str, seed: int, stop: threading.Event, tally: Tally, ref
     """Sends requests one after another until `stop`, checking every answer."""
     rng = random.Random(seed)
     with grpc.insecure_channel(target) as channel:
-        stub = esm2_pb2_grpc.Esm2Stub(channel)
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
         while not stop.is_set():
             sequences = [
                 "".join(rng.choices(AMINO, k=rng.randint(20, 300)))

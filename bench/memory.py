@@ -42,7 +42,7 @@ def encode_counting(target: str, request: pb.EncodeRequest, timeout_s: float) ->
     counts = {"tensor_bytes": 0, "message_bytes": 0, "messages": 0, "items_complete": 0}
     started = time.perf_counter()
     with grpc.insecure_channel(target) as channel:
-        for message in esm2_pb2_grpc.Esm2Stub(channel).Encode(request, timeout=timeout_s):
+        for message in esm2_pb2_grpc.Esm2ServiceStub(channel).Encode(request, timeout=timeout_s):
             counts["messages"] += 1
             counts["message_bytes"] += message.ByteSize()
             if message.HasField("complete"):

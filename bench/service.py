@@ -21,7 +21,7 @@ from bench.procfs import cpu_seconds
 from bench.timing import Contender, Latency, time_interleaved
 from esm2_service.client import Esm2Client
 
-SERVICE_NAME = "esm2.v1.Esm2"
+SERVICE_NAME = "esm2.v1.Esm2Service"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 # No metrics port to collide with other servers on the machine; text logs to parse.

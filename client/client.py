@@ -1,4 +1,4 @@
-"""gRPC clients of the `esm2.v1.Esm2` service: `Esm2Client` and `AsyncEsm2Client`.
+"""gRPC clients of the `esm2.v1.Esm2Service` service: `Esm2Client` and `AsyncEsm2Client`.
 
 Both check a list of sequences with the service's own rules, split it into
 requests of at most 8 items, run up to `max_concurrency` of them at once, and
@@ -225,7 +225,7 @@ class Esm2Client(_ClientBase):
             self._channel = grpc.insecure_channel(target, options=_SYNC_CHANNEL_OPTIONS)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=_SYNC_CHANNEL_OPTIONS)
-        self._stub = esm2_pb2_grpc.Esm2Stub(self._channel)
+        self._stub = esm2_pb2_grpc.Esm2ServiceStub(self._channel)
 
     def __enter__(self) -> Esm2Client:
         return self
@@ -282,9 +282,9 @@ class Esm2Client(_ClientBase):
             predict_result,
         )
 
-    def status(self) -> pb.StatusResponse:
+    def status(self) -> pb.GetStatusResponse:
         """The service's workers, queue depth and whether any runs random weights."""
-        return self._stub.GetStatus(pb.StatusRequest(), **self._call_options)
+        return self._stub.GetStatus(pb.GetStatusRequest(), **self._call_options)
 
     def _run(
         self, batches: list[Batch], start_call: StartCall, make_result: MakeResult[R]
@@ -364,7 +364,7 @@ class AsyncEsm2Client(_ClientBase):
             self._channel = grpc.aio.insecure_channel(target)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials)
-        self._stub = esm2_pb2_grpc.Esm2Stub(self._channel)
+        self._stub = esm2_pb2_grpc.Esm2ServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncEsm2Client:
         return self
@@ -406,9 +406,9 @@ class AsyncEsm2Client(_ClientBase):
             predict_result,
         )
 
-    async def status(self) -> pb.StatusResponse:
+    async def status(self) -> pb.GetStatusResponse:
         """See `Esm2Client.status`."""
-        return await self._stub.GetStatus(pb.StatusRequest(), **self._call_options)
+        return await self._stub.GetStatus(pb.GetStatusRequest(), **self._call_options)
 
     async def _run(
         self, batches: list[Batch], start_call: StartCall, make_result: MakeResult[R]

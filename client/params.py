@@ -77,7 +77,7 @@ class EncodeSpec:
 
     include: tuple[int, ...]  # pb.Include values
     layers: tuple[int, ...]  # as requested, may be negative
-    dtype: int  # pb.DType value
+    dtype: int  # pb.Dtype value
 
     @classmethod
     def parse(

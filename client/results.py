@@ -1,4 +1,4 @@
-"""Result types and the assembly of `ResultChunk` streams into numpy arrays.
+"""Result types and the assembly of response streams into numpy arrays.
 
 A response stream carries, for each item of a request, zero or more
 `TensorChunk` messages and then one `ItemComplete`. Chunks of different items
@@ -27,7 +27,8 @@ TensorKey = tuple[int, int]  # (Include kind, layer)
 
 
 class ResultStreamError(RuntimeError):
-    """The server's response stream broke the contract of `esm2.v1.ResultChunk`."""
+    """The server's response stream broke the contract of `esm2.v1.EncodeResponse` /
+    `PredictResponse`."""
 
 
 class IncompleteResultError(ResultStreamError):
@@ -115,14 +116,15 @@ def kind_name(kind: int) -> str:
 
 
 class StreamAssembler:
-    """Rebuilds the items of one response stream from its `ResultChunk` messages."""
+    """Rebuilds the items of one response stream from its EncodeResponse or
+    PredictResponse messages (the two have the same fields)."""
 
     def __init__(self, n_items: int):
         self._n_items = n_items
         self._pending: dict[int, dict[TensorKey, TensorAssembler]] = {}
         self._done: dict[int, CompletedItem] = {}
 
-    def add(self, message: pb.ResultChunk) -> None:
+    def add(self, message: pb.EncodeResponse | pb.PredictResponse) -> None:
         """Takes one message; raises `ResultStreamError` if it breaks the contract."""
         index = message.sequence_index
         if not 0 <= index < self._n_items:
@@ -137,7 +139,7 @@ class StreamAssembler:
         elif payload == "complete":
             self._complete(index, message.complete)
         else:
-            raise ResultStreamError(f"item {index}: ResultChunk with neither chunk nor complete")
+            raise ResultStreamError(f"item {index}: a response with neither chunk nor complete")
 
     def finish(self) -> list[CompletedItem]:
         """The items in request order, once the stream has ended."""

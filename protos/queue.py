@@ -27,12 +27,12 @@ HEARTBEATS = f"{PREFIX}:heartbeats"
 
 # Field names of entries.
 ITEM_FIELD = b"item"  # queue lanes: QueueItem bytes
-CHUNK_FIELD = b"chunk"  # reply stream: ResultChunk bytes
+CHUNK_FIELD = b"chunk"  # reply stream: EncodeResponse or PredictResponse bytes
 ERROR_FIELD = b"error"  # reply stream: ItemError bytes
 
 
 def reply_stream(request_id: str) -> str:
-    """Where workers write a request's ResultChunks and ItemErrors."""
+    """Where workers write a request's response messages and ItemErrors."""
     return f"{PREFIX}:reply:{request_id}"
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 
-# Leaves room for the other fields of a ResultChunk under 4 MiB (4,194,304 bytes).
+# Leaves room for the other fields of a response message under 4 MiB (4,194,304 bytes).
 MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
 _WIRE_NUMPY_DTYPE = {

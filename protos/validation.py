@@ -22,7 +22,7 @@ NUM_LAYERS = 6
 MAX_CHARACTER_VIOLATIONS = 10
 
 _INCLUDE_NAMES = {v: k for k, v in pb.Include.items() if v != pb.INCLUDE_UNSPECIFIED}
-_DTYPES = frozenset(pb.DType.values())
+_DTYPES = frozenset(pb.Dtype.values())
 _ACCEPTED_DESCRIPTION = "accepted: ACDEFGHIKLMNPQRSTVWY, XBUZO, '-'"
 
 
@@ -206,6 +206,6 @@ def _check_dtype(dtype: int) -> list[FieldViolation]:
         return []
     return [
         FieldViolation(
-            "params.dtype", f"unknown dtype {dtype}; valid: {', '.join(pb.DType.keys())}"
+            "params.dtype", f"unknown dtype {dtype}; valid: {', '.join(pb.Dtype.keys())}"
         )
     ]

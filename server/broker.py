@@ -2,7 +2,7 @@
 
 A request becomes one QueueItem entry per item, each on the queue lane of its length. Workers
 write the results to the request's own reply stream; `results` reads that stream
-with blocking reads and yields each ResultChunk as soon as it arrives, deleting
+with blocking reads and yields each response message as soon as it arrives, deleting
 what it has relayed so Redis holds only what the client has not taken yet.
 """
 
@@ -107,7 +107,7 @@ class Broker:
         return deadline
 
     async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[bytes]:
-        """Yields the request's serialized ResultChunks until every item is complete."""
+        """Yields the request's serialized response messages until every item is complete."""
         stream = queue.reply_stream(request_id)
         last_id = "0-0"
         remaining = items
@@ -124,7 +124,8 @@ class Broker:
                 if queue.ERROR_FIELD in fields:
                     error = qpb.ItemError.FromString(fields[queue.ERROR_FIELD])
                     raise ItemFailed(error.sequence_index, error.code, error.message)
-                chunk = pb.ResultChunk.FromString(fields[queue.CHUNK_FIELD])
+                # EncodeResponse and PredictResponse share one layout: either parses both.
+                chunk = pb.EncodeResponse.FromString(fields[queue.CHUNK_FIELD])
                 key = _piece_key(chunk)
                 if key in relayed:
                     continue
@@ -180,7 +181,7 @@ class Broker:
             await self.redis.delete(queue.reply_stream(request_id), queue.request_key(request_id))
 
 
-def _piece_key(chunk: pb.ResultChunk) -> tuple:
+def _piece_key(chunk: pb.EncodeResponse) -> tuple:
     if chunk.HasField("complete"):
         return (chunk.sequence_index,)
     piece = chunk.chunk

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.validation import Undecodable
 
-SERVICE_NAME = "esm2.v1.Esm2"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name  # esm2.v1.Esm2Service
 
 
 def _decoder(message_type: type[Message]):
@@ -46,7 +46,7 @@ def add_esm2_service(servicer, server: grpc.aio.Server) -> None:
         ),
         "GetStatus": grpc.unary_unary_rpc_method_handler(
             servicer.GetStatus,
-            request_deserializer=_decoder(pb.StatusRequest),
+            request_deserializer=_decoder(pb.GetStatusRequest),
             response_serializer=_encode,
         ),
     }

@@ -11,10 +11,10 @@ from grpc_health.v1 import health, health_pb2
 
 from esm2_service import queue
 from esm2_service.server.broker import REDIS_ERRORS, queue_depths
+from esm2_service.server.handlers import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "esm2.v1.Esm2"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -14,11 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from esm2_service.config import check_redis_address, env_or
-from esm2_service.esm2.v1 import esm2_pb2
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import TokenAuthInterceptor
 from esm2_service.server.broker import Broker, BrokerSettings
-from esm2_service.server.handlers import add_esm2_service
+from esm2_service.server.handlers import SERVICE_NAME, add_esm2_service
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
 from esm2_service.server.service import Esm2Service
@@ -89,7 +88,7 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(monitor.servicer, server)
     reflection.enable_server_reflection(
         (
-            esm2_pb2.DESCRIPTOR.services_by_name["Esm2"].full_name,
+            SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

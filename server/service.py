@@ -23,13 +23,13 @@ from esm2_service.validation import (
 log = logging.getLogger(__name__)
 
 
-class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
+class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
     def __init__(self, broker: Broker, worker_timeout_s: float):
         self.broker = broker
         self.worker_timeout_s = worker_timeout_s
         self._cleanups: set[asyncio.Task] = set()  # referenced until done
 
-    # Streams yield ResultChunks already serialized by the workers.
+    # Streams yield response messages already serialized by the workers.
     async def Encode(self, request, context) -> AsyncIterator[bytes]:
         async for chunk in self._run("Encode", validate_encode, request, context):
             yield chunk
@@ -38,7 +38,7 @@ class Esm2Service(esm2_pb2_grpc.Esm2Servicer):
         async for chunk in self._run("Predict", validate_predict, request, context):
             yield chunk
 
-    async def GetStatus(self, request, context) -> pb.StatusResponse:
+    async def GetStatus(self, request, context) -> pb.GetStatusResponse:
         try:
             check_decoded(request)
             return await read_status(self.broker.redis, self.worker_timeout_s)
@@ -102,7 +102,7 @@ async def _abort(context, error: Exception, request_id: str | None = None) -> No
     await context.abort(status.code, status.details, trailers)
 
 
-async def read_status(redis, worker_timeout_s: float) -> pb.StatusResponse:
+async def read_status(redis, worker_timeout_s: float) -> pb.GetStatusResponse:
     """Live workers (heartbeat within `worker_timeout_s`), their models, the queue depth."""
     now = time.time()
     workers = await redis.zrangebyscore(
@@ -111,7 +111,7 @@ async def read_status(redis, worker_timeout_s: float) -> pb.StatusResponse:
     infos = (
         await redis.mget([queue.worker_info_key(w.decode()) for w, _ in workers]) if workers else []
     )
-    response = pb.StatusResponse(queue_depth=sum((await queue_depths(redis)).values()))
+    response = pb.GetStatusResponse(queue_depth=sum((await queue_depths(redis)).values()))
     for (worker_id, last_seen), info in zip(workers, infos, strict=True):
         model = pb.ModelInfo.FromString(info) if info else pb.ModelInfo()
         response.workers.add(worker_id=worker_id.decode(), model=model, last_seen_unix_s=last_seen)

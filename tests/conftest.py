@@ -109,7 +109,7 @@ class ServiceProcesses:
             while time.monotonic() < deadline:
                 try:
                     status = stub.Check(
-                        health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=1
+                        health_pb2.HealthCheckRequest(service="esm2.v1.Esm2Service"), timeout=1
                     )
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
                         return

@@ -86,6 +86,12 @@ def group_by_stream(refs: Sequence[EntryRef]) -> dict[str, list[bytes]]:
     return grouped
 
 
+def response_type(task: int) -> type[pb.EncodeResponse] | type[pb.PredictResponse]:
+    """The response message of the item's RPC (the two have the same fields, so their
+    bytes are the same: the frontend relays either unchanged)."""
+    return pb.PredictResponse if task == qpb.TASK_PREDICT else pb.EncodeResponse
+
+
 class ReplyWriter:
     def __init__(
         self,
@@ -116,7 +122,7 @@ class ReplyWriter:
         entries = [
             (item.request_id, queue.CHUNK_FIELD, message.SerializeToString())
             for message in (
-                pb.ResultChunk(sequence_index=item.sequence_index, chunk=chunk)
+                response_type(item.task)(sequence_index=item.sequence_index, chunk=chunk)
                 for chunk in chunk_messages(
                     output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
                 )
@@ -195,7 +201,7 @@ class ReplyWriter:
         done = pb.ItemComplete(vocab_tokens=VOCAB_TOKENS, model=self.model)
         if predict:
             done.sequence_tokens.extend(split_tokens(item.sequence))
-        message = pb.ResultChunk(sequence_index=item.sequence_index, complete=done)
+        message = response_type(item.task)(sequence_index=item.sequence_index, complete=done)
         self._buffer.append((item.request_id, queue.CHUNK_FIELD, message.SerializeToString()))
 
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:

@@ -141,5 +141,5 @@ def resolved_layers(layers) -> tuple[int, ...]:
 REQUEST_TYPES = {
     "Encode": pb.EncodeRequest,
     "Predict": pb.PredictRequest,
-    "GetStatus": pb.StatusRequest,
+    "GetStatus": pb.GetStatusRequest,
 }

@@ -433,7 +433,7 @@ class Answer:
 
 
 def send(channel: grpc.Channel, case: Case) -> Answer:
-    path = f"/esm2.v1.Esm2/{case.method}"
+    path = f"/esm2.v1.Esm2Service/{case.method}"
     try:
         if case.method == "GetStatus":
             call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
@@ -463,7 +463,7 @@ def problems(case: Case, answer: Answer) -> list[str]:
     if answer.code == grpc.StatusCode.INVALID_ARGUMENT:
         return violation_problems(case, answer)
     if answer.code == grpc.StatusCode.OK and case.method == "GetStatus":
-        status = pb.StatusResponse.FromString(answer.messages[0])
+        status = pb.GetStatusResponse.FromString(answer.messages[0])
         return [] if status.workers else ["GetStatus lists no worker"]
     if answer.code == grpc.StatusCode.OK:
         return stream_problems(case.method, case.request, answer.messages)
@@ -501,7 +501,7 @@ def stream_problems(method: str, request, messages: list[bytes]) -> list[str]:
     pieces = collections.defaultdict(list)
     out = []
     for raw in messages:
-        message = pb.ResultChunk.FromString(raw)
+        message = pb.EncodeResponse.FromString(raw)
         index = message.sequence_index
         if not 0 <= index < count or index in done:
             out.append(f"message for item {index} of {count} (done: {sorted(done)})")
@@ -671,13 +671,13 @@ def test_the_checker_catches_wrong_answers():
         tensor=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, VOCAB_SIZE], data=bytes(4 * 33)),
     )
     done = pb.ItemComplete(vocab_tokens=["x"] * VOCAB_SIZE, sequence_tokens=["M", "<mask>", "K"])
-    chunk = pb.ResultChunk(chunk=logits).SerializeToString()
-    complete = pb.ResultChunk(complete=done).SerializeToString()
+    chunk = pb.EncodeResponse(chunk=logits).SerializeToString()
+    complete = pb.EncodeResponse(complete=done).SerializeToString()
     assert not problems(valid, Answer(grpc.StatusCode.OK, [chunk, complete]))
     assert problems(valid, Answer(grpc.StatusCode.OK, [chunk]))  # no complete
     assert problems(valid, Answer(grpc.StatusCode.OK, [complete]))  # no logits
     assert problems(valid, Answer(grpc.StatusCode.OK, [complete, chunk]))  # after complete
-    short = pb.ResultChunk(chunk=logits)
+    short = pb.EncodeResponse(chunk=logits)
     short.chunk.tensor.data = bytes(4)
     assert problems(valid, Answer(grpc.StatusCode.OK, [short.SerializeToString(), complete]))
 
@@ -742,7 +742,7 @@ def test_fuzz_ten_thousand_requests_against_the_live_service(service, redis_serv
     assert all(worker.poll() is None for worker in service.workers), "a worker died"
     with grpc.insecure_channel(service.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=10
+            health_pb2.HealthCheckRequest(service="esm2.v1.Esm2Service"), timeout=10
         )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     with Esm2Client(service.target, timeout_s=60) as esm2:

@@ -26,16 +26,16 @@ def chunk(index: int, offset: int) -> bytes:
     piece = pb.TensorChunk(
         kind=pb.INCLUDE_MEAN, layer=6, offset=offset, tensor=pb.Tensor(shape=[2])
     )
-    return pb.ResultChunk(sequence_index=index, chunk=piece).SerializeToString()
+    return pb.EncodeResponse(sequence_index=index, chunk=piece).SerializeToString()
 
 
 def complete(index: int) -> bytes:
-    return pb.ResultChunk(sequence_index=index, complete=pb.ItemComplete()).SerializeToString()
+    return pb.EncodeResponse(sequence_index=index, complete=pb.ItemComplete()).SerializeToString()
 
 
 async def collect(broker, request_id, items, deadline_s=5.0):
     return [
-        pb.ResultChunk.FromString(m)
+        pb.EncodeResponse.FromString(m)
         async for m in broker.results(request_id, items, time.time() + deadline_s)
     ]
 

@@ -43,7 +43,7 @@ def raw_encode(target: str, sequences, include=(pb.INCLUDE_MEAN,), timeout=120):
         request = pb.EncodeRequest(
             items=[pb.Item(sequence=s) for s in sequences], params=pb.EncodeParams(include=include)
         )
-        return list(esm2_pb2_grpc.Esm2Stub(channel).Encode(request, timeout=timeout))
+        return list(esm2_pb2_grpc.Esm2ServiceStub(channel).Encode(request, timeout=timeout))
 
 
 def pieces(messages) -> list[tuple]:
@@ -67,7 +67,7 @@ def means(messages) -> dict[int, np.ndarray]:
 def health(target: str) -> int:
     with grpc.insecure_channel(target) as channel:
         try:
-            request = health_pb2.HealthCheckRequest(service="esm2.v1.Esm2")
+            request = health_pb2.HealthCheckRequest(service="esm2.v1.Esm2Service")
             return health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
         except grpc.RpcError:
             return -1
@@ -185,7 +185,7 @@ def test_a_full_queue_answers_resource_exhausted_with_a_retry_hint(own_redis, ti
     )
     try:
         with grpc.insecure_channel(service.target) as channel:
-            stub = esm2_pb2_grpc.Esm2Stub(channel)
+            stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
             request = pb.EncodeRequest(items=[pb.Item(sequence="MKV")] * 2)
             waiting = stub.Encode(request, timeout=30)  # queued; no worker runs it
             wait_for(
@@ -224,7 +224,7 @@ def test_expired_and_cancelled_requests_are_skipped_by_the_worker(own_redis, ful
             raw_encode(service.target, ["MKV"], timeout=0.5)
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with grpc.insecure_channel(service.target) as channel:
-            call = esm2_pb2_grpc.Esm2Stub(channel).Encode(
+            call = esm2_pb2_grpc.Esm2ServiceStub(channel).Encode(
                 pb.EncodeRequest(items=[pb.Item(sequence="MKVL")])
             )
             time.sleep(0.5)

@@ -19,7 +19,7 @@ from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.queue import LANE_NAMES
 from esm2_service.server.embedded_redis import free_port
 
-ENCODE = "esm2.v1.Esm2/Encode"
+ENCODE = "esm2.v1.Esm2Service/Encode"
 SEQUENCES = ["MKTAYIAKQR", "ACDEFG"]  # 12 + 8 tokens with BOS/EOS
 # A line that grpc's C core writes to stderr itself, outside Python's logging.
 GRPC_CORE_LINE = re.compile(r"^[IWEF]\d{4} ")
@@ -87,7 +87,7 @@ def test_frontend_metrics_count_requests_items_and_workers(observed):
     # Straight to the server: the Python client would refuse it before sending.
     with grpc.insecure_channel(observed.target) as channel, pytest.raises(grpc.RpcError) as invalid:
         bad = pb.EncodeRequest(items=[pb.Item(sequence="not a protein")])
-        list(esm2_pb2_grpc.Esm2Stub(channel).Encode(bad, timeout=60))
+        list(esm2_pb2_grpc.Esm2ServiceStub(channel).Encode(bad, timeout=60))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # The server counts an RPC once its handler returns, which can be just after the
     # client has the status: wait for both to be counted.
@@ -149,13 +149,17 @@ def test_worker_metrics_count_batches_tokens_and_outcomes(observed):
     before = scrape(port)
     with Esm2Client(observed.target, timeout_s=60) as client:
         client.encode(SEQUENCES)
-    after = scrape(port)
     tokens = sum(len(s) + 2 for s in SEQUENCES)
+    # The worker counts a batch after writing its results, so the client can have them
+    # first: wait until the counters include this batch.
+    done = {"outcome": "completed"}
+    counted = value(before, "esm2_worker_tokens_total") + tokens  # the batch's last count
+    wait_for(lambda: value(scrape(port), "esm2_worker_tokens_total") == counted)
+    after = scrape(port)
     assert (
         value(after, "esm2_worker_tokens_total")
         == value(before, "esm2_worker_tokens_total") + tokens
     )
-    done = {"outcome": "completed"}
     assert value(after, "esm2_worker_items_total", **done) == (
         value(before, "esm2_worker_items_total", **done) + 2
     )
@@ -184,7 +188,7 @@ def test_worker_metrics_count_batches_tokens_and_outcomes(observed):
 
 def test_json_logs_carry_request_and_worker_ids(observed):
     with grpc.insecure_channel(observed.target) as channel:
-        stub = esm2_pb2_grpc.Esm2Stub(channel)
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
         call = stub.Encode(pb.EncodeRequest(items=[pb.Item(sequence="MKTAYIAK")]), timeout=60)
         list(call)
         served_id = dict(call.trailing_metadata())["esm2-request-id"]

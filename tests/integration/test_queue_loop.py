@@ -71,7 +71,7 @@ def replies(redis_client, request_id):
         if queue.ERROR_FIELD in fields:
             out.append(qpb.ItemError.FromString(fields[queue.ERROR_FIELD]))
         else:
-            out.append(pb.ResultChunk.FromString(fields[queue.CHUNK_FIELD]))
+            out.append(pb.EncodeResponse.FromString(fields[queue.CHUNK_FIELD]))
     return out
 
 
@@ -330,7 +330,7 @@ def test_a_reader_that_stops_reading_bounds_the_reply_stream(redis_client, engin
     worker.step()
     assert time.monotonic() - started >= 0.5
     messages = replies(redis_client, "slow")
-    chunks = [m for m in messages if isinstance(m, pb.ResultChunk)]
+    chunks = [m for m in messages if isinstance(m, pb.EncodeResponse)]
     assert [c.chunk.kind for c in chunks] == [pb.INCLUDE_ATTENTIONS] * 2  # then it gave up
     assert messages[-1].code == "RESOURCE_EXHAUSTED"
     assert "read no results for 0.5 s" in messages[-1].message
@@ -356,7 +356,7 @@ def test_a_reader_that_keeps_up_gets_everything_despite_the_bound(redis_client, 
         while not stop.is_set():
             reply = redis_client.xread({queue.reply_stream("paced"): last}, block=50)
             for entry_id, fields in reply[0][1] if reply else []:
-                received.append(pb.ResultChunk.FromString(fields[queue.CHUNK_FIELD]))
+                received.append(pb.EncodeResponse.FromString(fields[queue.CHUNK_FIELD]))
                 redis_client.xdel(queue.reply_stream("paced"), entry_id)
                 last = entry_id
 

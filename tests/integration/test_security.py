@@ -197,10 +197,10 @@ def _encode_request() -> pb.EncodeRequest:
 )
 def test_requests_without_a_valid_token_are_unauthenticated(token_service, metadata, message):
     with grpc.insecure_channel(token_service.target) as channel:
-        stub = esm2_pb2_grpc.Esm2Stub(channel)
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
         for call in (
             lambda: list(stub.Encode(_encode_request(), metadata=metadata, timeout=30)),
-            lambda: stub.GetStatus(pb.StatusRequest(), metadata=metadata, timeout=30),
+            lambda: stub.GetStatus(pb.GetStatusRequest(), metadata=metadata, timeout=30),
         ):
             code, details = _code_and_details(call)
             assert code == grpc.StatusCode.UNAUTHENTICATED
@@ -218,8 +218,8 @@ def test_every_configured_token_is_accepted(token_service, token):
 
 def test_the_token_scheme_is_case_insensitive(token_service):
     with grpc.insecure_channel(token_service.target) as channel:
-        status = esm2_pb2_grpc.Esm2Stub(channel).GetStatus(
-            pb.StatusRequest(), metadata=(("authorization", f"token {ENV_TOKEN}"),), timeout=30
+        status = esm2_pb2_grpc.Esm2ServiceStub(channel).GetStatus(
+            pb.GetStatusRequest(), metadata=(("authorization", f"token {ENV_TOKEN}"),), timeout=30
         )
     assert len(status.workers) == 1
 
@@ -227,7 +227,7 @@ def test_the_token_scheme_is_case_insensitive(token_service):
 def test_health_needs_no_token_but_reflection_does(token_service):
     with grpc.insecure_channel(token_service.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=10
+            health_pb2.HealthCheckRequest(service="esm2.v1.Esm2Service"), timeout=10
         )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
@@ -237,7 +237,7 @@ def test_health_needs_no_token_but_reflection_does(token_service):
         metadata = (("authorization", f"Token {FILE_TOKENS[1]}"),)
         (reply,) = list(reflect(iter([request]), metadata=metadata, timeout=10))
         names = {service.name for service in reply.list_services_response.service}
-        assert "esm2.v1.Esm2" in names
+        assert "esm2.v1.Esm2Service" in names
 
 
 def test_cli_sends_the_token_from_the_environment(token_service):
@@ -258,13 +258,13 @@ def test_tokens_never_reach_the_logs(token_service):
     # The refusals above were logged; the tokens, configured and presented, never are.
     with grpc.insecure_channel(token_service.target) as channel:
         _code_and_details(
-            lambda: esm2_pb2_grpc.Esm2Stub(channel).GetStatus(
-                pb.StatusRequest(), metadata=(("authorization", "Token guessed-secret"),)
+            lambda: esm2_pb2_grpc.Esm2ServiceStub(channel).GetStatus(
+                pb.GetStatusRequest(), metadata=(("authorization", "Token guessed-secret"),)
             )
         )
     text = token_service.log_path.read_text()
     assert "token authentication on: 3 token(s) configured" in text
-    assert f"refused /esm2.v1.Esm2/GetStatus: {auth.WRONG_TOKEN}" in text
+    assert f"refused /esm2.v1.Esm2Service/GetStatus: {auth.WRONG_TOKEN}" in text
     for secret in (*FILE_TOKENS, ENV_TOKEN, "guessed-secret"):
         assert secret not in text
 

@@ -112,7 +112,7 @@ def test_items_batched_across_concurrent_requests_match_fair_esm_alone(service, 
 def test_responses_larger_than_4_mib_arrive_in_chunks_a_default_client_reads(service):
     sequence = "MKTAYIAKQRQISFVKSHFSRQ" * 55  # 1,210 residues: attentions are 4 x L x L fp32, 23 MB
     with grpc.insecure_channel(service.target) as channel:  # default 4 MiB receive limit
-        stub = esm2_pb2_grpc.Esm2Stub(channel)
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
         request = pb.EncodeRequest(
             items=[pb.Item(sequence=sequence)],
             params=pb.EncodeParams(include=[pb.INCLUDE_ATTENTIONS]),
@@ -129,7 +129,7 @@ def test_invalid_requests_are_rejected_with_every_violation_before_queueing(serv
     redis_client = redis.Redis.from_url(redis_server.url)
     before = last_generated_ids(redis_client)
     with grpc.insecure_channel(service.target) as channel:
-        stub = esm2_pb2_grpc.Esm2Stub(channel)
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
         request = pb.EncodeRequest(
             items=[
                 pb.Item(sequence="MKV"),
@@ -186,9 +186,11 @@ def test_async_client(service, tiny_reference):
 
 def test_status_health_and_reflection(service):
     with grpc.insecure_channel(service.target) as channel:
-        status = esm2_pb2_grpc.Esm2Stub(channel).GetStatus(pb.StatusRequest(), timeout=5)
+        status = esm2_pb2_grpc.Esm2ServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
         health = health_pb2_grpc.HealthStub(channel)
-        check = health.Check(health_pb2.HealthCheckRequest(service="esm2.v1.Esm2"), timeout=5)
+        check = health.Check(
+            health_pb2.HealthCheckRequest(service="esm2.v1.Esm2Service"), timeout=5
+        )
         services = next(
             iter(
                 reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
@@ -201,7 +203,7 @@ def test_status_health_and_reflection(service):
     assert len(status.workers[0].model.checkpoint_sha256) == 64
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     names = {s.name for s in services.list_services_response.service}
-    assert {"esm2.v1.Esm2", "grpc.health.v1.Health"} <= names
+    assert {"esm2.v1.Esm2Service", "grpc.health.v1.Health"} <= names
 
 
 def test_undecodable_request_bytes_get_invalid_argument_and_the_service_keeps_serving(
@@ -209,7 +211,7 @@ def test_undecodable_request_bytes_get_invalid_argument_and_the_service_keeps_se
 ):
     with grpc.insecure_channel(service.target) as channel:
         raw = channel.unary_stream(
-            "/esm2.v1.Esm2/Encode", request_serializer=None, response_deserializer=None
+            "/esm2.v1.Esm2Service/Encode", request_serializer=None, response_deserializer=None
         )
         for body in (b"\xff\xff\xff", b"\x0a\x05\x0a\x03\xc3\x28\x41"):  # garbage; invalid UTF-8
             with pytest.raises(grpc.RpcError) as raised:
@@ -228,7 +230,7 @@ def test_the_client_decodes_field_violations_without_googleapis(service, client)
     request = pb.EncodeRequest(items=[pb.Item(sequence="MKV"), pb.Item(sequence="MK<cls>")])
     request.params.repr_layers.append(9)
     with grpc.insecure_channel(service.target) as channel, pytest.raises(grpc.RpcError) as server:
-        list(esm2_pb2_grpc.Esm2Stub(channel).Encode(request, timeout=30))
+        list(esm2_pb2_grpc.Esm2ServiceStub(channel).Encode(request, timeout=30))
     assert field_violations(server.value) == bad_request_fields(server.value)
     assert field_violations(server.value)[-1] == (
         "params.repr_layers[0]",

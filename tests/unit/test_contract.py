@@ -37,7 +37,7 @@ def test_generated_code_check_fails_when_a_proto_changes(tmp_path, monkeypatch):
     for name in generate.PROTO_FILES:
         text = (ROOT / "protos" / name).read_text()
         (tmp_path / name).write_text(
-            text.replace("message StatusRequest {}", "message StatusRequest { int32 x = 1; }")
+            text.replace("message GetStatusRequest {}", "message GetStatusRequest { int32 x = 1; }")
         )
     monkeypatch.setattr(generate, "PROTO_ROOT", tmp_path)
     assert "esm2/v1/esm2_pb2.py" in generate.stale_files()
@@ -91,7 +91,7 @@ def test_codec_splits_large_tensors_under_the_default_grpc_limit():
     )
     assert len(chunks) == 4
     for chunk in chunks:
-        message = pb.ResultChunk(sequence_index=7, chunk=chunk)
+        message = pb.EncodeResponse(sequence_index=7, chunk=chunk)
         assert message.ByteSize() < 4 * 1024 * 1024
     assembler = tensors.TensorAssembler(pb.DTYPE_FLOAT32, array.shape)
     for chunk in reversed(chunks):  # any order

@@ -17,12 +17,12 @@ class Include(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INCLUDE_LOGITS: _ClassVar[Include]
     INCLUDE_ATTENTIONS: _ClassVar[Include]
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT16: _ClassVar[DType]
-    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
 INCLUDE_UNSPECIFIED: Include
 INCLUDE_MEAN: Include
 INCLUDE_PER_TOKEN: Include
@@ -30,10 +30,10 @@ INCLUDE_BOS: Include
 INCLUDE_CONTACTS: Include
 INCLUDE_LOGITS: Include
 INCLUDE_ATTENTIONS: Include
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT16: DType
-DTYPE_BFLOAT16: DType
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
 
 class Item(_message.Message):
     __slots__ = ("sequence",)
@@ -48,8 +48,8 @@ class EncodeParams(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     repr_layers: _containers.RepeatedScalarFieldContainer[int]
     include: _containers.RepeatedScalarFieldContainer[Include]
-    dtype: DType
-    def __init__(self, repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[Include, str]]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    dtype: Dtype
+    def __init__(self, repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[Include, str]]] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "params")
@@ -62,8 +62,8 @@ class EncodeRequest(_message.Message):
 class PredictParams(_message.Message):
     __slots__ = ("dtype",)
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    dtype: Dtype
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("items", "params")
@@ -78,10 +78,10 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("kind", "layer", "tensor", "offset")
@@ -105,7 +105,17 @@ class ItemComplete(_message.Message):
     model: ModelInfo
     def __init__(self, vocab_tokens: _Optional[_Iterable[str]] = ..., sequence_tokens: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
-class ResultChunk(_message.Message):
+class EncodeResponse(_message.Message):
+    __slots__ = ("sequence_index", "chunk", "complete")
+    SEQUENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    sequence_index: int
+    chunk: TensorChunk
+    complete: ItemComplete
+    def __init__(self, sequence_index: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., complete: _Optional[_Union[ItemComplete, _Mapping]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
     __slots__ = ("sequence_index", "chunk", "complete")
     SEQUENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -129,7 +139,7 @@ class ModelInfo(_message.Message):
     precision: str
     def __init__(self, name: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
-class StatusRequest(_message.Message):
+class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
@@ -143,7 +153,7 @@ class WorkerStatus(_message.Message):
     last_seen_unix_s: float
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., last_seen_unix_s: _Optional[float] = ...) -> None: ...
 
-class StatusResponse(_message.Message):
+class GetStatusResponse(_message.Message):
     __slots__ = ("workers", "queue_depth", "any_random_weights")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]

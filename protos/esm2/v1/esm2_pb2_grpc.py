@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class Esm2Stub:
+class Esm2ServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,23 +35,23 @@ class Esm2Stub:
             channel: A grpc.Channel.
         """
         self.Encode = channel.unary_stream(
-                '/esm2.v1.Esm2/Encode',
+                '/esm2.v1.Esm2Service/Encode',
                 request_serializer=esm2_dot_v1_dot_esm2__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=esm2_dot_v1_dot_esm2__pb2.ResultChunk.FromString,
+                response_deserializer=esm2_dot_v1_dot_esm2__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_stream(
-                '/esm2.v1.Esm2/Predict',
+                '/esm2.v1.Esm2Service/Predict',
                 request_serializer=esm2_dot_v1_dot_esm2__pb2.PredictRequest.SerializeToString,
-                response_deserializer=esm2_dot_v1_dot_esm2__pb2.ResultChunk.FromString,
+                response_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
-                '/esm2.v1.Esm2/GetStatus',
-                request_serializer=esm2_dot_v1_dot_esm2__pb2.StatusRequest.SerializeToString,
-                response_deserializer=esm2_dot_v1_dot_esm2__pb2.StatusResponse.FromString,
+                '/esm2.v1.Esm2Service/GetStatus',
+                request_serializer=esm2_dot_v1_dot_esm2__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=esm2_dot_v1_dot_esm2__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
 
 
-class Esm2Servicer:
+class Esm2ServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
@@ -76,32 +76,32 @@ class Esm2Servicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_Esm2Servicer_to_server(servicer, server):
+def add_Esm2ServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Encode': grpc.unary_stream_rpc_method_handler(
                     servicer.Encode,
                     request_deserializer=esm2_dot_v1_dot_esm2__pb2.EncodeRequest.FromString,
-                    response_serializer=esm2_dot_v1_dot_esm2__pb2.ResultChunk.SerializeToString,
+                    response_serializer=esm2_dot_v1_dot_esm2__pb2.EncodeResponse.SerializeToString,
             ),
             'Predict': grpc.unary_stream_rpc_method_handler(
                     servicer.Predict,
                     request_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictRequest.FromString,
-                    response_serializer=esm2_dot_v1_dot_esm2__pb2.ResultChunk.SerializeToString,
+                    response_serializer=esm2_dot_v1_dot_esm2__pb2.PredictResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=esm2_dot_v1_dot_esm2__pb2.StatusRequest.FromString,
-                    response_serializer=esm2_dot_v1_dot_esm2__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=esm2_dot_v1_dot_esm2__pb2.GetStatusRequest.FromString,
+                    response_serializer=esm2_dot_v1_dot_esm2__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'esm2.v1.Esm2', rpc_method_handlers)
+            'esm2.v1.Esm2Service', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('esm2.v1.Esm2', rpc_method_handlers)
+    server.add_registered_method_handlers('esm2.v1.Esm2Service', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Esm2:
+class Esm2Service:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -118,9 +118,9 @@ class Esm2:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/esm2.v1.Esm2/Encode',
+            '/esm2.v1.Esm2Service/Encode',
             esm2_dot_v1_dot_esm2__pb2.EncodeRequest.SerializeToString,
-            esm2_dot_v1_dot_esm2__pb2.ResultChunk.FromString,
+            esm2_dot_v1_dot_esm2__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -145,9 +145,9 @@ class Esm2:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/esm2.v1.Esm2/Predict',
+            '/esm2.v1.Esm2Service/Predict',
             esm2_dot_v1_dot_esm2__pb2.PredictRequest.SerializeToString,
-            esm2_dot_v1_dot_esm2__pb2.ResultChunk.FromString,
+            esm2_dot_v1_dot_esm2__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,9 +172,9 @@ class Esm2:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/esm2.v1.Esm2/GetStatus',
-            esm2_dot_v1_dot_esm2__pb2.StatusRequest.SerializeToString,
-            esm2_dot_v1_dot_esm2__pb2.StatusResponse.FromString,
+            '/esm2.v1.Esm2Service/GetStatus',
+            esm2_dot_v1_dot_esm2__pb2.GetStatusRequest.SerializeToString,
+            esm2_dot_v1_dot_esm2__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

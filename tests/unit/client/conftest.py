@@ -1,4 +1,4 @@
-"""A fake `esm2.v1.Esm2` server on loopback, streaming hand-built ResultChunks.
+"""A fake `esm2.v1.Esm2Service` server on loopback, streaming hand-built response messages.
 
 Every tensor is a function of the item's sequence length, so tests can tell
 which sequence a result belongs to: use sequences of distinct lengths.
@@ -50,7 +50,7 @@ def predicted_token(length: int) -> str:
     return VOCAB_TOKENS[4 + length % 20]
 
 
-def _interleave(streams: list[list[pb.ResultChunk]]) -> Iterator[pb.ResultChunk]:
+def _interleave(streams: list[list]) -> Iterator:
     """Round-robin over the items' messages, last item first."""
     streams = [list(stream) for stream in reversed(streams)]
     while any(streams):
@@ -59,7 +59,7 @@ def _interleave(streams: list[list[pb.ResultChunk]]) -> Iterator[pb.ResultChunk]
                 yield stream.pop(0)
 
 
-class FakeEsm2(esm2_pb2_grpc.Esm2Servicer):
+class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
     """Streams each item's chunks in reverse, items interleaved, then the completes."""
 
     tensor = staticmethod(fake_tensor)
@@ -85,9 +85,11 @@ class FakeEsm2(esm2_pb2_grpc.Esm2Servicer):
                 for kind in params.include:
                     for layer in layers if kind in LAYERED else [6]:
                         array = fake_tensor(kind, layer, len(sequence))
-                        messages += self._chunks(index, kind, layer, array, params.dtype)
+                        messages += self._chunks(
+                            pb.EncodeResponse, index, kind, layer, array, params.dtype
+                        )
                 streams.append(messages)
-            yield from self._finish(streams, [[] for _ in sequences])
+            yield from self._finish(pb.EncodeResponse, streams, [[] for _ in sequences])
         finally:
             self._end()
 
@@ -100,16 +102,23 @@ class FakeEsm2(esm2_pb2_grpc.Esm2Servicer):
                 logits = np.zeros((tokens[-1].count("<mask>"), 33), dtype=np.float32)
                 logits[:, TOKEN_INDEX[predicted_token(len(tokens[-1]))]] = len(tokens[-1])
                 streams.append(
-                    self._chunks(index, pb.INCLUDE_LOGITS, 0, logits, request.params.dtype)
+                    self._chunks(
+                        pb.PredictResponse,
+                        index,
+                        pb.INCLUDE_LOGITS,
+                        0,
+                        logits,
+                        request.params.dtype,
+                    )
                 )
-            yield from self._finish(streams, tokens)
+            yield from self._finish(pb.PredictResponse, streams, tokens)
         finally:
             self._end()
 
     def GetStatus(self, request, context):  # noqa: N802
         worker = pb.WorkerStatus(worker_id="w1", model=MODEL, last_seen_unix_s=1.5)
         worker.model.random_weights = self.random_weights
-        return pb.StatusResponse(
+        return pb.GetStatusResponse(
             workers=[worker], queue_depth=3, any_random_weights=self.random_weights
         )
 
@@ -131,19 +140,20 @@ class FakeEsm2(esm2_pb2_grpc.Esm2Servicer):
             self._in_flight -= 1
 
     @staticmethod
-    def _chunks(index, kind, layer, array, dtype) -> list[pb.ResultChunk]:
+    def _chunks(response, index, kind, layer, array, dtype) -> list:
+        """`response` (EncodeResponse or PredictResponse) messages of one tensor."""
         data = to_wire_bytes(array, dtype)
         chunks = chunk_messages(kind, layer, array.shape, resolve_dtype(dtype), data)
-        return [pb.ResultChunk(sequence_index=index, chunk=chunk) for chunk in chunks][::-1]
+        return [response(sequence_index=index, chunk=chunk) for chunk in chunks][::-1]
 
-    def _finish(self, streams, tokens) -> Iterator[pb.ResultChunk]:
+    def _finish(self, response, streams, tokens) -> Iterator:
         yield from _interleave(streams)
         last = len(streams) - 1 if self.drop_last_complete else len(streams)
         for index in reversed(range(last)):
             complete = pb.ItemComplete(
                 vocab_tokens=VOCAB_TOKENS, sequence_tokens=tokens[index], model=MODEL
             )
-            yield pb.ResultChunk(sequence_index=index, complete=complete)
+            yield response(sequence_index=index, complete=complete)
 
 
 def bad_request_status(indices: list[int]) -> status_pb2.Status:
@@ -166,7 +176,7 @@ def fake_server() -> Iterator[tuple[str, FakeEsm2]]:
     """(target, servicer) of a fake server on 127.0.0.1, default message limits."""
     servicer = FakeEsm2()
     server = grpc.server(ThreadPoolExecutor(max_workers=16))
-    esm2_pb2_grpc.add_Esm2Servicer_to_server(servicer, server)
+    esm2_pb2_grpc.add_Esm2ServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}", servicer

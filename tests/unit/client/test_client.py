@@ -156,7 +156,7 @@ def test_status_returns_the_response(fake_server):
     with Esm2Client(target, timeout_s=5.0, metadata=[("x-user", "test")]) as client:
         status = client.status()
 
-    assert isinstance(status, pb.StatusResponse)
+    assert isinstance(status, pb.GetStatusResponse)
     assert status.queue_depth == 3 and status.any_random_weights
     assert [worker.worker_id for worker in status.workers] == ["w1"]
 

@@ -1,4 +1,4 @@
-"""Assembly of hand-built ResultChunk streams into EncodeResult / PredictResult."""
+"""Assembly of hand-built response streams into EncodeResult / PredictResult."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from esm2_service.tensors import to_wire_bytes
 MODEL = pb.ModelInfo(name="esm2_t6_8M_UR50D", checkpoint_sha256="cd" * 32, device="cuda")
 
 
-def chunks(index, kind, layer, array, dtype=pb.DTYPE_FLOAT32, pieces=3) -> list[pb.ResultChunk]:
+def chunks(index, kind, layer, array, dtype=pb.DTYPE_FLOAT32, pieces=3) -> list[pb.EncodeResponse]:
     """The tensor split into `pieces` roughly equal chunks, in byte order."""
     data = to_wire_bytes(array, dtype)
     bounds = np.linspace(0, len(data), pieces + 1).astype(int)
     return [
-        pb.ResultChunk(
+        pb.EncodeResponse(
             sequence_index=index,
             chunk=pb.TensorChunk(
                 kind=kind,
@@ -37,8 +37,8 @@ def chunks(index, kind, layer, array, dtype=pb.DTYPE_FLOAT32, pieces=3) -> list[
     ]
 
 
-def complete(index, sequence_tokens=()) -> pb.ResultChunk:
-    return pb.ResultChunk(
+def complete(index, sequence_tokens=()) -> pb.EncodeResponse:
+    return pb.EncodeResponse(
         sequence_index=index,
         complete=pb.ItemComplete(
             vocab_tokens=VOCAB_TOKENS, sequence_tokens=sequence_tokens, model=MODEL
@@ -138,7 +138,7 @@ def test_missing_requested_layer_raises():
     ("message", "error"),
     [
         (complete(5), "sequence_index 5 outside the request's 2 items"),
-        (pb.ResultChunk(sequence_index=0), "neither chunk nor complete"),
+        (pb.EncodeResponse(sequence_index=0), "neither chunk nor complete"),
     ],
 )
 def test_contract_violations_raise(message, error):

@@ -116,10 +116,10 @@ class _AbortingContext:
 def test_interceptor_passes_valid_tokens_and_health_checks_unchanged():
     handler = grpc.unary_unary_rpc_method_handler(_behavior)
     valid = [("user-agent", "test"), ("authorization", "Token alpha-0123456789")]
-    assert _decide("/esm2.v1.Esm2/GetStatus", valid, handler) is handler
+    assert _decide("/esm2.v1.Esm2Service/GetStatus", valid, handler) is handler
     assert _decide("/grpc.health.v1.Health/Check", (), handler) is handler
     assert _decide("/grpc.health.v1.Health/Watch", (), handler) is handler
-    assert _decide("/esm2.v1.Esm2/Unknown", ()) is None
+    assert _decide("/esm2.v1.Esm2Service/Unknown", ()) is None
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,10 @@ class QueueItem(_message.Message):
     sequence: str
     repr_layers: _containers.RepeatedScalarFieldContainer[int]
     include: _containers.RepeatedScalarFieldContainer[_esm2_pb2.Include]
-    dtype: _esm2_pb2.DType
+    dtype: _esm2_pb2.Dtype
     deadline_unix_s: float
     enqueued_unix_s: float
-    def __init__(self, request_id: _Optional[str] = ..., sequence_index: _Optional[int] = ..., task: _Optional[_Union[Task, str]] = ..., sequence: _Optional[str] = ..., repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[_esm2_pb2.Include, str]]] = ..., dtype: _Optional[_Union[_esm2_pb2.DType, str]] = ..., deadline_unix_s: _Optional[float] = ..., enqueued_unix_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., sequence_index: _Optional[int] = ..., task: _Optional[_Union[Task, str]] = ..., sequence: _Optional[str] = ..., repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[_esm2_pb2.Include, str]]] = ..., dtype: _Optional[_Union[_esm2_pb2.Dtype, str]] = ..., deadline_unix_s: _Optional[float] = ..., enqueued_unix_s: _Optional[float] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("sequence_index", "code", "message")
