@@ -1,5 +1,7 @@
 # Two commands on a fresh clone: `make serve` (or `make serve-random` with no model
-# hub) sets up and runs the service; `make test` sets up and runs every test.
+# hub) sets up and runs the service; `make test` sets up and runs every test, the
+# Node and Go clients' included (it installs Debian's protoc and Go packages, and the
+# Node client's npm packages).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -17,7 +19,17 @@ TORCH_INDEX ?= $(if $(PIP_HAS_INDEX),default,$(TORCH_CPU_INDEX))
 TORCH_INDEX_OPTION = $(if $(filter default,$(TORCH_INDEX)),,--index-url $(TORCH_INDEX))
 RANDOM_WEIGHTS := .cache/random/esm2_t6_8M_UR50D.pt
 
-.PHONY: setup serve serve-random test lint protos bench clean
+# What the tests need beyond Python: protoc, and Go with Debian's gRPC and protobuf
+# libraries (the Go client builds offline from them); Node.js for the Node client.
+DEBIAN_PACKAGES := protobuf-compiler golang-go golang-google-grpc-dev \
+	golang-google-protobuf-dev protoc-gen-go protoc-gen-go-grpc
+DEBIAN_STAMP := .cache/debian-packages.installed
+NODE_DIR := client/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+BUF := $(NODE_DIR)/node_modules/.bin/buf
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup setup-dev serve serve-random test lint protos bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +40,24 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+$(DEBIAN_STAMP):
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+	  command -v apt-get >/dev/null || { echo "install first (Debian names):" $$missing; exit 1; }; \
+	  echo "installing Debian packages:" $$missing; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	mkdir -p $(@D) && touch $@
+
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json | $(DEBIAN_STAMP)
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The service needs only `setup`; the tests also need these.
+setup-dev: setup $(DEBIAN_STAMP) $(NODE_STAMP)
+
 serve: setup
 	$(BIN)/esm2 serve $(ARGS)
 
@@ -37,19 +67,24 @@ $(RANDOM_WEIGHTS): | setup
 serve-random: $(RANDOM_WEIGHTS)
 	$(BIN)/esm2 serve --weights $(RANDOM_WEIGHTS) $(ARGS)
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python protos/generate.py --check
+	$(BUF) lint protos
+	$(BUF) breaking protos --against protos/v1-baseline.json
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
-protos: setup
+# Regenerates every client's code from protos/ (tests fail while any is stale).
+protos: setup-dev
 	$(BIN)/python protos/generate.py
+	$(BUF) generate protos --template client/go/buf.gen.yaml --path protos/esm2/v1 -o client/go
+	$(BUF) generate protos --template $(NODE_DIR)/buf.gen.yaml --path protos/esm2/v1 -o $(NODE_DIR)
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .cache *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache *.egg-info .pytest_cache .ruff_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist

@@ -42,7 +42,7 @@ from .results import (
     StreamAssembler,
     predict_result,
 )
-from .rich_errors import InvalidArgumentError
+from .rich_errors import InvalidArgumentError, item_order
 
 Metadata = Sequence[tuple[str, str | bytes]]
 PathLike = str | os.PathLike[str]
@@ -171,8 +171,10 @@ class _Refusals:
     def raise_any(self) -> None:
         errors = [error for _, error in sorted(self._errors, key=lambda pair: pair[0])]
         if errors:
+            # A parameter's violation comes once from every request: keep one.
+            violations = dict.fromkeys(v for error in errors for v in error.violations)
             raise InvalidArgumentError(
-                [violation for error in errors for violation in error.violations],
+                sorted(violations, key=item_order),
                 [rid for error in errors for rid in error.request_ids],
             )
 

@@ -143,3 +143,10 @@ class InvalidArgumentError(grpc.RpcError):
 def shift_item(field: str, offset: int) -> str:
     """ "items[3].sequence" of a request starting at item `offset` -> "items[3+offset]..."."""
     return _ITEM_FIELD.sub(lambda match: f"items[{int(match.group(1)) + offset}]", field)
+
+
+def item_order(violation: tuple[str, str]) -> float:
+    """Sort key (stable sorts keep each group's order): item violations first, by item,
+    then the others (parameters), as the service lists one request's violations."""
+    match = _ITEM_FIELD.match(violation[0])
+    return int(match.group(1)) if match else float("inf")
