@@ -72,6 +72,7 @@ class ServiceProcesses:
         self.redis = None
         self.frontend: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
+        self.http: subprocess.Popen | None = None
         self.target = ""
         self._redis_dir = tempfile.TemporaryDirectory(prefix="esm2-bench-redis-")
 
@@ -116,6 +117,7 @@ class ServiceProcesses:
         """Starts a worker and returns once it has loaded the model and said 'ready'."""
         args = ["--threads", str(self.threads), "--worker-id", worker_id]
         args += ["--weights", str(self.weights), *self.worker_args]
+        args += ["--log-level", "DEBUG"]  # its per-batch lines: worker_busy reads them
         process = self._spawn(worker_id, "esm2_service.worker", args)
         self.workers[worker_id] = process
         line = _first_line(process, START_TIMEOUT_S)
@@ -123,9 +125,27 @@ class ServiceProcesses:
             raise RuntimeError(f"worker {worker_id} did not start; see {self.log_path(worker_id)}")
         return process
 
+    def start_http(self) -> str:
+        """`esm2 http` over the same Redis; its base URL once it reports ready."""
+        import requests
+
+        self.http = self._spawn("http", "esm2_service.server.http_main", ["--port", "0"])
+        line = _first_line(self.http, START_TIMEOUT_S)
+        if "listening on port" not in line:
+            raise RuntimeError(f"esm2 http did not start; see {self.log_path('http')}")
+        base = f"http://127.0.0.1:{int(line.rsplit(' ', 1)[1])}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while requests.get(f"{base}/readyz", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("esm2 http never became ready")
+            time.sleep(0.1)
+        return base
+
     def pids(self) -> dict[str, int]:
         """Every running process of the benchmark by role, this one ("client") included."""
         found = {"client": os.getpid(), "frontend": self.frontend.pid}
+        if self.http is not None:
+            found["http"] = self.http.pid
         found["redis-server"] = self.redis.process.pid
         found.update({f"worker {w}": p.pid for w, p in self.workers.items()})
         return found
@@ -159,6 +179,8 @@ class ServiceProcesses:
         """Stops workers, then the frontend, then Redis; safe to call more than once."""
         for worker_id in list(self.workers):
             self.stop_worker(worker_id)
+        _stop(self.http)
+        self.http = None
         _stop(self.frontend)
         self.frontend = None
         if self.redis is not None:

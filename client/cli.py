@@ -36,6 +36,11 @@ TOKEN_ENV = "ESM2_TOKEN"
 # command -> (module whose main(argv) runs it, extras it needs, help)
 FORWARDED: dict[str, tuple[str, tuple[str, ...], str]] = {
     "server": ("esm2_service.server.main", ("server",), "run the gRPC front end"),
+    "http": (
+        "esm2_service.server.http_main",
+        ("server",),
+        "run the HTTP/JSON front end (BioLM's esm2-8m API)",
+    ),
     "worker": ("esm2_service.worker.main", ("worker",), "run a model worker"),
     "serve": (
         "esm2_service.server.serve",

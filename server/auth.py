@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 SCHEME = "Token"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
-MISSING = "missing credentials: send the metadata 'authorization: Token <token>'"
-WRONG_SCHEME = "the authorization metadata must have the form 'Token <token>'"
+# Worded for both doors: gRPC metadata and the HTTP header are both `authorization`.
+MISSING = "missing credentials: send 'authorization: Token <token>'"
+WRONG_SCHEME = "authorization must have the form 'Token <token>'"
 WRONG_TOKEN = "the token is not valid"
 
 

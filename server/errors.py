@@ -7,6 +7,7 @@ client sees. Anything not in the table is INTERNAL, and its traceback is logged.
 from __future__ import annotations
 
 import logging
+import math
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -43,6 +44,17 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PayloadTooLarge(ServiceError):
+    """A request body, or the response it would get, over the HTTP door's limits."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
 class ItemFailed(ServiceError):
     """A worker reported that one item of the request failed."""
 
@@ -71,6 +83,36 @@ def to_rpc_status(error: Exception) -> grpc.Status:
         return _status(error.code, str(error))
     log.error("unexpected error", exc_info=error)
     return _status(grpc.StatusCode.INTERNAL, "internal error; the server logged the details")
+
+
+# The HTTP door's statuses for the same codes (google.rpc's own HTTP mapping).
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def to_http_error(error: Exception) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, JSON body, headers) for `error`, by the table gRPC uses: the body
+    names the gRPC code, and for invalid input lists every violation (HTTP has no
+    trailer limit); a full queue adds Retry-After."""
+    status = to_rpc_status(error)
+    body: dict = {"detail": status.details, "code": status.code.name}
+    headers = {}
+    if isinstance(error, InvalidRequest):
+        body["errors"] = [{"field": v.field, "msg": v.description} for v in error.violations]
+    if isinstance(error, QueueFull):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    http_status = getattr(error, "http_status", None) or HTTP_STATUS.get(status.code, 500)
+    return http_status, body, headers
 
 
 def _bad_request(error: InvalidRequest) -> error_details_pb2.BadRequest:

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "only; 0.0.0.0 or [::] for every interface, then set tokens and TLS)",
     )
     add_setting(parser, "--port", 50051, "gRPC port", kind=int)
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(env_or("ESM2_HTTP_PORT", "8000")),
+        help="port of the HTTP/JSON door (BioLM's esm2-8m API); 0: none "
+        "(ESM2_HTTP_PORT, default 8000)",
+    )
     add_setting(parser, "--workers", 1, "worker processes", kind=int)
     parser.add_argument(
         "--weights",
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--metrics-port",
         9090,
-        "the frontend's Prometheus port; worker i gets this + 1 + i; 0: no metrics",
+        "the frontend's Prometheus port; worker i gets this + 1 + i, the HTTP door this + 1 "
+        "+ workers; 0: no metrics",
         kind=int,
     )
     parser.add_argument(
@@ -113,6 +121,18 @@ def _frontend_args(args: argparse.Namespace) -> list[str]:
         *("--host", args.host),
         *("--port", str(args.port)),
         *("--metrics-port", str(args.metrics_port)),
+        *("--metrics-host", args.metrics_host),
+        *("--log-level", args.log_level),
+        *("--log-format", args.log_format),
+    ]
+
+
+def _http_args(args: argparse.Namespace) -> list[str]:
+    metrics_port = args.metrics_port + 1 + args.workers if args.metrics_port else 0
+    return [
+        *("--host", args.host),
+        *("--port", str(args.http_port)),
+        *("--metrics-port", str(metrics_port)),
         *("--metrics-host", args.metrics_host),
         *("--log-level", args.log_level),
         *("--log-format", args.log_format),
@@ -163,7 +183,11 @@ def run(args: argparse.Namespace) -> int:
             env["REDIS_URL"] = embedded.url
             log.info("started an embedded Redis on port %d", embedded.port)
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
-        frontend = _child("esm2_service.server", _frontend_args(args), env, subprocess.PIPE)
+        frontends = [_child("esm2_service.server", _frontend_args(args), env, subprocess.PIPE)]
+        if args.http_port:
+            frontends.append(
+                _child("esm2_service.server.http_main", _http_args(args), env, subprocess.PIPE)
+            )
         workers = [
             _child("esm2_service.worker", _worker_args(args, i), env) for i in range(args.workers)
         ]
@@ -171,14 +195,18 @@ def run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopping.append(True))
         try:
-            address = f"{args.host}:{_read_port(frontend)}"
-            threading.Thread(target=_announce_ready, args=(frontend, address), daemon=True).start()
-            code = _supervise(frontend, workers, args, env, stopping)
+            addresses = f"{args.host}:{_read_port(frontends[0])} (gRPC)"
+            if args.http_port:
+                addresses += f" and http://{args.host}:{_read_port(frontends[1])} (HTTP)"
+            ready = threading.Thread(target=_announce_ready, args=(frontends[0], addresses))
+            ready.daemon = True
+            ready.start()
+            code = _supervise(frontends, workers, args, env, stopping)
         finally:
-            # The frontend first: it refuses new requests and drains the streams in
+            # The frontends first: they refuse new requests and drain the streams in
             # flight, which the workers are still serving; then the workers, then Redis.
-            log.info("stopping the frontend, then the workers")
-            _stop([frontend], timeout_s=server_settings.ServerSettings.grace_s + 5)
+            log.info("stopping the frontends, then the workers")
+            _stop(frontends, timeout_s=server_settings.ServerSettings.grace_s + 5)
             _stop(workers, timeout_s=60)
             if embedded:
                 embedded.stop()
@@ -186,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_port(frontend: subprocess.Popen) -> int:
-    """The port the frontend printed ("esm2 server listening on port N"); 0 if it failed."""
+    """The port a frontend printed ("esm2 server listening on port N", "esm2 http
+    listening on port N"); 0 if it failed."""
     line = frontend.stdout.readline()
     return int(line.rsplit(" ", 1)[1]) if "listening on port" in line else 0
 
@@ -201,11 +230,12 @@ def _announce_ready(frontend: subprocess.Popen, address: str) -> None:
             log.info("esm2 serve: ready to take requests on %s", address)
 
 
-def _supervise(frontend, workers, args, env, stopping) -> int:
+def _supervise(frontends, workers, args, env, stopping) -> int:
     while not stopping:
-        if frontend.poll() is not None:
-            log.error("the frontend exited with %s; stopping", frontend.returncode)
-            return 1
+        for frontend in frontends:
+            if frontend.poll() is not None:
+                log.error("a frontend exited with %s; stopping", frontend.returncode)
+                return 1
         for index, worker in enumerate(workers):
             if worker.poll() not in (None,) and not stopping:
                 if worker.returncode == 2:
@@ -222,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("esm2 serve: --workers must be at least 1", file=sys.stderr)
         return 2
-    if not 0 <= args.metrics_port <= 65535 - args.workers:
+    if not 0 <= args.metrics_port <= 65535 - args.workers - 1:
         print(
             f"esm2 serve: --metrics-port {args.metrics_port} leaves no port for every worker",
             file=sys.stderr,

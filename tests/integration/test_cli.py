@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -80,9 +81,10 @@ def test_server_errors_print_the_violations_and_exit_1(service):
 
 
 def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoint, tmp_path):
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ESM2_HOST")}
     argv = ["serve", "--port", port, "--metrics-port", metrics_port, "--workers", "2"]
+    argv += ["--http-port", http_port]
     process = subprocess.Popen(
         [*ESM2, *map(str, argv), "--weights", str(tiny_checkpoint)],
         env=env,
@@ -96,15 +98,25 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
     reader.start()
     target = f"127.0.0.1:{port}"
     try:
-        _wait_for_line(lines, f"esm2 serve: ready to take requests on 127.0.0.1:{port}")
+        _wait_for_line(
+            lines,
+            f"esm2 serve: ready to take requests on 127.0.0.1:{port} (gRPC) and "
+            f"http://127.0.0.1:{http_port} (HTTP)",
+        )
         # Ready means ready: health says SERVING and a request is served at once.
         assert _health(target) == health_pb2.HealthCheckResponse.SERVING
         fasta = tmp_path / "two.fasta"
         fasta.write_text(">a\nMKTAYIAK\n>b\nACDEFG\n")
         result = esm2("encode", fasta, "-o", tmp_path / "two.npz", "--target", target)
         assert result.returncode == 0, result.stderr
-        # This machine only: the gRPC port and every metrics port listen on loopback.
-        for listening_port in (port, metrics_port, metrics_port + 1, metrics_port + 2):
+        body = json.dumps({"items": [{"sequence": "MKTAYIAK"}]}).encode()
+        url = f"http://127.0.0.1:{http_port}/api/v3/esm2-8m/encode/"
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as answer:
+            assert json.loads(answer.read())["results"][0]["sequence_index"] == 0
+        # This machine only: the gRPC and HTTP ports and every metrics port (frontend,
+        # two workers, HTTP door) listen on loopback.
+        ports = (port, http_port, *range(metrics_port, metrics_port + 4))
+        for listening_port in ports:
             assert listening_addresses(listening_port) == {"127.0.0.1"}, listening_port
         children = _descendants(process.pid)
         assert len(children) >= 4  # redis-server, frontend, two workers

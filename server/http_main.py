@@ -1,0 +1,167 @@
+"""`esm2 http`: BioLM's esm2-8m JSON API over the service's queue and workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import redis.asyncio as aioredis
+import uvicorn
+
+from esm2_service.config import (
+    LOOPBACK,
+    add_observability_arguments,
+    add_setting,
+    check_redis_address,
+    env_or,
+    redact_url,
+)
+from esm2_service.logs import configure_logging
+from esm2_service.server.auth import load_tokens
+from esm2_service.server.broker import Broker, BrokerSettings
+from esm2_service.server.health import HealthMonitor
+from esm2_service.server.http_app import HttpDoor, HttpLimits, build_app
+from esm2_service.server.metrics import FrontendMetrics
+from esm2_service.server.settings import ServerSettings
+
+log = logging.getLogger("esm2_service.http")
+
+DEFAULT_HTTP_PORT = 8000
+# On stdout once the socket is bound; `esm2 serve` reads the port from it.
+LISTENING_LINE = "esm2 http listening on port"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esm2 http",
+        description="BioLM's esm2-8m JSON API (POST /api/v3/esm2-8m/{encode,predict,log_prob}/), "
+        "served by the same queue and workers as the gRPC frontend.",
+    )
+    d, limits = ServerSettings(), HttpLimits()
+    parser.add_argument(
+        "--host",
+        default=env_or("ESM2_HOST", LOOPBACK),
+        help=f"address to bind (ESM2_HOST, default {LOOPBACK}; 0.0.0.0 or [::]: every interface)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env_or("ESM2_HTTP_PORT", str(DEFAULT_HTTP_PORT))),
+        help=f"HTTP port; 0 picks a free one (ESM2_HTTP_PORT, default {DEFAULT_HTTP_PORT})",
+    )
+    parser.add_argument(
+        "--redis-url", default=env_or("REDIS_URL", d.redis_url), help="Redis URL (REDIS_URL)"
+    )
+    add_setting(parser, "--max-queue-items", d.max_queue_items, "queued items before 429", kind=int)
+    add_setting(
+        parser, "--request-timeout-s", d.request_timeout_s, "deadline of every request", kind=float
+    )
+    add_setting(
+        parser, "--result-ttl-s", d.result_ttl_s, "reply streams expire after this", kind=int
+    )
+    add_setting(
+        parser,
+        "--worker-timeout-s",
+        d.worker_timeout_s,
+        "a worker is alive if it sent a heartbeat this recently",
+        kind=float,
+    )
+    add_setting(
+        parser,
+        "--max-request-bytes",
+        limits.max_request_bytes,
+        "largest request body, after gzip",
+        kind=int,
+    )
+    add_setting(
+        parser,
+        "--max-response-mb",
+        limits.max_response_bytes // 2**20,
+        "largest JSON response (MiB), estimated before any work; past it: 413",
+        kind=int,
+    )
+    parser.add_argument(
+        "--auth-tokens-file",
+        default=env_or("ESM2_AUTH_TOKENS_FILE"),
+        help="require 'Authorization: Token <token>' with this file's tokens "
+        "(ESM2_AUTH_TOKENS_FILE; ESM2_AUTH_TOKENS adds more)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env_or("ESM2_LOG_LEVEL", "INFO"),
+        help="(ESM2_LOG_LEVEL, default INFO)",
+    )
+    add_observability_arguments(parser, metrics_port=0, metrics_help="default 0: none")
+    return parser
+
+
+async def serve(
+    args: argparse.Namespace, tokens: tuple[str, ...], metrics: FrontendMetrics
+) -> None:
+    redis = aioredis.Redis.from_url(
+        args.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
+    )
+    broker = Broker(
+        redis,
+        BrokerSettings(
+            max_queue_items=args.max_queue_items,
+            request_timeout_s=args.request_timeout_s,
+            result_ttl_s=args.result_ttl_s,
+        ),
+        on_item_complete=metrics.item_latency.observe,
+    )
+    monitor = HealthMonitor(redis, args.worker_timeout_s, 1.0, metrics)
+    limits = HttpLimits(
+        max_request_bytes=args.max_request_bytes,
+        max_response_bytes=args.max_response_mb * 2**20,
+        request_timeout_s=args.request_timeout_s,
+    )
+    door = HttpDoor(broker, monitor, limits, tokens, metrics)
+    config = uvicorn.Config(
+        build_app(door),
+        host=args.host.strip("[]"),
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=ServerSettings.grace_s,
+    )
+    server = uvicorn.Server(config)
+    running = asyncio.create_task(server.serve())
+    while not server.started and not running.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        log.info(
+            "listening on http://%s:%d (Redis %s)", args.host, port, redact_url(args.redis_url)
+        )
+        print(f"{LISTENING_LINE} {port}", flush=True)
+    try:
+        await running
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tokens = load_tokens(args.auth_tokens_file, env_or("ESM2_AUTH_TOKENS"))
+        check_redis_address(args.redis_url, env_or("REDIS_ADDRESS"))
+    except ValueError as error:
+        print(f"esm2 http: {error}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, args.log_format)
+    log.info("token authentication %s", f"on: {len(tokens)} token(s)" if tokens else "off")
+    metrics = FrontendMetrics()
+    try:
+        metrics.serve(args.metrics_host, args.metrics_port)
+    except OSError as error:
+        log.error("cannot serve metrics on port %d: %s", args.metrics_port, error)
+        return 2
+    asyncio.run(serve(args, tokens, metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
