@@ -126,10 +126,16 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
         assert [pid for pid in children if _alive(pid)] == []
     finally:
         if process.poll() is None:
+            # On a failure: its children too (each in a session of its own), or they
+            # would keep the stderr pipe, and so the reader, open.
+            for pid in _descendants(process.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         reader.join(timeout=10)
-        process.stderr.close()
+        if not reader.is_alive():
+            process.stderr.close()
     stderr = "".join(lines)
     assert "Traceback" not in stderr
     assert stderr.count("ready to take requests") == 1
