@@ -7,9 +7,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import numpy as np
@@ -367,6 +369,49 @@ def test_no_worker_503_full_queue_429_and_deadline_504(redis_server):
             assert response.json()["code"] == "RESOURCE_EXHAUSTED"
         finally:
             slow.stop()
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(redis_server, tiny_checkpoint):
+    """What a pod's shutdown relies on (deploy/k8s/base/http-deployment.yaml): after
+    SIGTERM the door stops accepting, and a request already queued still gets its answer
+    once a worker computes it."""
+    url = fresh_db(redis_server, 11)
+    with redis.Redis.from_url(url) as client:
+        client.zadd(queue.HEARTBEATS, {"silent-worker": time.time() + 3600})  # ready, no worker
+        http = HttpDoorProcess(url)
+        workers = None
+        try:
+            http.wait_ready()
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(
+                    requests.post,
+                    f"{http.api}/encode/",
+                    json={"items": [{"sequence": REAL}]},
+                    timeout=60,
+                )
+                deadline = time.monotonic() + 10
+                while not any(client.xlen(lane) for lane in queue.QUEUE_LANES):
+                    assert time.monotonic() < deadline, "the request never reached the queue"
+                    time.sleep(0.05)
+                http.process.send_signal(signal.SIGTERM)
+                time.sleep(1.0)
+                assert http.process.poll() is None, "exited with a request in flight"
+                with pytest.raises(requests.ConnectionError):
+                    requests.get(f"{http.base}/healthz", timeout=5)
+                client.zrem(queue.HEARTBEATS, "silent-worker")
+                workers = ServiceProcesses(url, tiny_checkpoint)  # computes the queued item
+                response = pending.result(timeout=60)
+            assert response.status_code == 200, response.text
+            (result,) = response.json()["results"]
+            assert len(result["embeddings"][0]["embedding"]) == 32  # the tiny model's width
+            # uvicorn re-raises the signal once it has shut down, so the status is SIGTERM's
+            # (143 to a shell or the kubelet), after the request in flight was answered.
+            assert http.process.wait(timeout=30) == -signal.SIGTERM
+        finally:
+            if http.process.poll() is None:
+                http.stop()
+            if workers is not None:
+                workers.stop()
 
 
 MALFORMED = [

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from esm2_service import config, queue
-from esm2_service.server import health
+from esm2_service.server import health, http_main
 from esm2_service.server import settings as server_settings
 from esm2_service.worker import settings as worker_settings
 
@@ -45,6 +45,7 @@ METRICS_PORT = 9090
 NON_ROOT_UID = 10001
 
 FRONTEND = ("Deployment", "esm2-frontend")
+HTTP = ("Deployment", "esm2-http")
 WORKER = ("Deployment", "esm2-worker")
 SCALED_OBJECT = ("ScaledObject", "esm2-worker")
 
@@ -374,20 +375,57 @@ def test_frontend_ports_and_probes_agree_with_the_server():
     )
 
 
-def test_frontend_drain_fits_in_the_grace_period():
-    deployment = obj(FRONTEND)
+@pytest.mark.parametrize("door", [FRONTEND, HTTP], ids=lambda key: key[1])
+def test_doors_drain_within_the_grace_period(door: tuple[str, str]):
+    deployment = obj(door)
     assert deployment["spec"]["replicas"] >= 2
     pre_stop = container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     sleep_s = int(pre_stop[1])
     assert 1 <= sleep_s <= 15
     grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    # Both doors give requests in flight ServerSettings.grace_s (uvicorn's graceful timeout).
     assert grace_s > sleep_s + server_settings.ServerSettings().grace_s
-    pdb = obj(("PodDisruptionBudget", "esm2-frontend"))
+    pdb = obj(("PodDisruptionBudget", door[1]))
     assert pdb["spec"]["selector"]["matchLabels"].items() <= (
         deployment["spec"]["template"]["metadata"]["labels"].items()
     )
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_http_door_runs_esm2_http_with_its_port_probes_and_service():
+    deployment = obj(HTTP)
+    c = container(deployment)
+    # The frontend image with another command: `esm2 http`.
+    assert c["image"] == container(obj(FRONTEND))["image"]
+    assert c["command"] == ["esm2", "http"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": http_main.DEFAULT_HTTP_PORT, "metrics": METRICS_PORT}
+    env = env_of(c)
+    assert env["ESM2_HTTP_PORT"] == str(http_main.DEFAULT_HTTP_PORT)
+    assert env["ESM2_METRICS_PORT"] == str(METRICS_PORT)
+    assert env["ESM2_HOST"] == "[::]"
+    args = http_main.build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.metrics_port == 0  # hence the two settings above
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # The memory limit holds the response budget (twice the largest response, as float32).
+    max_response_bytes = int(env["ESM2_MAX_RESPONSE_MB"]) * 2**20
+    budget_bytes = 2 * max_response_bytes // 15 * 4
+    assert c["resources"]["limits"]["memory"] == "1Gi" and budget_bytes < 2**30 / 4
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    service = obj(("Service", "esm2-http"))
+    by_name = {p["name"]: p for p in service["spec"]["ports"]}
+    assert by_name["http"]["port"] == http_main.DEFAULT_HTTP_PORT
+    for name, port in by_name.items():
+        assert ports[port["targetPort"]] == port["port"], name
+    assert service["spec"]["selector"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    # Its selector picks no gRPC frontend pod, and the frontend's none of these.
+    frontend_labels = obj(FRONTEND)["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= frontend_labels.items()
 
 
 def cpu_cores(quantity: str) -> float:
@@ -443,7 +481,12 @@ def test_weights_component_points_the_worker_at_the_volume():
     assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in objects()
 
 
-def test_auth_component_mounts_the_tokens_file_the_server_reads():
+@pytest.mark.parametrize(
+    ("door", "patch_file"),
+    [(FRONTEND, "frontend-auth.yaml"), (HTTP, "http-auth.yaml")],
+    ids=lambda value: value if isinstance(value, str) else value[1],
+)
+def test_auth_component_mounts_the_tokens_file_on_both_doors(door, patch_file):
     from esm2_service.server.auth import parse_tokens
 
     (secret,) = load_docs(K8S / "base" / "auth-secret.example.yaml")
@@ -451,8 +494,10 @@ def test_auth_component_mounts_the_tokens_file_the_server_reads():
     # The example parses as the frontend parses tokens files: one placeholder token.
     (token,) = parse_tokens(secret["stringData"][key], "example")
     assert token.startswith("REPLACE-ME")
-    (patch,) = load_docs(K8S / "components" / "frontend-auth" / "frontend-auth.yaml")
-    deployment = merge(obj(FRONTEND), patch)
+    component = K8S / "components" / "frontend-auth"
+    assert {"path": patch_file} in kustomization(component)["patches"]
+    (patch,) = load_docs(component / patch_file)
+    deployment = merge(obj(door), patch)
     c = container(deployment)
     tokens_file = Path(env_of(c)["ESM2_AUTH_TOKENS_FILE"])
     (volume,) = [
@@ -481,9 +526,8 @@ def settings_the_code_reads() -> frozenset[str]:
     sources = "".join(
         Path(module.__file__).read_text() for module in (config, server_settings, worker_settings)
     )
-    helps = (
-        server_settings.build_parser().format_help() + worker_settings.build_parser().format_help()
-    )
+    processes = (server_settings, worker_settings, http_main)
+    helps = "".join(module.build_parser().format_help() for module in processes)
     known = set(re.findall(r'"(ESM2_[A-Z0-9_]+|REDIS_URL)"', sources))
     known |= set(re.findall(r"\b(ESM2_[A-Z0-9_]+)\b", helps))  # flags derive their variable
     # REDIS_ADDRESS: KEDA's, checked against REDIS_URL by every process; TORCH_HOME: torch's.
@@ -563,7 +607,7 @@ def test_processes_refuse_a_redis_address_that_is_not_their_redis(module, monkey
 
 
 def test_pods_run_as_the_images_non_root_user():
-    for key in (FRONTEND, WORKER):
+    for key in (FRONTEND, HTTP, WORKER):
         spec = obj(key)["spec"]["template"]["spec"]
         # Service links would add ESM2_REDIS_PORT=tcp://... and the like beside the settings.
         assert spec["enableServiceLinks"] is False
@@ -628,7 +672,8 @@ def test_frontend_image_has_no_torch():
     assert "torch" not in text.lower()
     assert "[worker" not in text and "worker]" not in text
     (expose,) = [args for keyword, args in steps if keyword == "EXPOSE"]
-    assert expose.split() == [str(server_settings.ServerSettings().port), str(METRICS_PORT)]
+    grpc_port, http_port = server_settings.ServerSettings().port, http_main.DEFAULT_HTTP_PORT
+    assert expose.split() == [str(grpc_port), str(http_port), str(METRICS_PORT)]
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.worker-cpu", "Dockerfile.worker-gpu"])
@@ -662,7 +707,7 @@ def test_overlays_render_with_kubectl_kustomize(overlay: str):
         validate(doc, f"kubectl kustomize overlays/{overlay}")
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "esm2"
-    assert {FRONTEND, WORKER, SCALED_OBJECT, ("Deployment", "esm2-redis")} <= set(by_key)
+    assert {FRONTEND, HTTP, WORKER, SCALED_OBJECT, ("Deployment", "esm2-redis")} <= set(by_key)
     worker = container(by_key[WORKER])
     assert worker["image"].split("/")[-1].startswith(f"esm2-worker-{overlay}:")
     # kustomize's own merge agrees with the one the tests above rely on.
