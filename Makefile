@@ -83,7 +83,9 @@ protos: setup-dev
 	$(BUF) generate protos --template client/go/buf.gen.yaml --path protos/esm2/v1 -o client/go
 	$(BUF) generate protos --template $(NODE_DIR)/buf.gen.yaml --path protos/esm2/v1 -o $(NODE_DIR)
 
+# The bench extra: OpenVINO and ONNX Runtime, timed beside our engine.
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

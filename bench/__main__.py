@@ -40,7 +40,7 @@ from bench.report import (  # noqa: E402
     write_results,
 )
 
-STAGES = ("reference", "hf", "engine", "service")
+STAGES = ("reference", "hf", "openvino", "openvino-bf16", "onnxruntime", "engine", "service")
 LATENCY_RESIDUES = 100
 LATENCY_TARGET_MS = 3.0
 LATENCY_WARMUP = 10
@@ -99,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-idle", action="store_true", help="no latency-after-idle table")
     parser.add_argument("--skip-mixed", action="store_true")
     return parser
 
 
-def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine) -> dict:
+def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine, runners) -> dict:
     """The warmed-up in-process contenders of `stages` on `corpus`, by stage name."""
     from bench import baselines
 
@@ -113,10 +114,45 @@ def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine) -> d
         contenders["reference"] = baselines.fair_esm_contender(checkpoint, corpus, args.device)
     if "hf" in stages:
         progress("loading HF transformers EsmModel (sdpa)")
-        contenders["hf"] = baselines.hf_contender(corpus, args.device)
+        contenders["hf"] = baselines.hf_contender(checkpoint, corpus, args.device)
+    for stage, (label, runner, _) in runners.items():
+        from bench.exported import exported_contender
+
+        contenders[stage] = exported_contender(label, runner, corpus)
     if "engine" in stages:
         contenders["engine"] = baselines.engine_contender(engine, corpus)
     return contenders
+
+
+def exported_runners(args, stages, checkpoint) -> dict:
+    """OpenVINO (fp32, and its bf16 hint) and ONNX Runtime, exported once, if selected
+    and installed (`pip install -e '.[bench]'`): stage => (label, runner, max abs
+    difference of mean embeddings from fair-esm's)."""
+    from bench import exported
+
+    wanted = [stage for stage in ("openvino", "openvino-bf16", "onnxruntime") if stage in stages]
+    if not wanted or args.device != "cpu":
+        return {}
+    runners = {}
+    for stage in wanted:
+        module = "onnxruntime" if stage == "onnxruntime" else "openvino"
+        try:
+            __import__(module)
+        except ImportError:
+            progress(f"skipping {stage}: {module} is not installed (pip install -e '.[bench]')")
+            continue
+        progress(f"exporting {stage} (tens of seconds)")
+        if stage == "onnxruntime":
+            runner = exported.onnx_runner(exported.onnx_session(checkpoint, args.threads))
+            label = f"ONNX Runtime (opset {exported.ONNX_OPSET}), sorted"
+        else:
+            precision = "bf16" if stage.endswith("bf16") else "fp32"
+            compiled = exported.openvino_model(checkpoint, precision, args.threads)
+            runner = exported.openvino_runner(compiled)
+            runs = exported.openvino_precision(compiled)
+            label = f"OpenVINO {precision} hint (runs {runs}), sorted"
+        runners[stage] = (label, runner, exported.max_difference(checkpoint, runner))
+    return runners
 
 
 def start_service(args, checkpoint_path, stack: contextlib.ExitStack):
@@ -133,14 +169,14 @@ def start_service(args, checkpoint_path, stack: contextlib.ExitStack):
     return service
 
 
-def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service) -> dict:
+def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service, runners) -> dict:
     """Every selected stage's throughput on `corpus`, timed in interleaved rounds,
     and (with the service) where the service's time went."""
     from bench.service import ServicePasses
     from bench.timing import time_rounds
     from esm2_service.client import Esm2Client
 
-    contenders = in_process_contenders(args, stages, corpus, checkpoint, engine)
+    contenders = in_process_contenders(args, stages, corpus, checkpoint, engine, runners)
     service_passes = None
     with contextlib.ExitStack() as stack:
         if service is not None:
@@ -156,8 +192,8 @@ def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service) -> di
     return result
 
 
-def service_checks(args, service, engine, results) -> None:
-    """The latency, mixed-traffic and memory checks, as selected."""
+def service_checks(args, service, engine, runners, results) -> None:
+    """The latency, latency-after-idle, mixed-traffic and memory checks, as selected."""
     from bench.baselines import engine_call
     from bench.memory import memory_check
     from bench.service import latency_pair, mixed_traffic
@@ -170,6 +206,9 @@ def service_checks(args, service, engine, results) -> None:
             service, engine_call(engine, sequence), sequence, calls, WORKER_ID
         )
         results["latency"] = latency_result(local, served) | breakdown
+    if not args.skip_idle:
+        progress("latency after idle: pauses of 0, 0.15, 1 and 10 s (about 3 minutes)")
+        results["idle"] = idle_check(service, engine, runners)
     if not args.skip_mixed:
         progress(f"mixed traffic: short requests behind {MIXED_LONG_ITEMS} long items")
         results["mixed"] = mixed_traffic(
@@ -178,6 +217,27 @@ def service_checks(args, service, engine, results) -> None:
     if not args.skip_memory:
         progress("memory check: fresh worker, 8 x 2048 residues, every output")
         results["memory"] = memory_check(service)
+
+
+def idle_check(service, engine, runners) -> dict:
+    """One 100-residue request through the service, our engine and OpenVINO (if timed)
+    after each pause of bench.idle.IDLE_GAPS_S."""
+    from bench.baselines import engine_call
+    from bench.exported import mean_embeddings
+    from bench.idle import idle_latency
+    from esm2_service.client import Esm2Client
+
+    sequence = latency_sequence()
+    with Esm2Client(service.target, timeout_s=60) as client:
+        calls = {
+            "service e2e": lambda: client.encode([sequence], include=["mean"], repr_layers=[-1]),
+            "engine in-process": engine_call(engine, sequence),
+        }
+        for stage in ("openvino", "openvino-bf16"):
+            if stage in runners:
+                runner = runners[stage][1]
+                calls[f"{stage} in-process"] = lambda r=runner: mean_embeddings(r, [sequence])
+        return idle_latency(calls, service.workers[WORKER_ID].pid)
 
 
 def mixed_long_sequences() -> list[str]:
@@ -222,16 +282,21 @@ def run(args) -> dict:
     relative = checkpoint_path.relative_to(REPO_ROOT)
     results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
+    runners = exported_runners(args, stages, checkpoint)
+    if runners:
+        results["max_difference_from_fair_esm"] = {
+            stage: float(difference) for stage, (_, _, difference) in runners.items()
+        }
     with contextlib.ExitStack() as stack:
         service = start_service(args, checkpoint_path, stack) if "service" in stages else None
         for corpus in corpora:
             for record_id, reason in corpus.skipped:
                 progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
             progress(corpus.describe())
-            timed = time_corpus(args, stages, corpus, checkpoint, engine, service)
+            timed = time_corpus(args, stages, corpus, checkpoint, engine, service, runners)
             results["corpora"][corpus.name] = {"corpus": corpus.summary(), **timed}
         if service is not None:
-            service_checks(args, service, engine, results)
+            service_checks(args, service, engine, runners, results)
     if "service" in stages:
         progress("redis-server, the frontend and the workers are stopped")
     for result in results["corpora"].values():

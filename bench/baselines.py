@@ -52,18 +52,19 @@ def fair_esm_contender(checkpoint: Checkpoint, corpus: Corpus, device: str = "cp
     return _warmed_up(label, run_batch, batches, device)
 
 
-def hf_esm_model() -> torch.nn.Module:
-    """transformers' `EsmModel` in the ESM-2 8M shape, random init, SDPA attention."""
+def hf_esm_model(checkpoint: Checkpoint) -> torch.nn.Module:
+    """transformers' `EsmModel` in the ESM-2 8M shape with `checkpoint`'s weights, SDPA
+    attention: the same model as fair-esm's, so every contender's output is comparable."""
     import transformers
     from transformers import EsmConfig, EsmModel
 
     transformers.logging.set_verbosity_error()
     config = EsmConfig(
         vocab_size=33,
-        hidden_size=320,
-        num_hidden_layers=6,
-        num_attention_heads=20,
-        intermediate_size=1280,
+        hidden_size=checkpoint.embed_dim,
+        num_hidden_layers=checkpoint.num_layers,
+        num_attention_heads=checkpoint.attention_heads,
+        intermediate_size=4 * checkpoint.embed_dim,
         position_embedding_type="rotary",
         token_dropout=True,
         mask_token_id=32,
@@ -75,8 +76,38 @@ def hf_esm_model() -> torch.nn.Module:
         max_position_embeddings=1026,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(0)
-    return EsmModel(config, add_pooling_layer=False).eval()
+    model = EsmModel(config, add_pooling_layer=False).eval()
+    model.load_state_dict(_hf_state(checkpoint), strict=False)  # inv_freq: computed, not loaded
+    return model
+
+
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.self.query",
+    "self_attn.k_proj": "attention.self.key",
+    "self_attn.v_proj": "attention.self.value",
+    "self_attn.out_proj": "attention.output.dense",
+    "self_attn_layer_norm": "attention.LayerNorm",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+    "final_layer_norm": "LayerNorm",
+}
+
+
+def _hf_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """fair-esm's parameter names => transformers' (as its convert_esm.py maps them)."""
+    state = checkpoint.state_dict
+    hf = {
+        "embeddings.word_embeddings.weight": state["embed_tokens.weight"],
+        "encoder.emb_layer_norm_after.weight": state["emb_layer_norm_after.weight"],
+        "encoder.emb_layer_norm_after.bias": state["emb_layer_norm_after.bias"],
+        "contact_head.regression.weight": state["contact_head.regression.weight"],
+        "contact_head.regression.bias": state["contact_head.regression.bias"],
+    }
+    for i in range(checkpoint.num_layers):
+        for theirs, ours in _HF_LAYER_NAMES.items():
+            for suffix in ("weight", "bias"):
+                hf[f"encoder.layer.{i}.{ours}.{suffix}"] = state[f"layers.{i}.{theirs}.{suffix}"]
+    return hf
 
 
 def _padded(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +122,9 @@ def _padded(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def hf_contender(corpus: Corpus, device: str = "cpu") -> Contender:
+def hf_contender(checkpoint: Checkpoint, corpus: Corpus, device: str = "cpu") -> Contender:
     """HF `EsmModel` (sdpa, fp32) in batches of 8 sorted by length; warmed up with one batch."""
-    model = hf_esm_model().to(device)
+    model = hf_esm_model(checkpoint).to(device)
     batches = chunked(sorted(corpus.sequences, key=len))
 
     def run_batch(batch):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bench.idle import idle_lines
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GB = 1000**3
 MB = 1000**2
@@ -22,13 +24,21 @@ MB = 1000**2
 RATIOS = (
     ("service", "reference", 10.0),
     ("service", "hf", 1.75),
+    ("service", "openvino", 1.2),
+    ("service", "openvino-bf16", None),
+    ("service", "onnxruntime", None),
     ("service", "engine", None),
     ("engine", "reference", None),
     ("engine", "hf", None),
+    ("engine", "openvino", None),
+    ("engine", "onnxruntime", None),
 )
 SHORT_NAMES = {
     "reference": "fair-esm (arrival)",
     "hf": "HF sdpa (sorted)",
+    "openvino": "OpenVINO fp32",
+    "openvino-bf16": "OpenVINO bf16 hint",
+    "onnxruntime": "ONNX Runtime",
     "engine": "engine in-process",
     "service": "service e2e",
 }
@@ -184,13 +194,23 @@ def render_table(results: dict) -> str:
     ]
     for name, result in results["corpora"].items():
         lines += ["", *_corpus_lines(name, result)]
+    if "max_difference_from_fair_esm" in results:
+        lines += ["", *_difference_lines(results["max_difference_from_fair_esm"])]
     if "latency" in results:
         lines += ["", *_latency_lines(results["latency"])]
+    if "idle" in results:
+        lines += ["", *idle_lines(results["idle"])]
     if "mixed" in results:
         lines += ["", *_mixed_lines(results["mixed"])]
     if "memory" in results:
         lines += ["", *_memory_lines(results["memory"])]
     return "\n".join(lines)
+
+
+def _difference_lines(differences: dict) -> list[str]:
+    return ["max |mean embedding - fair-esm's| on the same weights:"] + [
+        f"  {SHORT_NAMES[stage]:24} {value:.1e}" for stage, value in differences.items()
+    ]
 
 
 def _placement(results: dict) -> str:
@@ -210,13 +230,17 @@ def _markdown_cell(row: dict | None) -> str:
 
 def _markdown_throughput(results: dict) -> list[str]:
     lines = [
-        "| corpus | " + " | ".join(SHORT_NAMES.values()) + " | service / fair-esm | service / HF |",
-        "|---|" + "---:|" * (len(SHORT_NAMES) + 2),
+        "| corpus | " + " | ".join(SHORT_NAMES.values()) + " | service / fair-esm | service / HF "
+        "| service / OpenVINO fp32 |",
+        "|---|" + "---:|" * (len(SHORT_NAMES) + 3),
     ]
     for name, result in results["corpora"].items():
         cells = [_markdown_cell(result["throughput"].get(key)) for key in SHORT_NAMES]
         by_name = {row["name"]: f"{row['value']:.2f}x" for row in result["ratios"]}
-        cells += [by_name.get("service / reference", "-"), by_name.get("service / hf", "-")]
+        cells += [
+            by_name.get(name, "-")
+            for name in ("service / reference", "service / hf", "service / openvino")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -238,6 +262,8 @@ def render_markdown(results: dict) -> str:
         for row in result["throughput"].values()
     ):
         lines += ["", "\\* other processes used over 5% of a core during that timing."]
+    if "max_difference_from_fair_esm" in results:
+        lines += ["", *_difference_lines(results["max_difference_from_fair_esm"])]
     if "latency" in results:
         latency = results["latency"]
         lines += [
@@ -246,6 +272,8 @@ def render_markdown(results: dict) -> str:
             f"{latency['service']['p50_ms']:.1f} ms, p99 {latency['service']['p99_ms']:.1f} ms; "
             f"in-process engine p50 {latency['engine']['p50_ms']:.1f} ms.",
         ]
+    if "idle" in results:
+        lines += ["", "```", *idle_lines(results["idle"]), "```"]
     if "mixed" in results:
         mixed = results["mixed"]
         lines += [

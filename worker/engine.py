@@ -46,6 +46,8 @@ class Engine:
         probabilities for contacts and attentions are always float32)."""
         self.device = torch.device(device)
         self.model = model.to(self.device).compute_in(dtype).eval()
+        if self.device.type == "cpu":
+            self.model.pack_for_cpu()
 
     def warm_up(self) -> None:
         """Runs every code path once, so the first request pays no start-up cost."""

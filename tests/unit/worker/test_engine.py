@@ -193,3 +193,25 @@ def test_hidden_states_are_not_kept_for_unrequested_layers(tiny):
     with torch.inference_mode():
         _, hidden = engine.model(batch, model_module.ForwardPlan(repr_layers=frozenset({0, 4})))
     assert sorted(hidden) == [0, 4]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_cpu_engines_run_their_float32_products_on_prepacked_onednn_weights(full):
+    engine, _ = full
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(hasattr(m, "onednn_weight") for m in linears)
+    fc1 = engine.model.layers[0].fc1
+    x = torch.randn(37, fc1.in_features)
+    with torch.inference_mode():
+        packed = model_module.linear(x, fc1, gelu=True)
+        plain = torch.nn.functional.gelu(torch.nn.functional.linear(x, fc1.weight, fc1.bias))
+    assert packed.shape == plain.shape
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
+
+
+def test_half_precision_products_are_not_packed(tiny_checkpoint):
+    model = Esm2.from_checkpoint(load_checkpoint(tiny_checkpoint))
+    engine = Engine(model, "cpu", torch.bfloat16)
+    layer = engine.model.layers[0]
+    assert not hasattr(layer.fc1, "onednn_weight")  # bf16: plain F.linear in bf16
+    assert hasattr(layer.qkv, "onednn_weight") or not torch.backends.mkldnn.is_available()

@@ -1,0 +1,66 @@
+"""Latency after idle: one short request after 0, 0.15, 1 and 10 s without work.
+
+A service with sparse traffic meets most requests after a pause, when the worker's
+threads sleep and its caches are cold; back-to-back timings hide that. Every
+contender gets the same pause before each call, in turn, so a noisy minute hits
+them alike. Also reports the worker's CPU use while idle: staying fast must not
+mean spinning a core.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+from bench.procfs import cpu_seconds
+
+IDLE_GAPS_S = (0.0, 0.15, 1.0, 10.0)
+# Fewer calls after longer pauses: 10 s x 4 calls x 3 contenders is two minutes already.
+CALLS_PER_GAP = {0.0: 30, 0.15: 15, 1.0: 8, 10.0: 4}
+IDLE_CPU_WINDOW_S = 10.0
+
+
+def idle_latency(calls: dict[str, Callable[[], object]], worker_pid: int | None) -> dict:
+    """p50 ms of each of `calls` after each pause of IDLE_GAPS_S, and the worker's
+    CPU share over IDLE_CPU_WINDOW_S without requests."""
+    for call in calls.values():  # warm: the first call of each pays one-time costs
+        for _ in range(3):
+            call()
+    table: dict[str, dict[str, float]] = {name: {} for name in calls}
+    for gap in IDLE_GAPS_S:
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(CALLS_PER_GAP[gap]):
+            for name, call in calls.items():
+                time.sleep(gap)
+                started = time.perf_counter()
+                call()
+                times[name].append(1000 * (time.perf_counter() - started))
+        for name, values in times.items():
+            table[name][f"{gap:g}"] = round(statistics.median(values), 2)
+    result = {"gaps_s": list(IDLE_GAPS_S), "calls_per_gap": CALLS_PER_GAP, "p50_ms": table}
+    if worker_pid is not None:
+        before = cpu_seconds(worker_pid)
+        time.sleep(IDLE_CPU_WINDOW_S)
+        result["idle_worker_cpu_share"] = round(
+            (cpu_seconds(worker_pid) - before) / IDLE_CPU_WINDOW_S, 4
+        )
+    return result
+
+
+def idle_lines(result: dict) -> list[str]:
+    gaps = [f"{gap:g}" for gap in result["gaps_s"]]
+    lines = [
+        "latency after idle, p50 ms of one request after a pause of:",
+        f"  {'':36}" + "".join(f"{gap + ' s':>9}" for gap in gaps) + "   worst / back to back",
+    ]
+    for name, row in result["p50_ms"].items():
+        worst = max(row[gap] for gap in gaps) / row[gaps[0]]
+        cells = "".join(f"{row[gap]:>9.2f}" for gap in gaps)
+        lines.append(f"  {name:36}{cells}   {worst:.2f}x")
+    if "idle_worker_cpu_share" in result:
+        lines.append(
+            f"  idle worker CPU: {result['idle_worker_cpu_share']:.1%} of a core over "
+            f"{IDLE_CPU_WINDOW_S:g} s without requests"
+        )
+    return lines
