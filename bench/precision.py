@@ -46,11 +46,9 @@ def read_sequences(path: Path = FASTA) -> list[str]:
     return ["".join(record.splitlines()[1:]) for record in records]
 
 
-def engine_outputs(engine: Engine, sequences: list[str]) -> dict[tuple[int, str, int], np.ndarray]:
-    """(item, kind name, layer) => float32 array of every output of one packed batch."""
-    items = [
-        WorkItem(tuple(encode_tokens(split_tokens(s))), frozenset(KINDS), LAYERS) for s in sequences
-    ]
+def engine_outputs(runner, sequences: list[str], kinds=frozenset(KINDS)) -> dict:
+    """(item, kind name, layer) => float32 array of every output of one batch."""
+    items = [WorkItem(tuple(encode_tokens(split_tokens(s))), kinds, LAYERS) for s in sequences]
     buffers: dict[tuple, tuple[bytearray, tuple]] = {}
 
     def emit(output: TensorOutput) -> None:
@@ -59,7 +57,7 @@ def engine_outputs(engine: Engine, sequences: list[str]) -> dict[tuple[int, str,
         buffer, _ = buffers.setdefault(key, (bytearray(size), output.shape))
         buffer[output.offset : output.offset + len(output.data)] = output.data
 
-    engine.run(items, emit)
+    runner.run(items, emit)
     return {
         key: np.frombuffer(bytes(buffer), dtype="<f4").reshape(shape)
         for key, (buffer, shape) in buffers.items()
@@ -86,15 +84,29 @@ def fair_esm_outputs(model, sequence: str) -> dict[tuple[str, int], np.ndarray]:
     return found
 
 
+def runners(checkpoint):
+    """(row name, runner, output kinds it serves): the torch engine in each precision,
+    then OpenVINO in fp32 (embeddings and logits: contacts and attentions are the
+    engine's)."""
+    from esm2_service.worker.openvino_backend import OpenVinoRunner, openvino_available
+
+    for name, dtype in PRECISIONS.items():
+        yield name, Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype), frozenset(KINDS)
+    if openvino_available():
+        engine = Engine(Esm2.from_checkpoint(checkpoint))
+        runner = OpenVinoRunner.for_engine(engine, torch.float32, 2, max_tokens=1 << 20)
+        served = frozenset(KINDS) - {pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS}
+        yield "fp32, OpenVINO", runner, served
+
+
 def errors(checkpoint_path: Path, sequences: list[str]) -> dict[str, dict[str, dict]]:
     """precision => kind => {max_abs, max_relative}: the worst over items and layers."""
     checkpoint = load_checkpoint(checkpoint_path)
     reference = build_fair_esm_model(checkpoint).eval()
     expected = [fair_esm_outputs(reference, s) for s in sequences]
     table: dict[str, dict[str, dict]] = {}
-    for name, dtype in PRECISIONS.items():
-        engine = Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype)
-        got = engine_outputs(engine, sequences)
+    for name, runner, kinds in runners(checkpoint):
+        got = engine_outputs(runner, sequences, kinds)
         rows: dict[str, dict] = {}
         for (item, kind, layer), actual in got.items():
             want = expected[item][(kind, layer)]
@@ -119,7 +131,10 @@ def markdown(table: dict, sequences: list[str]) -> list[str]:
         "|---|" + "---:|" * len(kinds),
     ]
     for name, rows in table.items():
-        cells = [f"{rows[k]['max_abs']:.1e} ({rows[k]['max_relative']:.1e})" for k in kinds]
+        cells = [
+            f"{rows[k]['max_abs']:.1e} ({rows[k]['max_relative']:.1e})" if k in rows else "-"
+            for k in kinds
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -74,15 +74,20 @@ class Engine:
                 attentions.add(sequence, first_head, probs)
 
         plan = ForwardPlan(
-            repr_layers=frozenset(layer for item in items for layer in _embedding_layers(item)),
+            repr_layers=frozenset(layer for item in items for layer in embedding_layers(item)),
             attention_maps=self._attention_maps(items),
             attention_observer=observe,
         )
         final, hidden = self.model(batch, plan)
+        self.emit_outputs(items, batch, final, hidden, emit)
+        contacts.emit_all(emit)
+
+    def emit_outputs(self, items, batch: PackedBatch, final, hidden, emit: Emit) -> None:
+        """Embeddings and logits of `items` from a forward pass's packed hidden states
+        (`final`: the last layer's, after the final norm; `hidden`: by layer)."""
         for index, item in enumerate(items):
             self._emit_embeddings(index, item, batch, hidden, emit)
         self._emit_logits(items, batch, final, emit)
-        contacts.emit_all(emit)
 
     def _attention_maps(self, items: Sequence[WorkItem]) -> dict[int, frozenset[int]]:
         last = self.model.num_layers
@@ -98,7 +103,7 @@ class Engine:
     @staticmethod
     def _emit_embeddings(index, item, batch, hidden, emit) -> None:
         start = batch.offsets[index]
-        for layer in _embedding_layers(item):
+        for layer in embedding_layers(item):
             states = hidden[layer]
             residues = states[start + 1 : start + 1 + item.residues]  # (L, E)
             tensors = {
@@ -127,7 +132,8 @@ class Engine:
             emit(TensorOutput(index, pb.INCLUDE_LOGITS, 0, tuple(part.shape), data))
 
 
-def _embedding_layers(item: WorkItem) -> tuple[int, ...]:
+def embedding_layers(item: WorkItem) -> tuple[int, ...]:
+    """The layers whose hidden states `item`'s embeddings need."""
     return item.repr_layers if item.include.intersection(EMBEDDING_KINDS) else ()
 
 

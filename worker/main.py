@@ -66,10 +66,27 @@ def load_engine(settings: WorkerSettings):
         )
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     engine = Engine(Esm2.from_checkpoint(checkpoint), settings.device, dtype[settings.precision])
+    runner = with_openvino(engine, settings, dtype[settings.precision], threads)
     started = time.perf_counter()
-    engine.warm_up()
+    runner.warm_up()
     log.info("warmed up in %.1f s", time.perf_counter() - started)
-    return engine, info
+    return runner, info
+
+
+def with_openvino(engine, settings: WorkerSettings, dtype, threads: int):
+    """The engine, behind OpenVINO for short CPU batches where that is installed and on."""
+    from esm2_service.worker.openvino_backend import OpenVinoRunner, openvino_available
+
+    if settings.device != "cpu" or settings.openvino_max_tokens == 0:
+        return engine
+    if not openvino_available():
+        log.info("OpenVINO is not installed: every batch runs on the torch engine")
+        return engine
+    log.info(
+        "batches of at most %d tokens without contacts or attentions run on OpenVINO",
+        settings.openvino_max_tokens,
+    )
+    return OpenVinoRunner.for_engine(engine, dtype, threads, settings.openvino_max_tokens)
 
 
 def run_worker(

@@ -1,0 +1,116 @@
+"""The OpenVINO runner against fair-esm's ESM2.forward, and what it leaves to torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support import assert_close, fair_esm_outputs
+
+from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.worker.checkpoint import build_fair_esm_model, load_checkpoint
+from esm2_service.worker.engine import Engine
+from esm2_service.worker.model import Esm2
+from esm2_service.worker.openvino_backend import OpenVinoRunner, length_groups
+from esm2_service.worker.settings import WorkerSettings
+from esm2_service.worker.work import WorkItem
+
+pytest.importorskip("openvino", reason="OpenVINO is a worker dependency: install .[worker]")
+
+EMBEDDINGS = frozenset([pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS])
+NAMES = {
+    pb.INCLUDE_MEAN: "mean",
+    pb.INCLUDE_PER_TOKEN: "per_token",
+    pb.INCLUDE_BOS: "bos",
+    pb.INCLUDE_LOGITS: "logits",
+    pb.INCLUDE_CONTACTS: "contacts",
+}
+SEQUENCES = ["M", "MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYXBUZO-", "GSHM" * 30, "WWW"]
+
+
+def item(sequence: str, include=EMBEDDINGS | {pb.INCLUDE_LOGITS}, layers=(0, 2, 6), **kw):
+    return WorkItem(tuple(encode_tokens(split_tokens(sequence))), frozenset(include), layers, **kw)
+
+
+def run(runner, items) -> dict:
+    outputs = {}
+
+    def emit(output):
+        key = (output.item, output.kind, output.layer)
+        outputs[key] = np.frombuffer(output.data, "<f4").reshape(output.shape)
+
+    runner.run(items, emit)
+    return outputs
+
+
+@pytest.fixture(scope="module", params=["tiny", "full"])
+def setup(request, tiny_checkpoint, full_checkpoint):
+    path = tiny_checkpoint if request.param == "tiny" else full_checkpoint
+    checkpoint = load_checkpoint(path)
+    engine = Engine(Esm2.from_checkpoint(checkpoint))
+    runner = OpenVinoRunner.for_engine(engine, torch.float32, threads=1, max_tokens=1024)
+    return runner, build_fair_esm_model(checkpoint)
+
+
+def test_embeddings_logits_and_predict_match_fair_esm_in_mixed_length_batches(setup):
+    runner, reference = setup
+    items = [item(s) for s in SEQUENCES]
+    items.append(item("MKT<mask>AYI<mask>AK", (), (), predict=True))
+    before = runner.batches["openvino"]
+    outputs = run(runner, items)
+    assert runner.batches["openvino"] == before + 1
+    assert len(outputs) == len(SEQUENCES) * (3 * 3 + 1) + 1
+    for (index, kind, layer), actual in outputs.items():
+        sequence = (SEQUENCES + ["MKT<mask>AYI<mask>AK"])[index]
+        expected = fair_esm_outputs(reference, sequence)
+        if items[index].predict:
+            assert kind == pb.INCLUDE_LOGITS and actual.shape[0] == 2
+            assert_close(actual, expected["mask_logits"], what="predict")
+        elif kind == pb.INCLUDE_LOGITS:
+            assert_close(actual, expected["logits"], what=f"{sequence[:6]} logits")
+        else:
+            assert_close(actual, expected[NAMES[kind]][layer], what=f"{sequence[:6]} {layer}")
+
+
+def test_contacts_and_attentions_run_on_the_torch_engine_never_dropped(setup):
+    runner, reference = setup
+    items = [item(SEQUENCES[1]), item(SEQUENCES[3], [pb.INCLUDE_CONTACTS], ())]
+    before = dict(runner.batches)
+    outputs = run(runner, items)
+    assert runner.batches == {**before, "torch": before["torch"] + 1}
+    expected = fair_esm_outputs(reference, SEQUENCES[3])
+    assert_close(outputs[(1, pb.INCLUDE_CONTACTS, 0)], expected["contacts"], what="contacts")
+    assert (0, pb.INCLUDE_MEAN, 6) in outputs
+
+
+def test_batches_over_the_token_bound_run_on_the_torch_engine(setup):
+    runner, reference = setup
+    long = "ACDEFGHIKLMNPQRSTVWY" * 30  # 600 residues: two of them exceed 1,024 tokens
+    before = dict(runner.batches)
+    outputs = run(
+        runner, [item(long, [pb.INCLUDE_MEAN], (6,)), item(long[::-1], [pb.INCLUDE_MEAN], (6,))]
+    )
+    assert runner.batches == {**before, "torch": before["torch"] + 1}
+    assert_close(outputs[(0, pb.INCLUDE_MEAN, 6)], fair_esm_outputs(reference, long)["mean"][6])
+
+
+def test_length_groups_bound_the_padding_and_keep_every_item():
+    lengths = [10, 300, 12, 11, 290, 40, 310, 3]
+    groups = length_groups(lengths, max_padding=0.15)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert len(group) * max(lengths[i] for i in group) <= 1.15 * real
+    assert [sorted(lengths[i] for i in group) for group in groups] == [
+        [3],
+        [10, 11, 12],
+        [40],
+        [290, 300, 310],
+    ]
+
+
+def test_the_token_bound_is_checked():
+    assert WorkerSettings(openvino_max_tokens=0).openvino_max_tokens == 0
+    with pytest.raises(ValueError, match="openvino_max_tokens must be 0"):
+        WorkerSettings(openvino_max_tokens=-1)
