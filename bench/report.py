@@ -263,7 +263,8 @@ def render_markdown(results: dict) -> str:
     ):
         lines += ["", "\\* other processes used over 5% of a core during that timing."]
     if "max_difference_from_fair_esm" in results:
-        lines += ["", *_difference_lines(results["max_difference_from_fair_esm"])]
+        differences = _difference_lines(results["max_difference_from_fair_esm"])
+        lines += ["", "```", *differences, "```"]
     if "latency" in results:
         latency = results["latency"]
         lines += [
