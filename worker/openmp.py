@@ -8,8 +8,8 @@ a 1 to 10 s pause than back to back (`python -m bench`, "latency after idle",
 2026-12-02). Spinning 300,000 iterations (libgomp's own default when nothing is
 set) bridges every gap inside a pass and ends within milliseconds of its end: an
 idle worker still uses 0.3% of a core, the after-idle penalty fell to 1.15x, and
-throughput rose 8% on the same host (10,000 spins, tried before, slept inside
-passes).
+service throughput rose 10% on the same host (10,000 spins, tried before, slept
+inside passes).
 """
 
 from __future__ import annotations
