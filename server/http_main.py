@@ -31,6 +31,8 @@ log = logging.getLogger("esm2_service.http")
 DEFAULT_HTTP_PORT = 8000
 # On stdout once the socket is bound; `esm2 serve` reads the port from it.
 LISTENING_LINE = "esm2 http listening on port"
+# On stdout when /readyz first answers 200; `esm2 serve` waits for it before saying ready.
+READY_LINE = "esm2 http ready"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,10 +139,18 @@ async def serve(
             "listening on http://%s:%d (Redis %s)", args.host, port, redact_url(args.redis_url)
         )
         print(f"{LISTENING_LINE} {port}", flush=True)
+    announcer = asyncio.create_task(_announce_ready(door))
     try:
         await running
     finally:
+        announcer.cancel()
         await redis.aclose()
+
+
+async def _announce_ready(door: HttpDoor) -> None:
+    while door.unready is not None:
+        await asyncio.sleep(0.05)
+    print(READY_LINE, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

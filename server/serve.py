@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             addresses = f"{args.host}:{_read_port(frontends[0])} (gRPC)"
             if args.http_port:
                 addresses += f" and http://{args.host}:{_read_port(frontends[1])} (HTTP)"
-            ready = threading.Thread(target=_announce_ready, args=(frontends[0], addresses))
+            ready = threading.Thread(target=_announce_ready, args=(frontends, addresses))
             ready.daemon = True
             ready.start()
             code = _supervise(frontends, workers, args, env, stopping)
@@ -220,14 +220,28 @@ def _read_port(frontend: subprocess.Popen) -> int:
     return int(line.rsplit(" ", 1)[1]) if "listening on port" in line else 0
 
 
-def _announce_ready(frontend: subprocess.Popen, address: str) -> None:
-    """Logs the one line that says the whole service takes requests, when the frontend
-    says its health is SERVING (a worker is alive); then drains the frontend's stdout."""
+def _announce_ready(frontends: list[subprocess.Popen], address: str) -> None:
+    """Logs the one line that says the whole service takes requests, once every door
+    says so: the gRPC frontend when its health is SERVING (a worker is alive), the HTTP
+    door when its /readyz answers 200. Each door's stdout is drained meanwhile."""
+    from esm2_service.server.http_main import READY_LINE as HTTP_READY_LINE
     from esm2_service.server.main import READY_LINE
 
-    for line in frontend.stdout:
-        if line.strip() == READY_LINE:
-            log.info("esm2 serve: ready to take requests on %s", address)
+    events = []
+    for frontend, line in zip(frontends, (READY_LINE, HTTP_READY_LINE), strict=False):
+        event = threading.Event()
+        threading.Thread(target=_watch_stdout, args=(frontend, line, event), daemon=True).start()
+        events.append(event)
+    for event in events:
+        event.wait()
+    log.info("esm2 serve: ready to take requests on %s", address)
+
+
+def _watch_stdout(process: subprocess.Popen, ready_line: str, ready: threading.Event) -> None:
+    """Sets `ready` when `process` prints `ready_line`; reads its stdout to the end."""
+    for line in process.stdout:
+        if line.strip() == ready_line:
+            ready.set()
 
 
 def _supervise(frontends, workers, args, env, stopping) -> int:

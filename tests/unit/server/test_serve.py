@@ -60,3 +60,46 @@ def test_bad_values_are_refused(parser, capsys):
             parser.parse_args(argv)
         assert exited.value.code == 2
     assert "invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
+def test_serve_says_ready_only_once_every_door_is_ready(tmp_path, caplog):
+    """The gRPC frontend may be ready before the HTTP door's own health check has run;
+    the one ready line waits for both (a request to either then succeeds at once)."""
+    import subprocess
+    import sys
+    import threading
+
+    from esm2_service.server.http_main import READY_LINE as HTTP_READY_LINE
+    from esm2_service.server.main import READY_LINE
+
+    go = tmp_path / "http-ready"
+    waits_for_go = (
+        "import pathlib, time\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\n"
+        f"print({HTTP_READY_LINE!r}, flush=True)\n"
+    )
+    doors = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"print({READY_LINE!r}, flush=True)"],
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen([sys.executable, "-c", waits_for_go], stdout=subprocess.PIPE, text=True),
+    ]
+    caplog.set_level("INFO", logger=serve.log.name)
+    announcer = threading.Thread(target=serve._announce_ready, args=(doors, "here"))
+    try:
+        announcer.start()
+        doors[0].wait(timeout=30)
+        announcer.join(timeout=1.0)
+        assert announcer.is_alive(), "said ready before the HTTP door was"
+        assert "ready to take requests" not in caplog.text
+        go.touch()
+        announcer.join(timeout=30)
+        assert not announcer.is_alive()
+        assert caplog.text.count("esm2 serve: ready to take requests on here") == 1
+    finally:
+        go.touch()
+        for door in doors:
+            door.wait(timeout=30)
+            door.stdout.close()
