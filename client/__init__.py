@@ -12,6 +12,7 @@ from .results import (
     ResultStreamError,
 )
 from .rich_errors import InvalidArgumentError, field_violations, request_id
+from .scores import ScoreResult
 
 __all__ = [
     "AsyncEsm2Client",
@@ -22,6 +23,7 @@ __all__ = [
     "ModelInfo",
     "PredictResult",
     "ResultStreamError",
+    "ScoreResult",
     "field_violations",
     "request_id",
     "tls_credentials",

@@ -25,6 +25,7 @@ from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.metadata import AUTHORIZATION
 from esm2_service.validation import FieldViolation, encode_violations, predict_violations
+from esm2_service.variants import score_violations
 
 from .params import (
     MAX_ITEMS_PER_REQUEST,
@@ -43,6 +44,7 @@ from .results import (
     predict_result,
 )
 from .rich_errors import InvalidArgumentError, item_order
+from .scores import ScoreAssembler, ScoreResult, score_request
 
 Metadata = Sequence[tuple[str, str | bytes]]
 PathLike = str | os.PathLike[str]
@@ -179,6 +181,17 @@ class _Refusals:
             )
 
 
+def _checked_score_request(
+    wild_type: str, variants: Sequence[str] | None, scan: bool, strategies: Iterable[str] | str
+) -> pb.ScoreRequest:
+    """The request, or InvalidArgumentError with every violation of the service's rules."""
+    request = score_request(wild_type, variants, scan, strategies)
+    violations = score_violations(request)
+    if violations:
+        raise InvalidArgumentError((v.field, v.description) for v in violations)
+    return request
+
+
 def _results(items: list[CompletedItem], offset: int, make_result: MakeResult[R]) -> list[R]:
     return [make_result(item, offset + item.index) for item in items]
 
@@ -283,6 +296,50 @@ class Esm2Client(_ClientBase):
             ),
             predict_result,
         )
+
+    def score(
+        self,
+        wild_type: str,
+        variants: Sequence[str] | None = None,
+        *,
+        scan: bool = False,
+        strategies: Iterable[str] | str = ("masked_marginal",),
+        on_scores: Callable[[int], None] | None = None,
+    ) -> ScoreResult:
+        """Zero-shot scores of `variants` of `wild_type` (or, with `scan=True`, of every
+        single substitution), one per variant under each strategy.
+
+        Args:
+            wild_type: the wild-type sequence, 1 to 2,048 residues.
+            variants: "A42G" (1-based), multi-mutants "A42G:L45P"; None with scan.
+            scan: score every single substitution at every position instead.
+            strategies: any of "masked_marginal" (default), "wt_marginal",
+                "pseudo_log_likelihood".
+            on_scores: called with the number of scores each message brings, as they
+                stream in (for progress).
+
+        Raises:
+            ValueError: an unknown strategy name.
+            InvalidArgumentError: every problem with the request, variants numbered in
+                `variants`; raised before the request is sent.
+            grpc.RpcError: the server failed the request.
+            ResultStreamError: the response stream was malformed or incomplete.
+        """
+        request = _checked_score_request(wild_type, variants, scan, strategies)
+        assembler = ScoreAssembler(list(request.variants))
+        call = self._stub.Score(request, **self._call_options)
+        try:
+            for message in call:
+                scored = assembler.add(message)
+                if on_scores is not None and scored:
+                    on_scores(scored)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgumentError.from_server(error, 0) from None
+            raise
+        finally:
+            call.cancel()
+        return assembler.finish()
 
     def status(self) -> pb.GetStatusResponse:
         """The service's workers, queue depth and whether any runs random weights."""
@@ -407,6 +464,32 @@ class AsyncEsm2Client(_ClientBase):
             ),
             predict_result,
         )
+
+    async def score(
+        self,
+        wild_type: str,
+        variants: Sequence[str] | None = None,
+        *,
+        scan: bool = False,
+        strategies: Iterable[str] | str = ("masked_marginal",),
+        on_scores: Callable[[int], None] | None = None,
+    ) -> ScoreResult:
+        """See `Esm2Client.score`."""
+        request = _checked_score_request(wild_type, variants, scan, strategies)
+        assembler = ScoreAssembler(list(request.variants))
+        call = self._stub.Score(request, **self._call_options)
+        try:
+            async for message in call:
+                scored = assembler.add(message)
+                if on_scores is not None and scored:
+                    on_scores(scored)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgumentError.from_server(error, 0) from None
+            raise
+        finally:
+            call.cancel()
+        return assembler.finish()
 
     async def status(self) -> pb.GetStatusResponse:
         """See `Esm2Client.status`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -83,14 +83,32 @@ class Broker:
         """Queues every item of `request` under `request_id` (see `new_request_id`);
         returns its absolute deadline (unix s)."""
         now = time.time()
-        deadline = now + min(
-            timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s
-        )
+        deadline = self.deadline(timeout_s, now)
+        items = [
+            _queue_item(request, request_id, index, request.sequences[index], deadline, now)
+            for index in range(len(request.sequences))
+        ]
+        await self.enqueue(request_id, items, request.token_counts, deadline)
+        return deadline
+
+    def deadline(self, timeout_s: float | None, now: float | None = None) -> float:
+        """The absolute deadline (unix s) of a request whose client allows `timeout_s`."""
+        limit = self.settings.request_timeout_s
+        return (now or time.time()) + min(timeout_s or limit, limit)
+
+    async def enqueue(
+        self,
+        request_id: str,
+        items: list[qpb.QueueItem],
+        token_counts: Sequence[int],
+        deadline: float,
+    ) -> None:
+        """Queues `items` (each on the lane of its token count) atomically, or none of
+        them: QueueFull when they would take the queue past its bound."""
         lanes_and_items = []
-        for index, tokens in enumerate(request.token_counts):
-            item = _queue_item(request, request_id, index, request.sequences[index], deadline, now)
+        for item, tokens in zip(items, token_counts, strict=True):
             lanes_and_items += [queue.lane_index(tokens), item.SerializeToString()]
-        marker_ttl_s = int(deadline - now) + self.settings.result_ttl_s
+        marker_ttl_s = max(1, int(deadline - time.time())) + self.settings.result_ttl_s
         try:
             depth = await self._enqueue(
                 keys=[queue.request_key(request_id), *queue.QUEUE_LANES],
@@ -104,39 +122,45 @@ class Broker:
                 f"retry in {self.settings.retry_after_s:g} s",
                 self.settings.retry_after_s,
             )
-        return deadline
 
     async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[bytes]:
         """Yields the request's serialized response messages until every item is complete."""
-        stream = queue.reply_stream(request_id)
-        last_id = "0-0"
         remaining = items
         enqueued = time.monotonic()  # submit() has just queued the items
-        # A worker that died mid-item leaves part of it written; the worker that
-        # retries the item writes it again. Each piece reaches the client once.
+        async with contextlib.aclosing(self.replies(request_id, deadline)) as replies:
+            async for batch in replies:
+                for message, serialized in batch:
+                    if message.HasField("complete"):
+                        remaining -= 1
+                        if self.on_item_complete is not None:
+                            self.on_item_complete(time.monotonic() - enqueued)
+                    yield serialized
+                if not remaining:
+                    return
+
+    async def replies(
+        self, request_id: str, deadline: float
+    ) -> AsyncIterator[list[tuple[pb.EncodeResponse, bytes]]]:
+        """Batches of the request's new response messages, parsed and as sent, until the
+        caller stops; an empty batch when a blocking read found nothing.
+
+        Raises ItemFailed for an item a worker failed. A worker that died mid-item leaves
+        part of it written; the worker that retries the item writes it again. Each piece
+        is yielded once. Relayed entries are deleted from Redis when the caller asks for
+        the next batch (when it is done, `finish` drops the whole stream).
+        """
+        stream = queue.reply_stream(request_id)
+        last_id = "0-0"
         relayed: set[tuple] = set()
-        while remaining:
+        while True:
             entries = await self._read(stream, last_id, deadline)
             if not entries:
                 await self._check_still_queued(request_id)
-            for entry_id, fields in entries:
-                last_id = entry_id
-                if queue.ERROR_FIELD in fields:
-                    error = qpb.ItemError.FromString(fields[queue.ERROR_FIELD])
-                    raise ItemFailed(error.sequence_index, error.code, error.message)
-                # EncodeResponse and PredictResponse share one layout: either parses both.
-                chunk = pb.EncodeResponse.FromString(fields[queue.CHUNK_FIELD])
-                key = _piece_key(chunk)
-                if key in relayed:
-                    continue
-                relayed.add(key)
-                if chunk.HasField("complete"):
-                    remaining -= 1
-                    if self.on_item_complete is not None:
-                        self.on_item_complete(time.monotonic() - enqueued)
-                yield fields[queue.CHUNK_FIELD]
-            if entries and remaining:  # when done, finish() drops the whole stream
-                await self._forget(stream, [entry_id for entry_id, _ in entries])
+                yield []
+                continue
+            last_id = entries[-1][0]
+            yield list(_new_pieces(entries, relayed))
+            await self._forget(stream, [entry_id for entry_id, _ in entries])
 
     async def _read(self, stream: str, last_id, deadline: float):
         left_s = deadline - time.time()
@@ -179,6 +203,19 @@ class Broker:
     async def finish(self, request_id: str) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
             await self.redis.delete(queue.reply_stream(request_id), queue.request_key(request_id))
+
+
+def _new_pieces(entries, relayed: set[tuple]) -> Iterator[tuple[pb.EncodeResponse, bytes]]:
+    for _, fields in entries:
+        if queue.ERROR_FIELD in fields:
+            error = qpb.ItemError.FromString(fields[queue.ERROR_FIELD])
+            raise ItemFailed(error.sequence_index, error.code, error.message)
+        # EncodeResponse and PredictResponse share one layout: either parses both.
+        message = pb.EncodeResponse.FromString(fields[queue.CHUNK_FIELD])
+        key = _piece_key(message)
+        if key not in relayed:
+            relayed.add(key)
+            yield message, fields[queue.CHUNK_FIELD]
 
 
 def _piece_key(chunk: pb.EncodeResponse) -> tuple:

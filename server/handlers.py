@@ -44,6 +44,11 @@ def add_esm2_service(servicer, server: grpc.aio.Server) -> None:
             request_deserializer=_decoder(pb.PredictRequest),
             response_serializer=_encode,
         ),
+        "Score": grpc.unary_stream_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=_decoder(pb.ScoreRequest),
+            response_serializer=_encode,
+        ),
         "GetStatus": grpc.unary_unary_rpc_method_handler(
             servicer.GetStatus,
             request_deserializer=_decoder(pb.GetStatusRequest),

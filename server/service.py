@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from esm2_service import metadata, queue
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.broker import REDIS_ERRORS, Broker, new_request_id, queue_depths
 from esm2_service.server.errors import BackendUnavailable, to_rpc_status
+from esm2_service.server.scoring import ScoreRun
 from esm2_service.validation import (
+    MAX_ITEMS,
     InvalidRequest,
     ValidRequest,
     check_decoded,
     validate_encode,
     validate_predict,
 )
+from esm2_service.variants import validate_score
 
 log = logging.getLogger(__name__)
+
+# Starts a request under its id: (items, for the log; the stream of its responses).
+StartRequest = Callable[[str], Awaitable[tuple[int, AsyncIterator]]]
+# A Score request's window grows with the workers up to this many.
+MAX_SCORE_WINDOW_WORKERS = 7
 
 
 class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
@@ -38,6 +47,27 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
         async for chunk in self._run("Predict", validate_predict, request, context):
             yield chunk
 
+    async def Score(self, request, context) -> AsyncIterator[pb.ScoreResponse]:
+        async def run(request_id: str):
+            valid = validate_score(request)
+            deadline = self.broker.deadline(context.time_remaining())
+            window = await self._score_window()
+            score = ScoreRun(self.broker, valid, request_id, deadline, window)
+            return len(valid.variants), score.responses()
+
+        async for response in self._serve("Score", run, context):
+            yield response
+
+    async def _score_window(self) -> int:
+        """Passes one Score request keeps queued or running: a batch per live worker and
+        one more waiting, so every worker stays busy and a request that arrives later
+        waits behind at most about one batch of them."""
+        now = time.time()
+        workers = await self.broker.redis.zcount(
+            queue.HEARTBEATS, now - self.worker_timeout_s, "+inf"
+        )
+        return MAX_ITEMS * (min(max(workers, 1), MAX_SCORE_WINDOW_WORKERS) + 1)
+
     async def GetStatus(self, request, context) -> pb.GetStatusResponse:
         try:
             check_decoded(request)
@@ -48,23 +78,35 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
             await _abort(context, error)
 
     async def _run(self, method: str, validate: Callable[..., ValidRequest], request, context):
+        async def run(request_id: str):
+            valid = validate(request)
+            deadline = await self.broker.submit(valid, request_id, context.time_remaining())
+            items = len(valid.sequences)
+            return items, self.broker.results(request_id, items, deadline)
+
+        async for chunk in self._serve(method, run, context):
+            yield chunk
+
+    async def _serve(self, method: str, start: StartRequest, context):
+        """Relays what `start(request_id)` streams, turning every error into a status and
+        cleaning the request's queue state up however it ends."""
         request_id = new_request_id()
         # The id goes back in the trailers of every outcome, so a user can quote it.
         context.set_trailing_metadata(((metadata.REQUEST_ID, request_id),))
         queued = finished = False
         started = time.perf_counter()
         try:
-            valid = validate(request)
-            deadline = await self.broker.submit(valid, request_id, context.time_remaining())
+            items, responses = await start(request_id)
             queued = True
-            async for chunk in self.broker.results(request_id, len(valid.sequences), deadline):
-                yield chunk
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
             finished = True
             log.info(
                 "%s request_id=%s items=%d done in %.1f ms",
                 method,
                 request_id,
-                len(valid.sequences),
+                items,
                 1000 * (time.perf_counter() - started),
                 extra={"request_id": request_id},
             )

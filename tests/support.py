@@ -33,6 +33,18 @@ def fair_esm_outputs(model, sequence: str, layers=(0, 1, 2, 3, 4, 5, 6)) -> dict
     return result
 
 
+def bad_request_fields(error) -> list[tuple[str, str]]:
+    """(field, description) of every violation in an INVALID_ARGUMENT error's BadRequest."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    (detail,) = status.details
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    return [(v.field, v.description) for v in bad.field_violations]
+
+
 def assert_close(actual, expected, atol: float = 1e-4, what: str = "") -> None:
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
@@ -53,3 +65,21 @@ def read_fasta_records(name: str) -> list[tuple[str, str]]:
     if header is not None:
         records.append((header, "".join(parts)))
     return records
+
+
+def tem1_variants() -> tuple[str, list[tuple[str, float]]]:
+    """TEM-1 beta-lactamase (P62593): its wild type and single mutants with measured
+    fitness, from the headers of tests/data/P62593_tem1_variants.fasta
+    (`>index|beta-lactamase_P20P|fitness`, positions 1-based in the sequence)."""
+    wild_type = None
+    variants = []
+    for header, sequence in read_fasta_records("P62593_tem1_variants.fasta"):
+        _, name, fitness = header.split("|")
+        mutant = name.rsplit("_", 1)[1]
+        wt, position, mt = mutant[0], int(mutant[1:-1]), mutant[-1]
+        assert sequence[position - 1] == mt, header
+        reverted = sequence[: position - 1] + wt + sequence[position:]
+        assert wild_type in (None, reverted), header
+        wild_type = reverted
+        variants.append((mutant, float(fitness)))
+    return wild_type, variants

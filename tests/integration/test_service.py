@@ -9,12 +9,10 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from queue_helpers import last_generated_ids
-from support import assert_close, fair_esm_outputs
+from support import assert_close, bad_request_fields, fair_esm_outputs
 
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.client import AsyncEsm2Client, Esm2Client
@@ -28,14 +26,6 @@ ALL = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
 def client(service):
     with Esm2Client(service.target, timeout_s=120) as client:
         yield client
-
-
-def bad_request_fields(error: grpc.RpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(error)
-    (detail,) = status.details
-    bad = error_details_pb2.BadRequest()
-    assert detail.Unpack(bad)
-    return [(v.field, v.description) for v in bad.field_violations]
 
 
 def test_encode_returns_every_output_equal_to_fair_esm(client, tiny_reference):

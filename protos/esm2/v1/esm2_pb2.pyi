@@ -23,6 +23,13 @@ class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[Dtype]
     DTYPE_FLOAT16: _ClassVar[Dtype]
     DTYPE_BFLOAT16: _ClassVar[Dtype]
+
+class ScoringStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORING_STRATEGY_UNSPECIFIED: _ClassVar[ScoringStrategy]
+    SCORING_STRATEGY_MASKED_MARGINAL: _ClassVar[ScoringStrategy]
+    SCORING_STRATEGY_WT_MARGINAL: _ClassVar[ScoringStrategy]
+    SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD: _ClassVar[ScoringStrategy]
 INCLUDE_UNSPECIFIED: Include
 INCLUDE_MEAN: Include
 INCLUDE_PER_TOKEN: Include
@@ -34,6 +41,10 @@ DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT16: Dtype
 DTYPE_BFLOAT16: Dtype
+SCORING_STRATEGY_UNSPECIFIED: ScoringStrategy
+SCORING_STRATEGY_MASKED_MARGINAL: ScoringStrategy
+SCORING_STRATEGY_WT_MARGINAL: ScoringStrategy
+SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD: ScoringStrategy
 
 class Item(_message.Message):
     __slots__ = ("sequence",)
@@ -138,6 +149,64 @@ class ModelInfo(_message.Message):
     device: str
     precision: str
     def __init__(self, name: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., random_weights: _Optional[bool] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("wild_type", "variants", "scan", "strategies")
+    WILD_TYPE_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
+    STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    wild_type: str
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    scan: bool
+    strategies: _containers.RepeatedScalarFieldContainer[ScoringStrategy]
+    def __init__(self, wild_type: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., scan: _Optional[bool] = ..., strategies: _Optional[_Iterable[_Union[ScoringStrategy, str]]] = ...) -> None: ...
+
+class VariantScores(_message.Message):
+    __slots__ = ("strategy", "variant_indices", "mutants", "scores")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_INDICES_FIELD_NUMBER: _ClassVar[int]
+    MUTANTS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    strategy: ScoringStrategy
+    variant_indices: _containers.RepeatedScalarFieldContainer[int]
+    mutants: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, strategy: _Optional[_Union[ScoringStrategy, str]] = ..., variant_indices: _Optional[_Iterable[int]] = ..., mutants: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PositionLogProbs(_message.Message):
+    __slots__ = ("strategy", "positions", "log_probs")
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    strategy: ScoringStrategy
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    log_probs: Tensor
+    def __init__(self, strategy: _Optional[_Union[ScoringStrategy, str]] = ..., positions: _Optional[_Iterable[int]] = ..., log_probs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ScoreComplete(_message.Message):
+    __slots__ = ("strategies", "amino_acids", "variant_count", "forward_passes", "model")
+    STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    AMINO_ACIDS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    strategies: _containers.RepeatedScalarFieldContainer[ScoringStrategy]
+    amino_acids: str
+    variant_count: int
+    forward_passes: int
+    model: ModelInfo
+    def __init__(self, strategies: _Optional[_Iterable[_Union[ScoringStrategy, str]]] = ..., amino_acids: _Optional[str] = ..., variant_count: _Optional[int] = ..., forward_passes: _Optional[int] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "log_probs", "complete")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    scores: VariantScores
+    log_probs: PositionLogProbs
+    complete: ScoreComplete
+    def __init__(self, scores: _Optional[_Union[VariantScores, _Mapping]] = ..., log_probs: _Optional[_Union[PositionLogProbs, _Mapping]] = ..., complete: _Optional[_Union[ScoreComplete, _Mapping]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

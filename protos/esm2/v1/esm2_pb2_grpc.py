@@ -44,6 +44,11 @@ class Esm2ServiceStub:
                 request_serializer=esm2_dot_v1_dot_esm2__pb2.PredictRequest.SerializeToString,
                 response_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_stream(
+                '/esm2.v1.Esm2Service/Score',
+                request_serializer=esm2_dot_v1_dot_esm2__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=esm2_dot_v1_dot_esm2__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/esm2.v1.Esm2Service/GetStatus',
                 request_serializer=esm2_dot_v1_dot_esm2__pb2.GetStatusRequest.SerializeToString,
@@ -68,6 +73,15 @@ class Esm2ServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
+        A42G and A42G:L45P), or of every single substitution. Streams scores as their
+        forward passes complete; then per-position log-probabilities; then ScoreComplete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """The workers serving the model right now, and what weights they run.
         """
@@ -87,6 +101,11 @@ def add_Esm2ServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictRequest.FromString,
                     response_serializer=esm2_dot_v1_dot_esm2__pb2.PredictResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_stream_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=esm2_dot_v1_dot_esm2__pb2.ScoreRequest.FromString,
+                    response_serializer=esm2_dot_v1_dot_esm2__pb2.ScoreResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -148,6 +167,33 @@ class Esm2Service:
             '/esm2.v1.Esm2Service/Predict',
             esm2_dot_v1_dot_esm2__pb2.PredictRequest.SerializeToString,
             esm2_dot_v1_dot_esm2__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/esm2.v1.Esm2Service/Score',
+            esm2_dot_v1_dot_esm2__pb2.ScoreRequest.SerializeToString,
+            esm2_dot_v1_dot_esm2__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

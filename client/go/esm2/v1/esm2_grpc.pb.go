@@ -21,6 +21,10 @@ type Esm2ServiceClient interface {
 	Encode(ctx context.Context, in *EncodeRequest, opts ...grpc.CallOption) (Esm2Service_EncodeClient, error)
 	// Logits at the <mask> positions of 1 to 8 sequences.
 	Predict(ctx context.Context, in *PredictRequest, opts ...grpc.CallOption) (Esm2Service_PredictClient, error)
+	// Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
+	// A42G and A42G:L45P), or of every single substitution. Streams scores as their
+	// forward passes complete; then per-position log-probabilities; then ScoreComplete.
+	Score(ctx context.Context, in *ScoreRequest, opts ...grpc.CallOption) (Esm2Service_ScoreClient, error)
 	// The workers serving the model right now, and what weights they run.
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error)
 }
@@ -97,6 +101,38 @@ func (x *esm2ServicePredictClient) Recv() (*PredictResponse, error) {
 	return m, nil
 }
 
+func (c *esm2ServiceClient) Score(ctx context.Context, in *ScoreRequest, opts ...grpc.CallOption) (Esm2Service_ScoreClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_Esm2Service_serviceDesc.Streams[2], "/esm2.v1.Esm2Service/Score", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &esm2ServiceScoreClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type Esm2Service_ScoreClient interface {
+	Recv() (*ScoreResponse, error)
+	grpc.ClientStream
+}
+
+type esm2ServiceScoreClient struct {
+	grpc.ClientStream
+}
+
+func (x *esm2ServiceScoreClient) Recv() (*ScoreResponse, error) {
+	m := new(ScoreResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func (c *esm2ServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error) {
 	out := new(GetStatusResponse)
 	err := c.cc.Invoke(ctx, "/esm2.v1.Esm2Service/GetStatus", in, out, opts...)
@@ -114,6 +150,10 @@ type Esm2ServiceServer interface {
 	Encode(*EncodeRequest, Esm2Service_EncodeServer) error
 	// Logits at the <mask> positions of 1 to 8 sequences.
 	Predict(*PredictRequest, Esm2Service_PredictServer) error
+	// Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
+	// A42G and A42G:L45P), or of every single substitution. Streams scores as their
+	// forward passes complete; then per-position log-probabilities; then ScoreComplete.
+	Score(*ScoreRequest, Esm2Service_ScoreServer) error
 	// The workers serving the model right now, and what weights they run.
 	GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error)
 	mustEmbedUnimplementedEsm2ServiceServer()
@@ -128,6 +168,9 @@ func (UnimplementedEsm2ServiceServer) Encode(*EncodeRequest, Esm2Service_EncodeS
 }
 func (UnimplementedEsm2ServiceServer) Predict(*PredictRequest, Esm2Service_PredictServer) error {
 	return status.Errorf(codes.Unimplemented, "method Predict not implemented")
+}
+func (UnimplementedEsm2ServiceServer) Score(*ScoreRequest, Esm2Service_ScoreServer) error {
+	return status.Errorf(codes.Unimplemented, "method Score not implemented")
 }
 func (UnimplementedEsm2ServiceServer) GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetStatus not implemented")
@@ -187,6 +230,27 @@ func (x *esm2ServicePredictServer) Send(m *PredictResponse) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _Esm2Service_Score_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ScoreRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(Esm2ServiceServer).Score(m, &esm2ServiceScoreServer{stream})
+}
+
+type Esm2Service_ScoreServer interface {
+	Send(*ScoreResponse) error
+	grpc.ServerStream
+}
+
+type esm2ServiceScoreServer struct {
+	grpc.ServerStream
+}
+
+func (x *esm2ServiceScoreServer) Send(m *ScoreResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
 func _Esm2Service_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetStatusRequest)
 	if err := dec(in); err != nil {
@@ -223,6 +287,11 @@ var _Esm2Service_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Predict",
 			Handler:       _Esm2Service_Predict_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Score",
+			Handler:       _Esm2Service_Score_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -157,6 +157,66 @@ export function dtypeToJSON(object: Dtype): string {
   }
 }
 
+/**
+ * How Score turns the model's output into a variant's score. All use log-softmax over
+ * the 33-token vocabulary, as fair-esm's variant-prediction example does.
+ */
+export enum ScoringStrategy {
+  /** SCORING_STRATEGY_UNSPECIFIED - means MASKED_MARGINAL */
+  SCORING_STRATEGY_UNSPECIFIED = 0,
+  /**
+   * SCORING_STRATEGY_MASKED_MARGINAL - One pass per mutated position, that position masked in the wild type; a
+   * variant's score is the sum over its positions of log p(mutant) - log p(wild type).
+   */
+  SCORING_STRATEGY_MASKED_MARGINAL = 1,
+  /** SCORING_STRATEGY_WT_MARGINAL - One unmasked pass of the wild type; the same log-odds. */
+  SCORING_STRATEGY_WT_MARGINAL = 2,
+  /**
+   * SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD - The pseudo-log-likelihood of each variant's full sequence: the sum over its
+   * positions of log p(residue) with that position masked; one pass per position
+   * per variant.
+   */
+  SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function scoringStrategyFromJSON(object: any): ScoringStrategy {
+  switch (object) {
+    case 0:
+    case "SCORING_STRATEGY_UNSPECIFIED":
+      return ScoringStrategy.SCORING_STRATEGY_UNSPECIFIED;
+    case 1:
+    case "SCORING_STRATEGY_MASKED_MARGINAL":
+      return ScoringStrategy.SCORING_STRATEGY_MASKED_MARGINAL;
+    case 2:
+    case "SCORING_STRATEGY_WT_MARGINAL":
+      return ScoringStrategy.SCORING_STRATEGY_WT_MARGINAL;
+    case 3:
+    case "SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD":
+      return ScoringStrategy.SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ScoringStrategy.UNRECOGNIZED;
+  }
+}
+
+export function scoringStrategyToJSON(object: ScoringStrategy): string {
+  switch (object) {
+    case ScoringStrategy.SCORING_STRATEGY_UNSPECIFIED:
+      return "SCORING_STRATEGY_UNSPECIFIED";
+    case ScoringStrategy.SCORING_STRATEGY_MASKED_MARGINAL:
+      return "SCORING_STRATEGY_MASKED_MARGINAL";
+    case ScoringStrategy.SCORING_STRATEGY_WT_MARGINAL:
+      return "SCORING_STRATEGY_WT_MARGINAL";
+    case ScoringStrategy.SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD:
+      return "SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD";
+    case ScoringStrategy.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export interface Item {
   /** Amino acids (20 standard, X B U Z O) and "-"; Predict also "<mask>". */
   sequence: string;
@@ -252,6 +312,66 @@ export interface ModelInfo {
   device: string;
   /** "fp32", "fp16", "bf16" */
   precision: string;
+}
+
+export interface ScoreRequest {
+  /** 1 to 2,048 residues (the letters Encode accepts). */
+  wildType: string;
+  /**
+   * "A42G": wild-type residue, 1-based position, mutant residue (one of the 20
+   * standard amino acids); a multi-mutant joins substitutions with ":"
+   * ("A42G:L45P"). Give variants or set scan, not both.
+   */
+  variants: string[];
+  /**
+   * Every single substitution at every position: 19 variants per position, in
+   * position order, mutant residues in ScoreComplete.amino_acids order.
+   */
+  scan: boolean;
+  /** Empty means [MASKED_MARGINAL]. Responses name the strategy of every score. */
+  strategies: ScoringStrategy[];
+}
+
+/**
+ * Scores of some variants under one strategy. Every variant gets exactly one
+ * score per requested strategy, each in one VariantScores message.
+ */
+export interface VariantScores {
+  strategy: ScoringStrategy;
+  /** Indices into ScoreRequest.variants, or into the scan's order. */
+  variantIndices: number[];
+  /** the variants, as the request wrote them */
+  mutants: string[];
+  scores: number[];
+}
+
+/**
+ * log p(amino acid) at each position that a variant mutates (every position for a
+ * scan), under MASKED_MARGINAL (that position masked) or WT_MARGINAL (nothing masked).
+ */
+export interface PositionLogProbs {
+  strategy: ScoringStrategy;
+  /** 1-based */
+  positions: number[];
+  /** float32 [positions, 20], columns in amino_acids order */
+  logProbs: Tensor | undefined;
+}
+
+/** The last message of a Score stream. */
+export interface ScoreComplete {
+  /** as resolved: the default filled in */
+  strategies: ScoringStrategy[];
+  /** "ACDEFGHIKLMNPQRSTVWY" */
+  aminoAcids: string;
+  variantCount: number;
+  forwardPasses: number;
+  model: ModelInfo | undefined;
+}
+
+export interface ScoreResponse {
+  scores?: VariantScores | undefined;
+  logProbs?: PositionLogProbs | undefined;
+  complete?: ScoreComplete | undefined;
 }
 
 export interface GetStatusRequest {
@@ -1415,6 +1535,689 @@ export const ModelInfo: MessageFns<ModelInfo> = {
   },
 };
 
+function createBaseScoreRequest(): ScoreRequest {
+  return { wildType: "", variants: [], scan: false, strategies: [] };
+}
+
+export const ScoreRequest: MessageFns<ScoreRequest> = {
+  encode(message: ScoreRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.wildType !== "") {
+      writer.uint32(10).string(message.wildType);
+    }
+    for (const v of message.variants) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.scan !== false) {
+      writer.uint32(24).bool(message.scan);
+    }
+    if (message.strategies.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.strategies) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ScoreRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseScoreRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.wildType = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.variants.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.scan = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag === 32) {
+              message.strategies.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.strategies.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ScoreRequest {
+    return {
+      wildType: isSet(object.wildType)
+        ? globalThis.String(object.wildType)
+        : isSet(object.wild_type)
+        ? globalThis.String(object.wild_type)
+        : "",
+      variants: globalThis.Array.isArray(object?.variants) ? object.variants.map((e: any) => globalThis.String(e)) : [],
+      scan: isSet(object.scan) ? globalThis.Boolean(object.scan) : false,
+      strategies: globalThis.Array.isArray(object?.strategies)
+        ? object.strategies.map((e: any) => scoringStrategyFromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: ScoreRequest): unknown {
+    const obj: any = {};
+    if (message.wildType !== "") {
+      obj.wildType = message.wildType;
+    }
+    if (message.variants?.length) {
+      obj.variants = message.variants;
+    }
+    if (message.scan !== false) {
+      obj.scan = message.scan;
+    }
+    if (message.strategies?.length) {
+      obj.strategies = message.strategies.map((e) => scoringStrategyToJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ScoreRequest>): ScoreRequest {
+    return ScoreRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ScoreRequest>): ScoreRequest {
+    const message = createBaseScoreRequest();
+    message.wildType = object.wildType ?? "";
+    message.variants = object.variants?.map((e) => e) || [];
+    message.scan = object.scan ?? false;
+    message.strategies = object.strategies?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseVariantScores(): VariantScores {
+  return { strategy: 0, variantIndices: [], mutants: [], scores: [] };
+}
+
+export const VariantScores: MessageFns<VariantScores> = {
+  encode(message: VariantScores, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.strategy !== 0) {
+      writer.uint32(8).int32(message.strategy);
+    }
+    if (message.variantIndices.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.variantIndices) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    for (const v of message.mutants) {
+      writer.uint32(26).string(v!);
+    }
+    if (message.scores.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.scores) {
+        writer.double(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VariantScores {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVariantScores();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.strategy = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.variantIndices.push(reader.int32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.variantIndices.push(reader.int32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mutants.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag === 33) {
+              message.scores.push(reader.double());
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.scores.push(reader.double());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VariantScores {
+    return {
+      strategy: isSet(object.strategy) ? scoringStrategyFromJSON(object.strategy) : 0,
+      variantIndices: globalThis.Array.isArray(object?.variantIndices)
+        ? object.variantIndices.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.variant_indices)
+        ? object.variant_indices.map((e: any) => globalThis.Number(e))
+        : [],
+      mutants: globalThis.Array.isArray(object?.mutants) ? object.mutants.map((e: any) => globalThis.String(e)) : [],
+      scores: globalThis.Array.isArray(object?.scores) ? object.scores.map((e: any) => globalThis.Number(e)) : [],
+    };
+  },
+
+  toJSON(message: VariantScores): unknown {
+    const obj: any = {};
+    if (message.strategy !== 0) {
+      obj.strategy = scoringStrategyToJSON(message.strategy);
+    }
+    if (message.variantIndices?.length) {
+      obj.variantIndices = message.variantIndices.map((e) => Math.round(e));
+    }
+    if (message.mutants?.length) {
+      obj.mutants = message.mutants;
+    }
+    if (message.scores?.length) {
+      obj.scores = message.scores.map((e) => floatToJson(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<VariantScores>): VariantScores {
+    return VariantScores.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<VariantScores>): VariantScores {
+    const message = createBaseVariantScores();
+    message.strategy = object.strategy ?? 0;
+    message.variantIndices = object.variantIndices?.map((e) => e) || [];
+    message.mutants = object.mutants?.map((e) => e) || [];
+    message.scores = object.scores?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBasePositionLogProbs(): PositionLogProbs {
+  return { strategy: 0, positions: [], logProbs: undefined };
+}
+
+export const PositionLogProbs: MessageFns<PositionLogProbs> = {
+  encode(message: PositionLogProbs, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.strategy !== 0) {
+      writer.uint32(8).int32(message.strategy);
+    }
+    if (message.positions.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.positions) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    if (message.logProbs !== undefined) {
+      Tensor.encode(message.logProbs, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PositionLogProbs {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePositionLogProbs();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.strategy = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.positions.push(reader.int32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.positions.push(reader.int32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.logProbs = Tensor.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PositionLogProbs {
+    return {
+      strategy: isSet(object.strategy) ? scoringStrategyFromJSON(object.strategy) : 0,
+      positions: globalThis.Array.isArray(object?.positions)
+        ? object.positions.map((e: any) => globalThis.Number(e))
+        : [],
+      logProbs: isSet(object.logProbs)
+        ? Tensor.fromJSON(object.logProbs)
+        : isSet(object.log_probs)
+        ? Tensor.fromJSON(object.log_probs)
+        : undefined,
+    };
+  },
+
+  toJSON(message: PositionLogProbs): unknown {
+    const obj: any = {};
+    if (message.strategy !== 0) {
+      obj.strategy = scoringStrategyToJSON(message.strategy);
+    }
+    if (message.positions?.length) {
+      obj.positions = message.positions.map((e) => Math.round(e));
+    }
+    if (message.logProbs !== undefined) {
+      obj.logProbs = Tensor.toJSON(message.logProbs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PositionLogProbs>): PositionLogProbs {
+    return PositionLogProbs.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PositionLogProbs>): PositionLogProbs {
+    const message = createBasePositionLogProbs();
+    message.strategy = object.strategy ?? 0;
+    message.positions = object.positions?.map((e) => e) || [];
+    message.logProbs = (object.logProbs !== undefined && object.logProbs !== null)
+      ? Tensor.fromPartial(object.logProbs)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseScoreComplete(): ScoreComplete {
+  return { strategies: [], aminoAcids: "", variantCount: 0, forwardPasses: 0, model: undefined };
+}
+
+export const ScoreComplete: MessageFns<ScoreComplete> = {
+  encode(message: ScoreComplete, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.strategies.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.strategies) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    if (message.aminoAcids !== "") {
+      writer.uint32(18).string(message.aminoAcids);
+    }
+    if (message.variantCount !== 0) {
+      writer.uint32(24).int32(message.variantCount);
+    }
+    if (message.forwardPasses !== 0) {
+      writer.uint32(32).int32(message.forwardPasses);
+    }
+    if (message.model !== undefined) {
+      ModelInfo.encode(message.model, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ScoreComplete {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseScoreComplete();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.strategies.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.strategies.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.aminoAcids = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.variantCount = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.forwardPasses = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.model = ModelInfo.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ScoreComplete {
+    return {
+      strategies: globalThis.Array.isArray(object?.strategies)
+        ? object.strategies.map((e: any) => scoringStrategyFromJSON(e))
+        : [],
+      aminoAcids: isSet(object.aminoAcids)
+        ? globalThis.String(object.aminoAcids)
+        : isSet(object.amino_acids)
+        ? globalThis.String(object.amino_acids)
+        : "",
+      variantCount: isSet(object.variantCount)
+        ? globalThis.Number(object.variantCount)
+        : isSet(object.variant_count)
+        ? globalThis.Number(object.variant_count)
+        : 0,
+      forwardPasses: isSet(object.forwardPasses)
+        ? globalThis.Number(object.forwardPasses)
+        : isSet(object.forward_passes)
+        ? globalThis.Number(object.forward_passes)
+        : 0,
+      model: isSet(object.model) ? ModelInfo.fromJSON(object.model) : undefined,
+    };
+  },
+
+  toJSON(message: ScoreComplete): unknown {
+    const obj: any = {};
+    if (message.strategies?.length) {
+      obj.strategies = message.strategies.map((e) => scoringStrategyToJSON(e));
+    }
+    if (message.aminoAcids !== "") {
+      obj.aminoAcids = message.aminoAcids;
+    }
+    if (message.variantCount !== 0) {
+      obj.variantCount = Math.round(message.variantCount);
+    }
+    if (message.forwardPasses !== 0) {
+      obj.forwardPasses = Math.round(message.forwardPasses);
+    }
+    if (message.model !== undefined) {
+      obj.model = ModelInfo.toJSON(message.model);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ScoreComplete>): ScoreComplete {
+    return ScoreComplete.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ScoreComplete>): ScoreComplete {
+    const message = createBaseScoreComplete();
+    message.strategies = object.strategies?.map((e) => e) || [];
+    message.aminoAcids = object.aminoAcids ?? "";
+    message.variantCount = object.variantCount ?? 0;
+    message.forwardPasses = object.forwardPasses ?? 0;
+    message.model = (object.model !== undefined && object.model !== null)
+      ? ModelInfo.fromPartial(object.model)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseScoreResponse(): ScoreResponse {
+  return { scores: undefined, logProbs: undefined, complete: undefined };
+}
+
+export const ScoreResponse: MessageFns<ScoreResponse> = {
+  encode(message: ScoreResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.scores !== undefined) {
+      VariantScores.encode(message.scores, writer.uint32(10).fork()).join();
+    }
+    if (message.logProbs !== undefined) {
+      PositionLogProbs.encode(message.logProbs, writer.uint32(18).fork()).join();
+    }
+    if (message.complete !== undefined) {
+      ScoreComplete.encode(message.complete, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ScoreResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseScoreResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.scores = VariantScores.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.logProbs = PositionLogProbs.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.complete = ScoreComplete.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ScoreResponse {
+    return {
+      scores: isSet(object.scores) ? VariantScores.fromJSON(object.scores) : undefined,
+      logProbs: isSet(object.logProbs)
+        ? PositionLogProbs.fromJSON(object.logProbs)
+        : isSet(object.log_probs)
+        ? PositionLogProbs.fromJSON(object.log_probs)
+        : undefined,
+      complete: isSet(object.complete) ? ScoreComplete.fromJSON(object.complete) : undefined,
+    };
+  },
+
+  toJSON(message: ScoreResponse): unknown {
+    const obj: any = {};
+    if (message.scores !== undefined) {
+      obj.scores = VariantScores.toJSON(message.scores);
+    }
+    if (message.logProbs !== undefined) {
+      obj.logProbs = PositionLogProbs.toJSON(message.logProbs);
+    }
+    if (message.complete !== undefined) {
+      obj.complete = ScoreComplete.toJSON(message.complete);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ScoreResponse>): ScoreResponse {
+    return ScoreResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ScoreResponse>): ScoreResponse {
+    const message = createBaseScoreResponse();
+    message.scores = (object.scores !== undefined && object.scores !== null)
+      ? VariantScores.fromPartial(object.scores)
+      : undefined;
+    message.logProbs = (object.logProbs !== undefined && object.logProbs !== null)
+      ? PositionLogProbs.fromPartial(object.logProbs)
+      : undefined;
+    message.complete = (object.complete !== undefined && object.complete !== null)
+      ? ScoreComplete.fromPartial(object.complete)
+      : undefined;
+    return message;
+  },
+};
+
 function createBaseGetStatusRequest(): GetStatusRequest {
   return {};
 }
@@ -1711,6 +2514,20 @@ export const Esm2ServiceService = {
     responseSerialize: (value: PredictResponse): Buffer => Buffer.from(PredictResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): PredictResponse => PredictResponse.decode(value),
   },
+  /**
+   * Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
+   * A42G and A42G:L45P), or of every single substitution. Streams scores as their
+   * forward passes complete; then per-position log-probabilities; then ScoreComplete.
+   */
+  score: {
+    path: "/esm2.v1.Esm2Service/Score" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: ScoreRequest): Buffer => Buffer.from(ScoreRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ScoreRequest => ScoreRequest.decode(value),
+    responseSerialize: (value: ScoreResponse): Buffer => Buffer.from(ScoreResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ScoreResponse => ScoreResponse.decode(value),
+  },
   /** The workers serving the model right now, and what weights they run. */
   getStatus: {
     path: "/esm2.v1.Esm2Service/GetStatus" as const,
@@ -1728,6 +2545,12 @@ export interface Esm2ServiceServer extends UntypedServiceImplementation {
   encode: handleServerStreamingCall<EncodeRequest, EncodeResponse>;
   /** Logits at the <mask> positions of 1 to 8 sequences. */
   predict: handleServerStreamingCall<PredictRequest, PredictResponse>;
+  /**
+   * Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
+   * A42G and A42G:L45P), or of every single substitution. Streams scores as their
+   * forward passes complete; then per-position log-probabilities; then ScoreComplete.
+   */
+  score: handleServerStreamingCall<ScoreRequest, ScoreResponse>;
   /** The workers serving the model right now, and what weights they run. */
   getStatus: handleUnaryCall<GetStatusRequest, GetStatusResponse>;
 }
@@ -1747,6 +2570,17 @@ export interface Esm2ServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<PredictResponse>;
+  /**
+   * Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
+   * A42G and A42G:L45P), or of every single substitution. Streams scores as their
+   * forward passes complete; then per-position log-probabilities; then ScoreComplete.
+   */
+  score(request: ScoreRequest, options?: Partial<CallOptions>): ClientReadableStream<ScoreResponse>;
+  score(
+    request: ScoreRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<ScoreResponse>;
   /** The workers serving the model right now, and what weights they run. */
   getStatus(
     request: GetStatusRequest,

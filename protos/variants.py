@@ -1,0 +1,190 @@
+"""Score requests: the variant notation, its validation, and the forward passes it needs.
+
+Variants are written as ProteinGym and DMS data write them: `A42G` (wild-type
+residue, 1-based position, mutant residue), several joined by ":" (`A42G:L45P`).
+Pure functions, shared by the frontend (which decides) and the client (which
+checks a whole CSV before sending it): nothing here knows gRPC, Redis or torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from esm2_service.alphabet import STANDARD_RESIDUES
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.validation import (
+    FieldViolation,
+    InvalidRequest,
+    check_decoded,
+    check_sequence,
+)
+
+MAX_VARIANTS = 50_000  # a full scan of a 2,048-residue sequence is 38,912 (at most 40,960)
+MAX_FORWARD_PASSES = 16_384  # per request; only pseudo_log_likelihood comes near it
+# Past this many bad variants, the rest are summarised.
+MAX_VARIANT_VIOLATIONS = 50
+
+STRATEGY_NAMES: dict[int, str] = {
+    pb.SCORING_STRATEGY_MASKED_MARGINAL: "masked_marginal",
+    pb.SCORING_STRATEGY_WT_MARGINAL: "wt_marginal",
+    pb.SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD: "pseudo_log_likelihood",
+}
+DEFAULT_STRATEGY = pb.SCORING_STRATEGY_MASKED_MARGINAL
+NOTATION = "like A42G (wild-type residue, 1-based position, mutant residue; join several with ':')"
+_SUBSTITUTION = re.compile(r"([A-Z-])([0-9]+)([A-Z])")
+
+
+@dataclass(frozen=True)
+class Substitution:
+    wild_type: str
+    position: int  # 1-based
+    mutant: str
+
+
+@dataclass(frozen=True)
+class ValidScoreRequest:
+    """A Score request that passed validation, with its defaults resolved."""
+
+    wild_type: str
+    mutants: tuple[str, ...]  # as the request wrote them, or the scan's names
+    variants: tuple[tuple[Substitution, ...], ...]  # one tuple per mutant
+    strategies: tuple[int, ...]  # sorted, unique pb.SCORING_STRATEGY_* values
+
+    @cached_property
+    def positions(self) -> tuple[int, ...]:
+        """Every position (1-based) some variant mutates, in order."""
+        return tuple(sorted({s.position for variant in self.variants for s in variant}))
+
+    def forward_passes(self, strategy: int) -> int:
+        if strategy == pb.SCORING_STRATEGY_MASKED_MARGINAL:
+            return len(self.positions)
+        if strategy == pb.SCORING_STRATEGY_WT_MARGINAL:
+            return 1
+        return len(self.wild_type) * len(self.variants)
+
+    def mutated_sequence(self, variant: tuple[Substitution, ...]) -> str:
+        residues = list(self.wild_type)
+        for substitution in variant:
+            residues[substitution.position - 1] = substitution.mutant
+        return "".join(residues)
+
+
+def parse_variant(text: str, wild_type: str) -> tuple[tuple[Substitution, ...], list[str]]:
+    """The substitutions of `text` and every problem with it (empty when it is valid)."""
+    substitutions, problems, seen = [], [], set()
+    for part in text.split(":"):
+        match = _SUBSTITUTION.fullmatch(part)
+        if match is None:
+            problems.append(f"{part!r} is not a substitution {NOTATION}")
+            continue
+        wt, position, mutant = match.group(1), int(match.group(2)), match.group(3)
+        substitutions.append(Substitution(wt, position, mutant))
+        if not 1 <= position <= len(wild_type):
+            problems.append(
+                f"{part}: position {position} is outside the wild type (1..{len(wild_type)})"
+            )
+        elif wild_type[position - 1] != wt:
+            problems.append(
+                f"{part}: the wild type has {wild_type[position - 1]!r} at position {position}, "
+                f"not {wt!r}"
+            )
+        if mutant not in STANDARD_RESIDUES:
+            problems.append(
+                f"{part}: mutant residue {mutant!r} is not one of the 20 amino acids "
+                f"{STANDARD_RESIDUES}"
+            )
+        if position in seen:
+            problems.append(f"{part}: position {position} is mutated twice")
+        seen.add(position)
+    return tuple(substitutions), problems
+
+
+def scan_variants(wild_type: str) -> tuple[tuple[str, ...], tuple[tuple[Substitution, ...], ...]]:
+    """Every single substitution: position by position, mutants in STANDARD_RESIDUES order."""
+    mutants, variants = [], []
+    for position, wt in enumerate(wild_type, start=1):
+        for mutant in STANDARD_RESIDUES:
+            if mutant != wt:
+                mutants.append(f"{wt}{position}{mutant}")
+                variants.append((Substitution(wt, position, mutant),))
+    return tuple(mutants), tuple(variants)
+
+
+def score_violations(request: pb.ScoreRequest) -> list[FieldViolation]:
+    """Every rule `request` breaks (the variants' only once the wild type is valid)."""
+    violations = check_sequence(request.wild_type, "wild_type", allow_mask=False)
+    violations += _check_strategies(request.strategies)
+    if request.scan and request.variants:
+        violations.append(FieldViolation("scan", "give variants or set scan, not both"))
+    elif not request.scan and not request.variants:
+        violations.append(
+            FieldViolation("variants", f"no variants; give 1 to {MAX_VARIANTS:,}, or set scan")
+        )
+    elif len(request.variants) > MAX_VARIANTS:
+        violations.append(
+            FieldViolation(
+                "variants", f"{len(request.variants):,} variants; the limit is {MAX_VARIANTS:,}"
+            )
+        )
+    elif not violations and not request.scan:
+        violations += _variant_violations(request.variants, request.wild_type)
+    return violations
+
+
+def validate_score(request) -> ValidScoreRequest:
+    request = check_decoded(request)
+    violations = score_violations(request)
+    if violations:
+        raise InvalidRequest(violations)
+    if request.scan:
+        mutants, variants = scan_variants(request.wild_type)
+    else:
+        mutants = tuple(request.variants)
+        variants = tuple(parse_variant(text, request.wild_type)[0] for text in mutants)
+    valid = ValidScoreRequest(
+        wild_type=request.wild_type,
+        mutants=mutants,
+        variants=variants,
+        strategies=tuple(sorted(set(request.strategies) - {0} or {DEFAULT_STRATEGY})),
+    )
+    passes = sum(valid.forward_passes(strategy) for strategy in valid.strategies)
+    if passes > MAX_FORWARD_PASSES:
+        raise InvalidRequest([FieldViolation("strategies", _too_many_passes(valid, passes))])
+    return valid
+
+
+def _too_many_passes(valid: ValidScoreRequest, passes: int) -> str:
+    return (
+        f"{passes:,} forward passes (pseudo_log_likelihood takes {len(valid.wild_type):,} per "
+        f"variant, for {len(valid.variants):,} variants); the limit is "
+        f"{MAX_FORWARD_PASSES:,} per request: split the variants over several requests"
+    )
+
+
+def _check_strategies(strategies) -> list[FieldViolation]:
+    valid = ", ".join(pb.ScoringStrategy.keys()[1:])
+    return [
+        FieldViolation(f"strategies[{i}]", f"unknown strategy {value}; valid: {valid}")
+        for i, value in enumerate(strategies)
+        if value != pb.SCORING_STRATEGY_UNSPECIFIED and value not in STRATEGY_NAMES
+    ]
+
+
+def _variant_violations(variants, wild_type: str) -> list[FieldViolation]:
+    violations = []
+    bad = 0
+    for index, text in enumerate(variants):
+        _, problems = parse_variant(text, wild_type)
+        if problems:
+            bad += 1
+            if bad <= MAX_VARIANT_VIOLATIONS:
+                violations += [FieldViolation(f"variants[{index}]", p) for p in problems]
+    if bad > MAX_VARIANT_VIOLATIONS:
+        violations.append(
+            FieldViolation(
+                "variants", f"{bad - MAX_VARIANT_VIOLATIONS:,} more variants are invalid"
+            )
+        )
+    return violations
