@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from esm2_service.alphabet import MASK_INDEX, encode_tokens, split_tokens
+from esm2_service.alphabet import MASK_INDEX, MASK_TOKEN, TOKEN_INDEX, encode_tokens, split_tokens
+
+ESM2 = [sys.executable, "-m", "esm2_service.client.cli"]
+
+
+def esm2(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*ESM2, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "tests" / "data"  # real sequences from fair-esm (see its README)
@@ -83,3 +99,47 @@ def tem1_variants() -> tuple[str, list[tuple[str, float]]]:
         wild_type = reverted
         variants.append((mutant, float(fitness)))
     return wild_type, variants
+
+
+# Variant scores computed directly with fair-esm's forward, one pass at a time.
+
+
+def log_probs(model, sequence: str) -> np.ndarray:
+    """fair-esm's log-softmax over the vocabulary, [tokens, 33], BOS and EOS dropped."""
+    tokens = torch.tensor([encode_tokens(split_tokens(sequence))])
+    with torch.no_grad():
+        logits = model(tokens)["logits"][0, 1:-1]
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+def parse_mutant(mutant: str) -> list[tuple[str, int, str]]:
+    return [(part[0], int(part[1:-1]), part[-1]) for part in mutant.split(":")]
+
+
+def reference_masked_marginal(model, wild_type: str, mutant: str) -> float:
+    total = 0.0
+    for wt, position, mt in parse_mutant(mutant):
+        masked = wild_type[: position - 1] + MASK_TOKEN + wild_type[position:]
+        row = log_probs(model, masked)[position - 1]
+        total += row[TOKEN_INDEX[mt]] - row[TOKEN_INDEX[wt]]
+    return total
+
+
+def reference_wt_marginal(model, wild_type: str, mutant: str) -> float:
+    rows = log_probs(model, wild_type)
+    return sum(
+        rows[p - 1][TOKEN_INDEX[mt]] - rows[p - 1][TOKEN_INDEX[wt]]
+        for wt, p, mt in parse_mutant(mutant)
+    )
+
+
+def reference_pll(model, wild_type: str, mutant: str) -> float:
+    residues = list(wild_type)
+    for _, position, mt in parse_mutant(mutant):
+        residues[position - 1] = mt
+    sequence = "".join(residues)
+    total = 0.0
+    for position in range(1, len(sequence) + 1):
+        masked = sequence[: position - 1] + MASK_TOKEN + sequence[position:]
+        total += log_probs(model, masked)[position - 1][TOKEN_INDEX[sequence[position - 1]]]
+    return total

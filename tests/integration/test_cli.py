@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,21 +18,9 @@ import grpc
 import numpy as np
 from conftest import ServiceProcesses
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DATA_DIR, assert_close, fair_esm_outputs, read_fasta_records
+from support import DATA_DIR, ESM2, assert_close, esm2, fair_esm_outputs, read_fasta_records
 
 from esm2_service.server.embedded_redis import free_port
-
-ESM2 = [sys.executable, "-m", "esm2_service.client.cli"]
-
-
-def esm2(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*ESM2, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_encode_a_real_fasta_to_npz(service, tiny_reference, tmp_path):

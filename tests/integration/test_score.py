@@ -8,11 +8,17 @@ import threading
 import grpc
 import numpy as np
 import pytest
-import torch
-from support import bad_request_fields, tem1_variants
+from support import (
+    bad_request_fields,
+    log_probs,
+    parse_mutant,
+    reference_masked_marginal,
+    reference_pll,
+    reference_wt_marginal,
+    tem1_variants,
+)
 
-from esm2_service.alphabet import MASK_TOKEN, STANDARD_RESIDUES, TOKEN_INDEX, encode_tokens
-from esm2_service.alphabet import split_tokens as tokens_of
+from esm2_service.alphabet import MASK_TOKEN, STANDARD_RESIDUES, TOKEN_INDEX
 from esm2_service.client import Esm2Client, InvalidArgumentError
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
@@ -25,46 +31,6 @@ WILD_TYPE = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQF
 def client(service):
     with Esm2Client(service.target, timeout_s=300) as client:
         yield client
-
-
-def log_probs(model, sequence: str) -> np.ndarray:
-    """fair-esm's log-softmax over the vocabulary, [tokens, 33], BOS and EOS dropped."""
-    tokens = torch.tensor([encode_tokens(tokens_of(sequence))])
-    with torch.no_grad():
-        logits = model(tokens)["logits"][0, 1:-1]
-    return torch.log_softmax(logits.double(), dim=-1).numpy()
-
-
-def parse(mutant: str) -> list[tuple[str, int, str]]:
-    return [(part[0], int(part[1:-1]), part[-1]) for part in mutant.split(":")]
-
-
-def reference_masked_marginal(model, wild_type: str, mutant: str) -> float:
-    total = 0.0
-    for wt, position, mt in parse(mutant):
-        masked = wild_type[: position - 1] + MASK_TOKEN + wild_type[position:]
-        row = log_probs(model, masked)[position - 1]
-        total += row[TOKEN_INDEX[mt]] - row[TOKEN_INDEX[wt]]
-    return total
-
-
-def reference_wt_marginal(model, wild_type: str, mutant: str) -> float:
-    rows = log_probs(model, wild_type)
-    return sum(
-        rows[p - 1][TOKEN_INDEX[mt]] - rows[p - 1][TOKEN_INDEX[wt]] for wt, p, mt in parse(mutant)
-    )
-
-
-def reference_pll(model, wild_type: str, mutant: str) -> float:
-    residues = list(wild_type)
-    for _, position, mt in parse(mutant):
-        residues[position - 1] = mt
-    sequence = "".join(residues)
-    total = 0.0
-    for position in range(1, len(sequence) + 1):
-        masked = sequence[: position - 1] + MASK_TOKEN + sequence[position:]
-        total += log_probs(model, masked)[position - 1][TOKEN_INDEX[sequence[position - 1]]]
-    return total
 
 
 def test_every_strategy_equals_fair_esm_on_the_same_weights(client, tiny_reference):
@@ -118,7 +84,7 @@ def test_scan_scores_every_single_substitution_from_one_pass_per_position(client
     assert landscape.shape == (30, 20)
     # each score is the landscape's log-odds against the wild-type residue
     for index in (0, 100, 569):
-        wt, position, mt = parse(result.mutants[index])[0]
+        wt, position, mt = parse_mutant(result.mutants[index])[0]
         row = landscape[position - 1]
         expected = row[STANDARD_RESIDUES.index(mt)] - row[STANDARD_RESIDUES.index(wt)]
         assert result.scores["masked_marginal"][index] == pytest.approx(expected, abs=1e-5)
