@@ -8,26 +8,28 @@ import argparse
 import csv
 import importlib
 import sys
-from collections import Counter
+import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from tqdm import tqdm
 
 from esm2_service import __version__
+from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.config import env_or
-from esm2_service.validation import check_sequence
+from esm2_service.validation import MAX_TOKENS, check_sequence
 
+from .bulk import BulkEncoder, BulkSettings, count_residues, print_summary
+from .bulk_records import DEFAULT_OVERLAP, DEFAULT_WINDOW, Reject, screen
 from .client import Esm2Client, tls_credentials
-from .fasta import FastaRecord, read_fasta
-from .output import NPZ_LAYOUT, npz_arrays, predict_document, predict_json, string_array
+from .fasta import FastaRecord, iter_fasta, read_fasta
+from .h5store import H5_LAYOUT, SHARD_RECORDS, JobMismatch, ShardedStore
+from .output import predict_document, predict_json
 from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, include_value
-from .progress import Progress
 from .results import ResultStreamError
 from .rich_errors import InvalidArgumentError, field_violations, request_id, shift_item
 from .scores import STRATEGY_VALUES, ScoreResult, strategy_values
@@ -69,6 +71,10 @@ FORWARDED: dict[str, tuple[str, tuple[str, ...], str]] = {
 _DASH_VALUE_OPTIONS = ("--layers",)
 
 Result = TypeVar("Result")
+
+
+# `esm2 encode` finished, but some records were rejected (listed in OUT.rejects.tsv).
+EXIT_REJECTS = 3
 
 
 class UsageError(Exception):
@@ -135,12 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_encode(commands: Any) -> None:
     encode = commands.add_parser(
         "encode",
-        help="embeddings and other tensors of a FASTA file, to an npz file",
-        epilog=NPZ_LAYOUT,
+        help="embeddings and other tensors of a FASTA file of any size, to HDF5",
+        description="Encodes every record of a FASTA file into an HDF5 file keyed by record "
+        "id, streaming, with a bounded number of requests in flight. Interrupted (Ctrl-C, a "
+        "crash, a lost connection), the same command continues where it stopped; it refuses "
+        "to if the settings changed. Bad records are listed in OUT.rejects.tsv and the rest "
+        "is encoded; the exit code is then 3.",
+        epilog=H5_LAYOUT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     encode.add_argument("fasta", help="input FASTA file")
-    encode.add_argument("-o", "--output", required=True, help="output .npz file")
+    encode.add_argument("-o", "--output", required=True, help="output HDF5 file (.h5)")
     encode.add_argument(
         "--include",
         type=_include_list,
@@ -154,8 +165,41 @@ def _add_encode(commands: Any) -> None:
         help="comma-separated layers 0-6 for mean, per_token and bos; -1 is the last (default: -1)",
     )
     _add_dtype(encode)
+    encode.add_argument(
+        "--long",
+        choices=["reject", "windows"],
+        default="reject",
+        help=f"sequences over {MAX_TOKENS:,} residues: list them as rejects (default), or "
+        "embed overlapping windows, averaged where they overlap",
+    )
+    encode.add_argument(
+        "--window",
+        type=_positive_int,
+        default=DEFAULT_WINDOW,
+        help=f"residues per window with --long windows (default: {DEFAULT_WINDOW}, the "
+        "1,024-token crops ESM-2 was trained on)",
+    )
+    encode.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        help=f"residues shared by neighbouring windows (default: {DEFAULT_OVERLAP})",
+    )
     _add_connection_options(encode)
-    _add_batching_options(encode)
+    encode.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="requests of 8 sequences in flight (default: 2 per live worker, at least 4)",
+    )
+    encode.add_argument(
+        "--shard-records",
+        type=_positive_int,
+        default=SHARD_RECORDS,
+        help=f"records per shard while the job runs: at most this many are computed again "
+        f"after a crash (default: {SHARD_RECORDS:,})",
+    )
+    encode.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     encode.set_defaults(handler=run_encode)
 
 
@@ -330,7 +374,7 @@ def _client(args: argparse.Namespace) -> Esm2Client:
             timeout_s=args.timeout,
             token=getattr(args, "token", None),
             credentials=credentials,
-            max_concurrency=getattr(args, "concurrency", 1),
+            max_concurrency=getattr(args, "concurrency", None) or 1,
             batch_size=getattr(args, "batch_size", MAX_ITEMS_PER_REQUEST),
         )
     except (OSError, ValueError) as error:
@@ -383,8 +427,8 @@ def _run_windows(
 ) -> Iterator[tuple[str, Result]]:
     """(id, result) per record, sending `batch_size * concurrency` sequences at a time."""
     window = args.batch_size * args.concurrency
-    progress = Progress(len(records), "seq", enabled=False if args.no_progress else None)
-    with progress:
+    disable = True if args.no_progress else None
+    with tqdm(total=len(records), unit="seq", disable=disable) as progress:
         for start in range(0, len(records), window):
             part = records[start : start + window]
             try:
@@ -396,27 +440,91 @@ def _run_windows(
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    records = _read_records(args.fasta)
-    ids = [record.id for record in records]
-    duplicates = sorted(record_id for record_id, count in Counter(ids).items() if count > 1)
+    settings = _bulk_settings(args)
     _check_output_dir(args.output)
-    if duplicates:
-        raise UsageError(f"{args.fasta}: duplicate record ids {duplicates}")
-    _check_records(records, allow_mask=False)
-    arrays: dict[str, np.ndarray] = {}
-    vocab: list[str] = []
-    random_weights = False
+    if not Path(args.fasta).is_file():
+        raise UsageError(f"{args.fasta}: no such file")
+    store = ShardedStore(args.output, settings.job(), args.shard_records)
+    try:
+        if store.finished():
+            print(f"esm2 encode: {args.output} is complete; nothing to do", file=sys.stderr)
+            return 0
+        done = store.open()
+    except JobMismatch as error:
+        raise UsageError(str(error)) from None
+    allow_long = settings.long == "windows"
+    entries, total = count_residues(screen(iter_fasta(args.fasta), allow_long))
+    if not entries:
+        raise UsageError(f"{args.fasta}: no FASTA records")
+    rejects_path = f"{args.output}.rejects.tsv"
+    started = time.monotonic()
     with _client(args) as client:
-        encode = partial(
-            client.encode, include=args.include, repr_layers=args.layers, dtype=args.dtype
-        )
-        for record_id, result in _run_windows(records, encode, args):
-            arrays.update(npz_arrays(record_id, result))
-            vocab = result.vocab_tokens
-            random_weights |= result.model.random_weights
-    np.savez(args.output, ids=string_array(ids), vocab_tokens=string_array(vocab), **arrays)
-    _warn_if_random(random_weights)
-    return 0
+        concurrency = args.concurrency or _default_concurrency(client)
+        disable = True if args.no_progress else None
+        with tqdm(total=total, unit="res", unit_scale=True, desc="encode", disable=disable) as bar:
+            encoder = BulkEncoder(client, settings, store, concurrency, bar)
+            try:
+                summary = encoder.run(screen(iter_fasta(args.fasta), allow_long), done)
+            except JobMismatch as error:
+                raise UsageError(str(error)) from None
+            except BaseException:
+                print(
+                    f"\nesm2 encode: stopped; the records written so far are kept in "
+                    f"{store.folder}: run the same command again to continue",
+                    file=sys.stderr,
+                )
+                raise
+            finally:
+                write_rejects(rejects_path, encoder.summary.rejects)
+    store.finish(list(VOCAB_TOKENS))
+    print_summary(summary, args.output, rejects_path, time.monotonic() - started)
+    _warn_if_random(summary.random_weights)
+    return EXIT_REJECTS if summary.rejects else 0
+
+
+def _bulk_settings(args: argparse.Namespace) -> BulkSettings:
+    if Path(args.output).suffix not in (".h5", ".hdf5"):
+        raise UsageError(f"{args.output}: esm2 encode writes HDF5; name the output .h5")
+    if args.long == "windows":
+        if not 0 <= args.overlap < args.window <= MAX_TOKENS:
+            raise UsageError(
+                f"--window {args.window} --overlap {args.overlap}: need "
+                f"0 <= overlap < window <= {MAX_TOKENS:,}"
+            )
+        unmergeable = sorted({"contacts", "attentions"} & set(args.include))
+        if unmergeable:
+            raise UsageError(
+                f"--long windows cannot merge {' and '.join(unmergeable)} across windows; "
+                "leave them out, or use --long reject"
+            )
+    return BulkSettings(
+        include=tuple(args.include),
+        layers=tuple(args.layers),
+        dtype=args.dtype,
+        long=args.long,
+        window=args.window,
+        overlap=args.overlap,
+    )
+
+
+def _default_concurrency(client: Esm2Client) -> int:
+    """Two requests per live worker: one being computed, one waiting in the queue."""
+    try:
+        workers = len(client.status().workers)
+    except grpc.RpcError:
+        workers = 0
+    return max(4, 2 * workers)
+
+
+def write_rejects(path: str, rejects: list[Reject]) -> None:
+    """id, line and reason of each rejected record, tab-separated; no file when none."""
+    if not rejects:
+        Path(path).unlink(missing_ok=True)
+        return
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("id\tline\treason\n")
+        for reject in rejects:
+            file.write(f"{reject.id}\t{reject.line}\t{reject.reason}\n")
 
 
 def run_predict(args: argparse.Namespace) -> int:

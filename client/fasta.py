@@ -1,9 +1,12 @@
-"""A small FASTA reader for the `esm2` command line."""
+"""FASTA reading for the `esm2` command line: streaming, with each record's line."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
+
+PathLike = str | os.PathLike[str]
 
 
 class FastaRecord(NamedTuple):
@@ -12,47 +15,57 @@ class FastaRecord(NamedTuple):
     line: int  # the header's line number, from 1
 
 
-def read_fasta(path: str | os.PathLike[str]) -> list[FastaRecord]:
-    """The records of a FASTA file, in file order.
+class FastaProblem(NamedTuple):
+    """Text that is not a record: before the first header, or a header without an id."""
+
+    line: int
+    description: str
+
+
+def iter_fasta(path: PathLike) -> Iterator[FastaRecord | FastaProblem]:
+    """The records of a FASTA file in file order, read line by line (memory holds one
+    record at a time), and a FastaProblem where the text is not a record.
 
     The id is the first word of the header line after ">". A sequence may span
-    several lines; all whitespace is removed and letters are kept as written.
-    Blank lines are skipped; an empty file gives [].
-
-    Raises:
-        ValueError: text before the first header, a header without an id, or a
-            record without sequence, naming the line number (from 1).
+    several lines; all whitespace is removed and letters are kept as written. Blank
+    lines are skipped. A record may have an empty sequence.
     """
-    records: list[FastaRecord] = []
     header_line = 0
     record_id: str | None = None
     parts: list[str] = []
+    seen_header = False
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.startswith(">"):
                 if record_id is not None:
-                    records.append(_record(path, header_line, record_id, parts))
-                record_id, header_line, parts = _header_id(path, number, line), number, []
+                    yield FastaRecord(record_id, "".join(parts), header_line)
+                words = line[1:].split()
+                record_id = words[0] if words else None
+                header_line, parts, seen_header = number, [], True
+                if record_id is None:  # its sequence lines are skipped with it
+                    yield FastaProblem(number, "header without an id")
             elif line.strip():
-                if record_id is None:
-                    raise ValueError(f"{path}:{number}: sequence text before the first '>' header")
-                parts.append("".join(line.split()))
+                if record_id is not None:
+                    parts.append("".join(line.split()))
+                elif not seen_header:
+                    yield FastaProblem(number, "sequence text before the first '>' header")
+                    seen_header = True  # reported once
     if record_id is not None:
-        records.append(_record(path, header_line, record_id, parts))
+        yield FastaRecord(record_id, "".join(parts), header_line)
+
+
+def read_fasta(path: PathLike) -> list[FastaRecord]:
+    """Every record of a small FASTA file, in file order.
+
+    Raises:
+        ValueError: text that is not a record, or a record without sequence, naming
+            the line number (from 1).
+    """
+    records = []
+    for entry in iter_fasta(path):
+        if isinstance(entry, FastaProblem):
+            raise ValueError(f"{path}:{entry.line}: {entry.description}")
+        if not entry.sequence:
+            raise ValueError(f"{path}:{entry.line}: record {entry.id!r} has no sequence")
+        records.append(entry)
     return records
-
-
-def _header_id(path: str | os.PathLike[str], number: int, line: str) -> str:
-    words = line[1:].split()
-    if not words:
-        raise ValueError(f"{path}:{number}: header without an id")
-    return words[0]
-
-
-def _record(
-    path: str | os.PathLike[str], header_line: int, record_id: str, parts: list[str]
-) -> FastaRecord:
-    sequence = "".join(parts)
-    if not sequence:
-        raise ValueError(f"{path}:{header_line}: record {record_id!r} has no sequence")
-    return FastaRecord(record_id, sequence, header_line)

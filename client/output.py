@@ -1,4 +1,4 @@
-"""How the `esm2` command line lays results out: npz arrays and JSON documents."""
+"""How the `esm2` command line lays results out: arrays by name, and JSON documents."""
 
 from __future__ import annotations
 
@@ -9,39 +9,21 @@ import numpy as np
 
 from .results import EncodeResult, PredictResult
 
-NPZ_LAYOUT = """\
-output npz layout (ID is the first word of a FASTA header, L a resolved layer 0-6):
-  ids                  [n] str     the record ids, in FASTA order
-  vocab_tokens         [33] str    the ESM alphabet, in logits column order
-  ID/mean/layerL       [320]       mean over residues          (--include mean)
-  ID/per_token/layerL  [len, 320]  one row per residue         (--include per_token)
-  ID/bos/layerL        [320]       the <cls> position          (--include bos)
-  ID/contacts          [len, len]                              (--include contacts)
-  ID/logits            [len, 33]                               (--include logits)
-  ID/attentions        [20, len, len]  last layer              (--include attentions)
-arrays are float32, or float16 with --dtype float16.
-read with: data = numpy.load(OUT); data[f"{data['ids'][0]}/mean/layer6"]"""
-
 _LAYERED = (("mean", "embeddings"), ("per_token", "per_token"), ("bos", "bos"))
 _SINGLE = ("contacts", "logits", "attentions")
 
 
-def npz_arrays(record_id: str, result: EncodeResult) -> dict[str, np.ndarray]:
-    """The arrays of one record, named as `NPZ_LAYOUT` describes."""
+def record_arrays(result: EncodeResult) -> dict[str, np.ndarray]:
+    """One record's arrays by name: "mean/layer6", "per_token/layer0", "contacts", ..."""
     arrays: dict[str, np.ndarray] = {}
     for name, attribute in _LAYERED:
         for layer, array in getattr(result, attribute).items():
-            arrays[f"{record_id}/{name}/layer{layer}"] = array
+            arrays[f"{name}/layer{layer}"] = array
     for name in _SINGLE:
         array = getattr(result, name)
         if array is not None:
-            arrays[f"{record_id}/{name}"] = array
+            arrays[name] = array
     return arrays
-
-
-def string_array(values: list[str]) -> np.ndarray:
-    """A numpy unicode array, loadable without pickle."""
-    return np.array(values, dtype=np.str_)
 
 
 def predict_document(vocab_tokens: list[str], results: list[dict[str, Any]]) -> str:

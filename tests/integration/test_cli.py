@@ -15,38 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 from conftest import ServiceProcesses
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import DATA_DIR, ESM2, assert_close, esm2, fair_esm_outputs, read_fasta_records
+from support import ESM2, esm2
 
 from esm2_service.server.embedded_redis import free_port
-
-
-def test_encode_a_real_fasta_to_npz(service, tiny_reference, tmp_path):
-    out = tmp_path / "few.npz"
-    result = esm2(
-        "encode",
-        DATA_DIR / "few_proteins.fasta",
-        "-o",
-        out,
-        "--include",
-        "mean,contacts",
-        "--layers",
-        "-1,0",
-        "--target",
-        service.target,
-        "--no-progress",
-    )
-    assert result.returncode == 0, result.stderr
-    records = read_fasta_records("few_proteins.fasta")
-    with np.load(out) as data:
-        assert list(data["ids"]) == [record_id for record_id, _ in records]
-        for record_id, sequence in records:
-            expected = fair_esm_outputs(tiny_reference, sequence, layers=(0, 6))
-            assert_close(data[f"{record_id}/mean/layer6"], expected["mean"][6])
-            assert_close(data[f"{record_id}/mean/layer0"], expected["mean"][0])
-            assert_close(data[f"{record_id}/contacts"], expected["contacts"])
 
 
 def test_predict_and_status_print_json(service):
@@ -94,7 +67,7 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
         assert _health(target) == health_pb2.HealthCheckResponse.SERVING
         fasta = tmp_path / "two.fasta"
         fasta.write_text(">a\nMKTAYIAK\n>b\nACDEFG\n")
-        result = esm2("encode", fasta, "-o", tmp_path / "two.npz", "--target", target)
+        result = esm2("encode", fasta, "-o", tmp_path / "two.h5", "--target", target)
         assert result.returncode == 0, result.stderr
         body = json.dumps({"items": [{"sequence": "MKTAYIAK"}]}).encode()
         url = f"http://127.0.0.1:{http_port}/api/v3/esm2-8m/encode/"

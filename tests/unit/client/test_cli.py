@@ -7,13 +7,14 @@ import subprocess
 import sys
 import types
 
+import h5py
 import numpy as np
 import pytest
 
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.client import EncodeResult
 from esm2_service.client.cli import main, parse_args
-from esm2_service.client.output import npz_arrays
+from esm2_service.client.output import record_arrays
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 
 FASTA = ">first protein one\nMKV\nLA\n>second\nMK\n>third\nMKVLAGG\n"
@@ -29,23 +30,30 @@ def fasta(tmp_path):
 def test_encode_arguments(monkeypatch):
     monkeypatch.setenv("ESM2_TARGET", "esm2.example:443")
     args = parse_args(
-        ["encode", "in.fa", "-o", "out.npz", "--include", "mean,per_token", "--layers", "-1,0"]
-        + ["--dtype", "float16", "--batch-size", "4", "--no-progress"]
+        ["encode", "in.fa", "-o", "out.h5", "--include", "mean,per_token", "--layers", "-1,0"]
+        + ["--dtype", "float16", "--concurrency", "4", "--no-progress", "--long", "windows"]
     )
 
-    assert (args.fasta, args.output, args.dtype) == ("in.fa", "out.npz", "float16")
+    assert (args.fasta, args.output, args.dtype) == ("in.fa", "out.h5", "float16")
     assert args.include == ["mean", "per_token"]
     assert args.layers == [-1, 0]
-    assert (args.batch_size, args.concurrency, args.no_progress) == (4, 8, True)
+    assert (args.concurrency, args.no_progress) == (4, True)
+    assert (args.long, args.window, args.overlap, args.shard_records) == (
+        "windows",
+        1022,
+        256,
+        1000,
+    )
     assert args.target == "esm2.example:443"
 
 
 def test_encode_defaults(monkeypatch):
     monkeypatch.delenv("ESM2_TARGET", raising=False)
-    args = parse_args(["encode", "in.fa", "-o", "out.npz", "--layers=-2"])
+    args = parse_args(["encode", "in.fa", "-o", "out.h5", "--layers=-2"])
 
     assert (args.include, args.layers, args.dtype) == (["mean"], [-2], "float32")
-    assert (args.target, args.batch_size, args.timeout) == ("localhost:50051", 8, None)
+    assert (args.target, args.concurrency, args.timeout) == ("localhost:50051", None, None)
+    assert args.long == "reject"
 
 
 @pytest.mark.parametrize(
@@ -57,13 +65,13 @@ def test_encode_defaults(monkeypatch):
             "valid: mean, per_token, bos, contacts, logits, attentions",
         ),
         (["--layers", "-1,last"], "argument --layers: expected comma-separated integers"),
-        (["--batch-size", "9"], "argument --batch-size: invalid choice: 9"),
+        (["--long", "truncate"], "argument --long: invalid choice: 'truncate'"),
         (["--concurrency", "0"], "argument --concurrency: expected a positive integer, got '0'"),
     ],
 )
 def test_bad_encode_arguments_exit_2_naming_the_problem(capsys, argv, error):
     with pytest.raises(SystemExit) as caught:
-        main(["encode", "in.fa", "-o", "out.npz", *argv])
+        main(["encode", "in.fa", "-o", "out.h5", *argv])
 
     assert caught.value.code == 2
     assert error in capsys.readouterr().err
@@ -79,7 +87,7 @@ def test_predict_takes_a_fasta_or_sequences_not_both(capsys):
     assert "not allowed with argument fasta" in capsys.readouterr().err
 
 
-def test_npz_names():
+def test_record_arrays_are_named_by_kind_and_layer():
     result = EncodeResult(
         sequence_index=0,
         embeddings={0: np.zeros(320), 6: np.ones(320)},
@@ -89,37 +97,55 @@ def test_npz_names():
         logits=np.ones((3, 33)),
     )
 
-    assert sorted(npz_arrays("sp|P1|X", result)) == [
-        "sp|P1|X/bos/layer6",
-        "sp|P1|X/contacts",
-        "sp|P1|X/logits",
-        "sp|P1|X/mean/layer0",
-        "sp|P1|X/mean/layer6",
-        "sp|P1|X/per_token/layer6",
+    assert sorted(record_arrays(result)) == [
+        "bos/layer6",
+        "contacts",
+        "logits",
+        "mean/layer0",
+        "mean/layer6",
+        "per_token/layer6",
     ]
 
 
-def test_encode_writes_the_npz(fake_server, fasta, tmp_path):
+def test_encode_writes_hdf5_from_requests_of_eight(fake_server, tmp_path):
     target, servicer = fake_server
-    output = tmp_path / "out.npz"
-    argv = ["encode", fasta, "-o", str(output), "--include", "mean,per_token,contacts"]
-    argv += ["--layers", "-1,0", "--target", target, "--no-progress", "--batch-size", "2"]
+    path = tmp_path / "in.fasta"
+    path.write_text("".join(f">s{i}\nM{'K' * i}\n" for i in range(20)))
+    output = tmp_path / "out.h5"
+    argv = ["encode", str(path), "-o", str(output), "--include", "mean,per_token,contacts"]
+    argv += ["--layers", "-1,0", "--target", target, "--no-progress"]
 
     assert main(argv) == 0
 
-    with np.load(output) as data:
-        names = set(data.files)
-        assert list(data["ids"]) == ["first", "second", "third"]
-        assert list(data["vocab_tokens"]) == list(VOCAB_TOKENS)
+    with h5py.File(output) as data:
+        assert sorted(data) == sorted(f"s{i}" for i in range(20))
+        assert list(data.attrs["vocab_tokens"]) == list(VOCAB_TOKENS)
         np.testing.assert_array_equal(
-            data["third/per_token/layer0"], servicer.tensor(pb.INCLUDE_PER_TOKEN, 0, 7)
+            data["s6/per_token/layer0"][:], servicer.tensor(pb.INCLUDE_PER_TOKEN, 0, 7)
         )
-        assert data["first/mean/layer6"][0] == 5.75
-        assert data["second/contacts"].shape == (2, 2)
-    per_record = {"mean/layer0", "mean/layer6", "per_token/layer0", "per_token/layer6", "contacts"}
-    expected = {f"{name}/{key}" for name in ("first", "second", "third") for key in per_record}
-    assert names == expected | {"ids", "vocab_tokens"}
-    assert sorted(len(request) for request in servicer.requests) == [1, 2]
+        assert data["s0/mean/layer6"][0] == 1.75
+        assert data["s1/contacts"].shape == (2, 2)
+        assert sorted(data["s3"].attrs) == ["checksum", "id", "index", "length", "line", "windows"]
+    assert sorted(len(request) for request in servicer.requests) == [4, 8, 8]
+
+
+def test_records_the_service_refuses_become_rejects_and_the_rest_is_written(
+    fake_server, tmp_path, capsys
+):
+    target, servicer = fake_server
+    path = tmp_path / "in.fasta"
+    records = [f">r{i}\nMKV{'A' * i}\n" for i in range(12)]
+    records[5] = ">r5\nMKVQQQQ\n"
+    path.write_text("".join(records))
+    output = tmp_path / "out.h5"
+
+    assert main(["encode", str(path), "-o", str(output), "--target", target, "--no-progress"]) == 3
+
+    with h5py.File(output) as data:
+        assert sorted(data) == sorted(f"r{i}" for i in range(12) if i != 5)
+    rejects = (tmp_path / "out.h5.rejects.tsv").read_text().splitlines()
+    assert rejects == ["id\tline\treason", "r5\t11\trefused: items[0].sequence: holds QQQQ"]
+    assert "11 records (" in capsys.readouterr().err
 
 
 def test_predict_writes_json(fake_server, tmp_path, capsys):
@@ -173,28 +199,6 @@ def test_server_refusals_print_each_violation_once_with_its_record(fake_server, 
     assert servicer.requests == []
 
 
-def test_every_bad_record_is_named_once_before_any_request(fake_server, tmp_path, capsys):
-    target, servicer = fake_server
-    records = [f">r{i} description\nMKV{'A' * i}\n" for i in range(30)]
-    records[3] = ">r3\nMKaV\n"
-    records[27] = ">r27\nMK<mask>V\n"
-    path = tmp_path / "in.fasta"
-    path.write_text("".join(records))
-    argv = ["encode", str(path), "-o", str(tmp_path / "out.npz"), "--target", target]
-
-    assert main([*argv, "--no-progress"]) == 1
-
-    assert capsys.readouterr().err.splitlines() == [
-        "error: INVALID_ARGUMENT: 2 violations:",
-        "  items[3].sequence (record 'r3', line 7): character 'a' at position 3 is not "
-        "accepted (accepted: ACDEFGHIKLMNPQRSTVWY, XBUZO, '-')",
-        "  items[27].sequence (record 'r27', line 55): <mask> at position 3: only Predict "
-        "accepts <mask>",
-    ]
-    assert servicer.requests == []
-    assert not (tmp_path / "out.npz").exists()
-
-
 def test_unreachable_server_is_reported_without_traceback(capsys):
     assert main(["status", "--target", "127.0.0.1:1", "--timeout", "5"]) == 1
     err = capsys.readouterr().err
@@ -202,7 +206,7 @@ def test_unreachable_server_is_reported_without_traceback(capsys):
 
 
 def test_missing_output_folder_exits_2_before_any_request(fasta, tmp_path, capsys):
-    output = tmp_path / "absent" / "out.npz"
+    output = tmp_path / "absent" / "out.h5"
 
     assert main(["encode", fasta, "-o", str(output), "--target", "127.0.0.1:1"]) == 2
     assert f"{output}: no such directory to write into" in capsys.readouterr().err
@@ -211,17 +215,41 @@ def test_missing_output_folder_exits_2_before_any_request(fasta, tmp_path, capsy
 @pytest.mark.parametrize(
     ("text", "error"),
     [
-        ("MKV\n>a\nMKV\n", "in.fasta:1: sequence text before the first '>' header"),
-        (">a\nMKV\n>a\nMK\n", "duplicate record ids ['a']"),
+        ("MKV\n>a\nM<mask>V\n", "in.fasta:1: sequence text before the first '>' header"),
+        (">a\nM<mask>V\n>b\n", "in.fasta:3: record 'b' has no sequence"),
         ("\n", "in.fasta: no FASTA records"),
     ],
 )
-def test_bad_fasta_exits_2(tmp_path, capsys, text, error):
+def test_bad_fasta_for_predict_exits_2(tmp_path, capsys, text, error):
     path = tmp_path / "in.fasta"
     path.write_text(text, encoding="utf-8")
 
-    assert main(["encode", str(path), "-o", str(tmp_path / "out.npz")]) == 2
+    assert main(["predict", str(path)]) == 2
     assert error in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["-o", "out.npz"], "out.npz: esm2 encode writes HDF5; name the output .h5"),
+        (
+            ["--long", "windows", "--window", "100", "--overlap", "100"],
+            "need 0 <= overlap < window",
+        ),
+        (["--long", "windows", "--include", "mean,contacts"], "cannot merge contacts across"),
+    ],
+)
+def test_bad_encode_settings_exit_2_before_any_request(fasta, tmp_path, capsys, argv, error):
+    argv = ["-o", str(tmp_path / "out.h5"), *argv] if "-o" not in argv else argv
+    assert main(["encode", fasta, *argv, "--target", "127.0.0.1:1"]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_encode_of_a_file_without_records_exits_2(tmp_path, capsys):
+    path = tmp_path / "in.fasta"
+    path.write_text("\n")
+    assert main(["encode", str(path), "-o", str(tmp_path / "out.h5")]) == 2
+    assert "in.fasta: no FASTA records" in capsys.readouterr().err
 
 
 FORWARDED = [
