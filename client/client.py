@@ -43,8 +43,8 @@ from .results import (
     StreamAssembler,
     predict_result,
 )
-from .rich_errors import InvalidArgumentError, item_order
-from .scores import ScoreAssembler, ScoreResult, score_request
+from .rich_errors import InvalidArgumentError, item_order, shift_variant
+from .scores import ScoreAssembler, ScoreResult, merge_results, plan_requests, score_request
 
 Metadata = Sequence[tuple[str, str | bytes]]
 PathLike = str | os.PathLike[str]
@@ -181,15 +181,28 @@ class _Refusals:
             )
 
 
-def _checked_score_request(
+def _planned_score_requests(
     wild_type: str, variants: Sequence[str] | None, scan: bool, strategies: Iterable[str] | str
-) -> pb.ScoreRequest:
-    """The request, or InvalidArgumentError with every violation of the service's rules."""
+) -> list[tuple[int, pb.ScoreRequest]]:
+    """The requests of one score, or InvalidArgumentError with every violation of the
+    service's rules in the whole list, before any is sent."""
     request = score_request(wild_type, variants, scan, strategies)
-    violations = score_violations(request)
+    violations = score_violations(request, limits=False)
     if violations:
         raise InvalidArgumentError((v.field, v.description) for v in violations)
-    return request
+    return plan_requests(request)
+
+
+def _score_refusal(error: grpc.RpcError, offset: int) -> grpc.RpcError:
+    """A refusal of the request whose first variant is the caller's `offset`, its
+    variants renumbered in the caller's list; other errors as they are."""
+    if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return error
+    refused = InvalidArgumentError.from_server(error, 0)
+    return InvalidArgumentError(
+        [(shift_variant(field, offset), text) for field, text in refused.violations],
+        refused.request_ids,
+    )
 
 
 def _results(items: list[CompletedItem], offset: int, make_result: MakeResult[R]) -> list[R]:
@@ -325,21 +338,21 @@ class Esm2Client(_ClientBase):
             grpc.RpcError: the server failed the request.
             ResultStreamError: the response stream was malformed or incomplete.
         """
-        request = _checked_score_request(wild_type, variants, scan, strategies)
-        assembler = ScoreAssembler(list(request.variants))
-        call = self._stub.Score(request, **self._call_options)
-        try:
-            for message in call:
-                scored = assembler.add(message)
-                if on_scores is not None and scored:
-                    on_scores(scored)
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgumentError.from_server(error, 0) from None
-            raise
-        finally:
-            call.cancel()
-        return assembler.finish()
+        parts = []
+        for offset, request in _planned_score_requests(wild_type, variants, scan, strategies):
+            assembler = ScoreAssembler(list(request.variants))
+            call = self._stub.Score(request, **self._call_options)
+            try:
+                for message in call:
+                    scored = assembler.add(message)
+                    if on_scores is not None and scored:
+                        on_scores(scored)
+            except grpc.RpcError as error:
+                raise _score_refusal(error, offset) from None
+            finally:
+                call.cancel()
+            parts.append(assembler.finish())
+        return merge_results(parts)
 
     def status(self) -> pb.GetStatusResponse:
         """The service's workers, queue depth and whether any runs random weights."""
@@ -475,21 +488,21 @@ class AsyncEsm2Client(_ClientBase):
         on_scores: Callable[[int], None] | None = None,
     ) -> ScoreResult:
         """See `Esm2Client.score`."""
-        request = _checked_score_request(wild_type, variants, scan, strategies)
-        assembler = ScoreAssembler(list(request.variants))
-        call = self._stub.Score(request, **self._call_options)
-        try:
-            async for message in call:
-                scored = assembler.add(message)
-                if on_scores is not None and scored:
-                    on_scores(scored)
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgumentError.from_server(error, 0) from None
-            raise
-        finally:
-            call.cancel()
-        return assembler.finish()
+        parts = []
+        for offset, request in _planned_score_requests(wild_type, variants, scan, strategies):
+            assembler = ScoreAssembler(list(request.variants))
+            call = self._stub.Score(request, **self._call_options)
+            try:
+                async for message in call:
+                    scored = assembler.add(message)
+                    if on_scores is not None and scored:
+                        on_scores(scored)
+            except grpc.RpcError as error:
+                raise _score_refusal(error, offset) from None
+            finally:
+                call.cancel()
+            parts.append(assembler.finish())
+        return merge_results(parts)
 
     async def status(self) -> pb.GetStatusResponse:
         """See `Esm2Client.status`."""

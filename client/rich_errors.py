@@ -22,6 +22,7 @@ from esm2_service import metadata
 _FIELD = descriptor_pb2.FieldDescriptorProto
 _DETAILS_KEY = "grpc-status-details-bin"
 _ITEM_FIELD = re.compile(r"^items\[(\d+)\]")
+_VARIANT_FIELD = re.compile(r"^variants\[(\d+)\]")
 
 
 @functools.cache
@@ -143,6 +144,11 @@ class InvalidArgumentError(grpc.RpcError):
 def shift_item(field: str, offset: int) -> str:
     """ "items[3].sequence" of a request starting at item `offset` -> "items[3+offset]..."."""
     return _ITEM_FIELD.sub(lambda match: f"items[{int(match.group(1)) + offset}]", field)
+
+
+def shift_variant(field: str, offset: int) -> str:
+    """ "variants[3]" of a Score request starting at variant `offset` -> "variants[3+offset]"."""
+    return _VARIANT_FIELD.sub(lambda match: f"variants[{int(match.group(1)) + offset}]", field)
 
 
 def item_order(violation: tuple[str, str]) -> float:

@@ -9,10 +9,23 @@ import numpy as np
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler
-from esm2_service.variants import STRATEGY_NAMES
+from esm2_service.variants import (
+    MAX_FORWARD_PASSES,
+    MAX_VARIANTS,
+    STRATEGY_NAMES,
+    forward_passes,
+    parse_variant,
+    resolve_strategies,
+    scan_variants,
+)
 
 from .results import ModelInfo, ResultStreamError
 
+# The variants' share of a request: the service takes requests of at most 256 KiB.
+MAX_REQUEST_VARIANT_BYTES = 192 * 1024
+MASKED_MARGINAL = pb.SCORING_STRATEGY_MASKED_MARGINAL
+WT_MARGINAL = pb.SCORING_STRATEGY_WT_MARGINAL
+PSEUDO_LOG_LIKELIHOOD = pb.SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD
 STRATEGY_VALUES: dict[str, int] = {name: value for value, name in STRATEGY_NAMES.items()}
 
 
@@ -37,6 +50,80 @@ def score_request(
         variants=list(variants or ()),
         scan=scan,
         strategies=strategy_values(strategies),
+    )
+
+
+def plan_requests(request: pb.ScoreRequest) -> list[tuple[int, pb.ScoreRequest]]:
+    """(offset of its first variant, request) for each request a (valid) Score of any
+    size needs: consecutive slices within the service's limits on variants, request bytes
+    and forward passes. A scan the service can take in one request stays one; a larger
+    one is sent as its variants."""
+    strategies = resolve_strategies(request.strategies)
+    wild_type = request.wild_type
+    if request.scan:
+        mutants, variants = scan_variants(wild_type)
+        if forward_passes(strategies, wild_type, list(variants)) <= MAX_FORWARD_PASSES:
+            return [(0, request)]
+        mutants = list(mutants)
+    else:
+        mutants = list(request.variants)
+    plans, start = [], 0
+    while start < len(mutants):
+        end = _slice_end(mutants, start, wild_type, strategies)
+        plans.append(
+            (
+                start,
+                pb.ScoreRequest(
+                    wild_type=wild_type, variants=mutants[start:end], strategies=strategies
+                ),
+            )
+        )
+        start = end
+    return plans
+
+
+def _slice_end(mutants: list[str], start: int, wild_type: str, strategies) -> int:
+    """Where the request that starts at `start` must end to stay within every limit."""
+    per_variant = len(wild_type) if PSEUDO_LOG_LIKELIHOOD in strategies else 0
+    fixed = int(WT_MARGINAL in strategies)
+    masked = MASKED_MARGINAL in strategies
+    positions: set[int] = set()
+    end, size = start, 0
+    while end < len(mutants) and end - start < MAX_VARIANTS:
+        variant_positions = {s.position for s in parse_variant(mutants[end], wild_type)[0]}
+        size += len(mutants[end]) + 4  # protobuf's tag and length
+        count = end - start + 1
+        passes = fixed + per_variant * count + masked * len(positions | variant_positions)
+        if end > start and (size > MAX_REQUEST_VARIANT_BYTES or passes > MAX_FORWARD_PASSES):
+            break
+        positions |= variant_positions
+        end += 1
+    return end
+
+
+def merge_results(parts: list[ScoreResult]) -> ScoreResult:
+    """One result from those of consecutive slices of the variants."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    checkpoints = {part.model.checkpoint_sha256 for part in parts if part.model}
+    if len(checkpoints) > 1:
+        raise ResultStreamError("the service's weights changed between the requests of one score")
+    rows: dict[str, dict[int, np.ndarray]] = {}
+    for part in parts:
+        for name, table in part.log_probs.items():
+            rows.setdefault(name, {}).update(zip(part.positions, table, strict=True))
+    positions = sorted({p for part in parts for p in part.positions})
+    return ScoreResult(
+        mutants=[mutant for part in parts for mutant in part.mutants],
+        scores={
+            name: np.concatenate([part.scores[name] for part in parts]) for name in first.scores
+        },
+        positions=positions,
+        log_probs={name: np.stack([by[p] for p in positions]) for name, by in rows.items()},
+        amino_acids=first.amino_acids,
+        forward_passes=sum(part.forward_passes for part in parts),
+        model=first.model,
     )
 
 

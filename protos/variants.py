@@ -57,13 +57,6 @@ class ValidScoreRequest:
         """Every position (1-based) some variant mutates, in order."""
         return tuple(sorted({s.position for variant in self.variants for s in variant}))
 
-    def forward_passes(self, strategy: int) -> int:
-        if strategy == pb.SCORING_STRATEGY_MASKED_MARGINAL:
-            return len(self.positions)
-        if strategy == pb.SCORING_STRATEGY_WT_MARGINAL:
-            return 1
-        return len(self.wild_type) * len(self.variants)
-
     def mutated_sequence(self, variant: tuple[Substitution, ...]) -> str:
         residues = list(self.wild_type)
         for substitution in variant:
@@ -112,8 +105,11 @@ def scan_variants(wild_type: str) -> tuple[tuple[str, ...], tuple[tuple[Substitu
     return tuple(mutants), tuple(variants)
 
 
-def score_violations(request: pb.ScoreRequest) -> list[FieldViolation]:
-    """Every rule `request` breaks (the variants' only once the wild type is valid)."""
+def score_violations(request: pb.ScoreRequest, limits: bool = True) -> list[FieldViolation]:
+    """Every rule `request` breaks (the variants' only once the wild type is valid).
+
+    `limits=False` leaves out the per-request bound on the number of variants: the client
+    checks a list of any length before splitting it into requests (`plan_requests`)."""
     violations = check_sequence(request.wild_type, "wild_type", allow_mask=False)
     violations += _check_strategies(request.strategies)
     if request.scan and request.variants:
@@ -122,7 +118,7 @@ def score_violations(request: pb.ScoreRequest) -> list[FieldViolation]:
         violations.append(
             FieldViolation("variants", f"no variants; give 1 to {MAX_VARIANTS:,}, or set scan")
         )
-    elif len(request.variants) > MAX_VARIANTS:
+    elif limits and len(request.variants) > MAX_VARIANTS:
         violations.append(
             FieldViolation(
                 "variants", f"{len(request.variants):,} variants; the limit is {MAX_VARIANTS:,}"
@@ -131,6 +127,24 @@ def score_violations(request: pb.ScoreRequest) -> list[FieldViolation]:
     elif not violations and not request.scan:
         violations += _variant_violations(request.variants, request.wild_type)
     return violations
+
+
+def resolve_strategies(strategies) -> tuple[int, ...]:
+    """Sorted, unique; empty (or only UNSPECIFIED) means (MASKED_MARGINAL,)."""
+    return tuple(sorted(set(strategies) - {pb.SCORING_STRATEGY_UNSPECIFIED} or {DEFAULT_STRATEGY}))
+
+
+def forward_passes(
+    strategies: tuple[int, ...], wild_type: str, variants: list[tuple[Substitution, ...]]
+) -> int:
+    """The passes one request of `variants` costs (resolved `strategies`)."""
+    positions = {s.position for variant in variants for s in variant}
+    cost = {
+        pb.SCORING_STRATEGY_MASKED_MARGINAL: len(positions),
+        pb.SCORING_STRATEGY_WT_MARGINAL: 1,
+        pb.SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD: len(wild_type) * len(variants),
+    }
+    return sum(cost[strategy] for strategy in strategies)
 
 
 def validate_score(request) -> ValidScoreRequest:
@@ -147,9 +161,9 @@ def validate_score(request) -> ValidScoreRequest:
         wild_type=request.wild_type,
         mutants=mutants,
         variants=variants,
-        strategies=tuple(sorted(set(request.strategies) - {0} or {DEFAULT_STRATEGY})),
+        strategies=resolve_strategies(request.strategies),
     )
-    passes = sum(valid.forward_passes(strategy) for strategy in valid.strategies)
+    passes = forward_passes(valid.strategies, valid.wild_type, list(valid.variants))
     if passes > MAX_FORWARD_PASSES:
         raise InvalidRequest([FieldViolation("strategies", _too_many_passes(valid, passes))])
     return valid

@@ -238,3 +238,34 @@ def test_a_scan_keeps_a_bounded_window_queued_and_short_requests_pass_it(service
     assert finished == ["encode", "scan"]
     # 8 per live worker (one here) and one batch more, plus the Encode's item
     assert 0 < max(depths) <= 16 + 1
+
+
+def test_the_client_splits_a_list_beyond_one_request_and_merges_in_order(client, tiny_reference):
+    rng = np.random.default_rng(5)
+    positions = rng.integers(1, len(WILD_TYPE) + 1, size=(60_000, 2))
+    mutants = [
+        ":".join(
+            f"{WILD_TYPE[p - 1]}{p}{STANDARD_RESIDUES[(p * 7 + i) % 20]}"
+            for i, p in enumerate(pair)
+        )
+        for pair in positions
+        if pair[0] != pair[1]
+    ]
+    scored: list[int] = []
+
+    result = client.score(WILD_TYPE, mutants, on_scores=scored.append)
+
+    assert result.mutants == mutants
+    assert sum(scored) == len(mutants)
+    assert result.forward_passes > len(WILD_TYPE)  # several requests, each its own passes
+    assert result.positions == list(range(1, len(WILD_TYPE) + 1))
+    landscape = result.log_probs["masked_marginal"]
+    for index in (0, 17_000, len(mutants) - 1):
+        expected = sum(
+            landscape[p - 1][STANDARD_RESIDUES.index(mt)]
+            - landscape[p - 1][STANDARD_RESIDUES.index(wt)]
+            for wt, p, mt in parse_mutant(mutants[index])
+        )
+        assert result.scores["masked_marginal"][index] == pytest.approx(expected, abs=1e-5)
+    reference = reference_masked_marginal(tiny_reference, WILD_TYPE, mutants[-1])
+    assert result.scores["masked_marginal"][-1] == pytest.approx(reference, abs=1e-4)
