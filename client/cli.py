@@ -21,7 +21,7 @@ from tqdm import tqdm
 from esm2_service import __version__
 from esm2_service.alphabet import VOCAB_TOKENS
 from esm2_service.config import env_or
-from esm2_service.validation import MAX_TOKENS, check_sequence
+from esm2_service.validation import MAX_TOKENS, check_sequence, encode_violations
 
 from .bulk import BulkEncoder, BulkSettings, count_residues, print_summary
 from .bulk_records import DEFAULT_OVERLAP, DEFAULT_WINDOW, Reject, screen
@@ -29,7 +29,7 @@ from .client import Esm2Client, tls_credentials
 from .fasta import FastaRecord, iter_fasta, read_fasta
 from .h5store import H5_LAYOUT, SHARD_RECORDS, JobMismatch, ShardedStore
 from .output import predict_document, predict_json
-from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, include_value
+from .params import DTYPE_NAMES, INCLUDE_NAMES, MAX_ITEMS_PER_REQUEST, EncodeSpec, include_value
 from .results import ResultStreamError
 from .rich_errors import InvalidArgumentError, field_violations, request_id, shift_item
 from .scores import STRATEGY_VALUES, ScoreResult, strategy_values
@@ -497,6 +497,10 @@ def _bulk_settings(args: argparse.Namespace) -> BulkSettings:
                 f"--long windows cannot merge {' and '.join(unmergeable)} across windows; "
                 "leave them out, or use --long reject"
             )
+    spec = EncodeSpec.parse(args.include, args.layers, args.dtype)
+    problems = [v for v in encode_violations(spec.request(["M"])) if v.field.startswith("params")]
+    if problems:
+        raise UsageError("; ".join(f"{v.field}: {v.description}" for v in problems))
     return BulkSettings(
         include=tuple(args.include),
         layers=tuple(args.layers),

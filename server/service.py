@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Starts a request under its id: (items, for the log; the stream of its responses).
 StartRequest = Callable[[str], Awaitable[tuple[int, AsyncIterator]]]
 # A Score request's window grows with the workers up to this many.
-MAX_SCORE_WINDOW_WORKERS = 7
+MAX_SCORE_WINDOW_WORKERS = 8
 
 
 class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
@@ -59,14 +59,14 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
             yield response
 
     async def _score_window(self) -> int:
-        """Passes one Score request keeps queued or running: a batch per live worker and
-        one more waiting, so every worker stays busy and a request that arrives later
-        waits behind at most about one batch of them."""
+        """Passes one Score request keeps queued or running: a batch per live worker, so
+        every worker has a batch of it, and a request that arrives later on the same
+        queue lane waits for at most the batches in progress."""
         now = time.time()
         workers = await self.broker.redis.zcount(
             queue.HEARTBEATS, now - self.worker_timeout_s, "+inf"
         )
-        return MAX_ITEMS * (min(max(workers, 1), MAX_SCORE_WINDOW_WORKERS) + 1)
+        return MAX_ITEMS * min(max(workers, 1), MAX_SCORE_WINDOW_WORKERS)
 
     async def GetStatus(self, request, context) -> pb.GetStatusResponse:
         try:

@@ -212,3 +212,45 @@ def test_a_changed_record_stops_a_resumed_job(service, tmp_path):
     assert result.returncode == 2
     assert "record 'r3' (line 7) has changed since it was written" in result.stderr
     assert len(records) == 300
+
+
+def test_a_lost_connection_is_retried_and_the_job_still_finishes(
+    redis_server, tiny_checkpoint, tmp_path
+):
+    """The frontend dies mid-job and comes back on the same port a moment later: the
+    requests that failed are sent again and every record is written once."""
+    import redis as redis_py
+    from conftest import ServiceProcesses
+
+    from esm2_service.server.embedded_redis import free_port
+
+    with redis_py.Redis.from_url(redis_server.url) as db:
+        db.flushdb()
+    port = free_port()
+    service = ServiceProcesses(redis_server.url, tiny_checkpoint, server_args=["--port", port])
+    fasta = tmp_path / "many.fasta"
+    records = many_records(fasta, 1500)
+    out = tmp_path / "many.h5"
+    argv = [*ESM2, "encode", fasta, "-o", out, "--target", service.target, "--no-progress"]
+    try:
+        service.wait_serving()
+        job = subprocess.Popen(
+            list(map(str, [*argv, "--concurrency", "2"])), stderr=subprocess.PIPE, text=True
+        )
+        partial = tmp_path / "many.h5.partial"
+        deadline = time.monotonic() + 120
+        while not list(partial.glob("shard-*.h5")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        service.frontend.kill()
+        service.frontend.wait()
+        service.frontend.stdout.close()
+        time.sleep(1.5)
+        service.frontend = service._spawn("esm2_service.server", ["--port", str(port)])
+        assert service._read_port(service.frontend) == port
+        err = job.communicate(timeout=300)[1]
+    finally:
+        service.stop()
+
+    assert job.returncode == 0, err
+    with h5py.File(out) as file:
+        assert sorted(file) == sorted(record_id for record_id, _ in records)

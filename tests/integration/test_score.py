@@ -236,8 +236,8 @@ def test_a_scan_keeps_a_bounded_window_queued_and_short_requests_pass_it(service
     db.close()
 
     assert finished == ["encode", "scan"]
-    # 8 per live worker (one here) and one batch more, plus the Encode's item
-    assert 0 < max(depths) <= 16 + 1
+    # a batch per live worker (one here), plus the Encode's item
+    assert 0 < max(depths) <= 8 + 1
 
 
 def test_the_client_splits_a_list_beyond_one_request_and_merges_in_order(client, tiny_reference):

@@ -237,6 +237,7 @@ def test_bad_fasta_for_predict_exits_2(tmp_path, capsys, text, error):
             "need 0 <= overlap < window",
         ),
         (["--long", "windows", "--include", "mean,contacts"], "cannot merge contacts across"),
+        (["--layers", "9"], "params.repr_layers[0]: layer 9 is outside -7..6"),
     ],
 )
 def test_bad_encode_settings_exit_2_before_any_request(fasta, tmp_path, capsys, argv, error):
