@@ -227,7 +227,7 @@ def test_a_lost_connection_is_retried_and_the_job_still_finishes(
     with redis_py.Redis.from_url(redis_server.url) as db:
         db.flushdb()
     port = free_port()
-    service = ServiceProcesses(redis_server.url, tiny_checkpoint, server_args=["--port", port])
+    service = ServiceProcesses(redis_server.url, tiny_checkpoint, server_args=["--port", str(port)])
     fasta = tmp_path / "many.fasta"
     records = many_records(fasta, 1500)
     out = tmp_path / "many.h5"
@@ -241,6 +241,7 @@ def test_a_lost_connection_is_retried_and_the_job_still_finishes(
         deadline = time.monotonic() + 120
         while not list(partial.glob("shard-*.h5")) and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert job.poll() is None, "the job ended before the frontend was killed"
         service.frontend.kill()
         service.frontend.wait()
         service.frontend.stdout.close()
