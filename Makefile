@@ -29,7 +29,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 BUF := $(NODE_DIR)/node_modules/.bin/buf
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup setup-dev serve serve-random test lint protos bench clean
+.PHONY: setup setup-dev serve serve-random test test-images lint protos bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,20 @@ lint: setup-dev
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The three images of deploy/docker built and run for real (Compose, two CPU workers).
+# Needs a Docker daemon it can reach or start (as root: no bridge, no iptables); installs
+# Debian's docker.io, mmdebstrap (base images without a registry) and docker-compose where
+# it can; where no daemon can run, the tests are skipped with the reason printed.
+# ESM2_SKIP_GPU_IMAGE=1 leaves out the GPU worker's image (a 3 GB download).
+IMAGE_PACKAGES := docker.io mmdebstrap docker-compose
+test-images: setup-dev
+	@missing=$$(for p in $(IMAGE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	ESM2_TEST_IMAGES=1 $(BIN)/python -m pytest -q -rs tests/images $(ARGS)
 
 # Regenerates every client's code from protos/ (tests fail while any is stale).
 protos: setup-dev

@@ -16,6 +16,9 @@ import pytest
 # a test gives it a port of its own.
 os.environ["ESM2_METRICS_PORT"] = "0"
 
+# The container images' tests build and run images for minutes: `make test-images` only.
+collect_ignore = [] if os.environ.get("ESM2_TEST_IMAGES") == "1" else ["images"]
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:

@@ -15,6 +15,7 @@ import redis
 from esm2_service.config import check_redis_address, env_or, redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.logs import configure_logging
+from esm2_service.worker.healthcheck import ID_FILE_ENV
 from esm2_service.worker.metrics import WorkerMetrics
 from esm2_service.worker.openmp import configure_openmp_wait
 from esm2_service.worker.settings import WorkerSettings, build_parser, settings_from_args
@@ -104,9 +105,18 @@ def run_worker(
     _wait_for_redis(client, settings, stop)
     worker = QueueWorker(client, engine, settings, info, metrics)
     log.info("worker %s serving (%s)", settings.worker_id, settings.describe())
+    _write_id_file(settings.worker_id)
     print(f"esm2 worker {settings.worker_id} ready", flush=True)
     worker.run(stop)
     log.info("worker %s stopped after %d items", settings.worker_id, worker.stats["items"])
+
+
+def _write_id_file(worker_id: str) -> None:
+    """Tells a container's health check (worker/healthcheck.py) which heartbeat is its
+    worker's: the images set ESM2_WORKER_ID_FILE."""
+    path = os.environ.get(ID_FILE_ENV)
+    if path:
+        Path(path).write_text(worker_id + "\n")
 
 
 def redis_client(settings: WorkerSettings) -> redis.Redis:
