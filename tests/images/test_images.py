@@ -53,17 +53,17 @@ class Deployment:
         self.target = f"127.0.0.1:{self.ports['grpc']}"
         self.env = {
             **os.environ,
-            "ESM2_FRONTEND_IMAGE": images["frontend"],
-            "ESM2_WORKER_IMAGE": images["worker-cpu"],
-            "ESM2_REDIS_IMAGE": images["redis"],
-            "ESM2_REDIS_HOST": "127.0.0.1",
-            "ESM2_REDIS_PORT": str(self.ports["redis"]),
+            "FRONTEND_IMAGE": images["frontend"],
+            "WORKER_IMAGE": images["worker-cpu"],
+            "REDIS_IMAGE": images["redis"],
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(self.ports["redis"]),
             "ESM2_PORT": str(self.ports["grpc"]),
             "ESM2_HTTP_PORT": str(self.ports["http"]),
             "ESM2_METRICS_PORT": str(self.ports["metrics"]),
-            "ESM2_MODELS_DIR": str(models),
-            "ESM2_TOKENS_FILE": str(tokens),
-            "ESM2_WORKER_THREADS": "1",
+            "MODELS_DIR": str(models),
+            "TOKENS_FILE": str(tokens),
+            "WORKER_THREADS": "1",
             "ESM2_CLAIM_IDLE_S": "5",
         }
 
@@ -115,7 +115,7 @@ def deployment(images, tmp_path_factory, full_checkpoint):
     tokens.write_text(f"{TOKEN}\n")
     tokens.chmod(0o644)
     deployed = Deployment(images, models, tokens, tmp_path_factory.mktemp("compose"))
-    deployed.env["ESM2_CHECKPOINT"] = full_checkpoint.name
+    deployed.env["CHECKPOINT"] = full_checkpoint.name
     try:
         deployed.compose("up", "-d", "--no-build", "--scale", "worker=2", timeout=600)
         deployed.wait_serving()

@@ -15,6 +15,8 @@ settings' environment variables.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +32,9 @@ import yaml
 
 from esm2_service import config, queue
 from esm2_service.server import health, http_main
+from esm2_service.server import healthcheck as server_health
 from esm2_service.server import settings as server_settings
+from esm2_service.worker import healthcheck as worker_health
 from esm2_service.worker import settings as worker_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -461,8 +465,9 @@ def test_worker_settings_are_valid_and_threads_match_the_cpu_limit(overlay: str)
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
     assert "livenessProbe" not in c
-    probe = " ".join(c["readinessProbe"]["exec"]["command"])
-    assert "queue.HEARTBEATS" in probe and "ESM2_WORKER_ID" in probe
+    # The image's own health check: this pod's worker (ESM2_WORKER_ID) heartbeats.
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe == ["python", "-m", "esm2_service.worker.healthcheck"]
     assert any(
         e["name"] == "ESM2_WORKER_ID" and e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         for e in c["env"]
@@ -526,7 +531,8 @@ def manifest_env_names() -> set[str]:
 @cache
 def settings_the_code_reads() -> frozenset[str]:
     sources = "".join(
-        Path(module.__file__).read_text() for module in (config, server_settings, worker_settings)
+        Path(module.__file__).read_text()
+        for module in (config, server_settings, worker_settings, server_health, worker_health)
     )
     processes = (server_settings, worker_settings, http_main)
     helps = "".join(module.build_parser().format_help() for module in processes)
@@ -658,7 +664,7 @@ def test_dockerfiles_install_the_package_and_run_it_as_non_root(name: str):
     assert ("ENTRYPOINT", entrypoint) in steps
     assert ("USER", f"{NON_ROOT_UID}:{NON_ROOT_UID}") in steps
     assert any(f"[{extra}]" in line for line in run_lines(name))
-    # The build copies the package's sources only (there is no .dockerignore).
+    # The build copies the package's sources only (.dockerignore keeps the rest out).
     copied = {
         args.split()[0] for keyword, args in steps if keyword == "COPY" and "--from" not in args
     }
@@ -685,8 +691,11 @@ def test_worker_images_pin_torch_before_the_worker_extra(name: str):
     extra_step = next(i for i, line in enumerate(runs) if "[worker]" in line)
     assert torch_step < extra_step
     assert makefile_torch_pin() in runs[torch_step].split()
-    cpu_index = "--index-url https://download.pytorch.org/whl/cpu"
-    assert (cpu_index in runs[torch_step]) == (name == "Dockerfile.worker-cpu")
+    # The CPU build comes from PyTorch's CPU index unless the build says otherwise.
+    cpu_index = "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+    args = [args for keyword, args in instructions(name) if keyword == "ARG"]
+    assert (cpu_index in args) == (name == "Dockerfile.worker-cpu")
+    assert '--index-url "$TORCH_INDEX_URL"' in runs[torch_step] or name != "Dockerfile.worker-cpu"
 
 
 # ---------------------------------------------------------------------------------------
@@ -721,3 +730,125 @@ def test_overlays_render_with_kubectl_kustomize(overlay: str):
     assert worker["env"] == expected["env"]
     assert worker["resources"] == expected["resources"]
     assert by_key[SCALED_OBJECT]["spec"] == overlay_object(overlay, SCALED_OBJECT)["spec"]
+
+
+# ---------------------------------------------------------------------------------------
+# The rendered manifests against what the images and the code provide
+
+IMAGE_DOCKERFILES = {
+    "esm2-frontend": "Dockerfile.frontend",
+    "esm2-worker-cpu": "Dockerfile.worker-cpu",
+    "esm2-worker-gpu": "Dockerfile.worker-gpu",
+}
+ESM2_COMMANDS = {"server", "http", "worker"}  # what a container of these images runs
+HTTP_PATHS = {"/readyz", "/healthz"}
+
+
+def rendered(overlay: str, tmp_path: Path) -> list[dict]:
+    """`kubectl kustomize` of an overlay with every optional component switched on."""
+    folder = tmp_path / overlay
+    folder.mkdir()
+    target = K8S / "overlays" / overlay
+    components = ["weights-pvc", "frontend-auth"]
+    (folder / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(target, folder)],
+                "components": [
+                    os.path.relpath(K8S / "components" / name, folder) for name in components
+                ],
+            }
+        )
+    )
+    result = subprocess.run(
+        [KUBECTL, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def dockerfile_facts(image: str) -> dict:
+    steps = instructions(IMAGE_DOCKERFILES[image])
+    env = {}
+    for keyword, args in steps:
+        if keyword == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", args))
+    exposed = {int(p) for k, a in steps if k == "EXPOSE" for p in a.split()}
+    (entrypoint,) = [yaml.safe_load(a) for k, a in steps if k == "ENTRYPOINT"]
+    (healthcheck,) = [a for k, a in steps if k == "HEALTHCHECK"]
+    return {"env": env, "exposed": exposed, "entrypoint": entrypoint, "healthcheck": healthcheck}
+
+
+def exec_module(command: list[str]) -> str | None:
+    """The module of `python -m MODULE ...`; None for other commands."""
+    if command[:2] == ["python", "-m"]:
+        return command[2]
+    return None
+
+
+def check_container(spec: dict, box: dict, where: str) -> None:
+    image = box["image"].split("/")[-1].split(":")[0]
+    if image.startswith("redis"):
+        return
+    assert image in IMAGE_DOCKERFILES, f"{where}: image {box['image']} is none of deploy/docker's"
+    facts = dockerfile_facts(image)
+    command = box.get("command") or facts["entrypoint"]
+    assert command[0] == "esm2" and command[1] in ESM2_COMMANDS, f"{where}: command {command}"
+    env = {e["name"]: e.get("value") for e in box.get("env", [])} | facts["env"]
+    ports = {p["containerPort"] for p in box.get("ports", [])}
+    if image == "esm2-frontend":
+        assert ports <= facts["exposed"], f"{where}: ports {ports} not all EXPOSEd"
+    for name in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if name in box:
+            check_probe(box[name], ports | {p.get("name") for p in box.get("ports", [])}, where)
+    check_volumes(spec, box, env, where)
+    if spec.get("securityContext", {}).get("runAsUser") is not None:
+        assert spec["securityContext"]["runAsUser"] == NON_ROOT_UID
+
+
+def check_probe(probe: dict, ports: set, where: str) -> None:
+    """Its port is one the container declares; its path or module is one the code has."""
+    for kind in ("grpc", "tcpSocket", "httpGet"):
+        if kind in probe:
+            assert probe[kind]["port"] in ports, f"{where}: probe port {probe[kind]['port']}"
+    if "httpGet" in probe:
+        assert probe["httpGet"]["path"] in HTTP_PATHS, f"{where}: probe path"
+    if "exec" in probe:
+        module = exec_module(probe["exec"]["command"])
+        assert module is not None, f"{where}: probe runs {probe['exec']['command']}"
+        assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+
+
+def check_volumes(spec: dict, box: dict, env: dict, where: str) -> None:
+    """Every mount has a volume; every file setting points into a mount."""
+    mounts = {m["mountPath"]: m["name"] for m in box.get("volumeMounts", [])}
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    assert set(mounts.values()) <= volumes, f"{where}: mounts without a volume"
+    for setting in ("ESM2_WEIGHTS", "ESM2_AUTH_TOKENS_FILE", "ESM2_TLS_CERT", "TORCH_HOME"):
+        path = env.get(setting)
+        if path:
+            assert any(path.startswith(mount) for mount in mounts), f"{where}: {setting}={path}"
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary")
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_rendered_overlays_run_only_what_the_images_and_the_code_provide(overlay, tmp_path):
+    docs = rendered(overlay, tmp_path)
+    deployments = [doc for doc in docs if doc["kind"] == "Deployment"]
+    assert len(deployments) == 4  # frontend, http, worker, redis
+    for doc in deployments:
+        spec = doc["spec"]["template"]["spec"]
+        for box in spec["containers"]:
+            check_container(spec, box, f"{overlay}: {doc['metadata']['name']}/{box['name']}")
+    names = {
+        e["name"]
+        for doc in deployments
+        for box in doc["spec"]["template"]["spec"]["containers"]
+        for e in box.get("env", [])
+    }
+    assert names - settings_the_code_reads() <= {"REDIS_URL"}
