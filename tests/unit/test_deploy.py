@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from esm2_service import config, queue
+from esm2_service.client import cli_options
 from esm2_service.server import health, http_main
 from esm2_service.server import healthcheck as server_health
 from esm2_service.server import settings as server_settings
@@ -532,7 +533,14 @@ def manifest_env_names() -> set[str]:
 def settings_the_code_reads() -> frozenset[str]:
     sources = "".join(
         Path(module.__file__).read_text()
-        for module in (config, server_settings, worker_settings, server_health, worker_health)
+        for module in (
+            config,
+            server_settings,
+            worker_settings,
+            server_health,
+            worker_health,
+            cli_options,
+        )
     )
     processes = (server_settings, worker_settings, http_main)
     helps = "".join(module.build_parser().format_help() for module in processes)
