@@ -269,3 +269,30 @@ def test_the_client_splits_a_list_beyond_one_request_and_merges_in_order(client,
         assert result.scores["masked_marginal"][index] == pytest.approx(expected, abs=1e-5)
     reference = reference_masked_marginal(tiny_reference, WILD_TYPE, mutants[-1])
     assert result.scores["masked_marginal"][-1] == pytest.approx(reference, abs=1e-4)
+
+
+def test_a_cancelled_scan_stops_queueing_and_its_passes_leave_the_queue(service, redis_server):
+    import time
+
+    import redis
+
+    from esm2_service import queue
+
+    db = redis.Redis.from_url(redis_server.url_for_db(0))
+    with grpc.insecure_channel(service.target) as channel:
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
+        call = stub.Score(pb.ScoreRequest(wild_type=(WILD_TYPE * 12)[:900], scan=True), timeout=120)
+        first = next(call)
+        call.cancel()
+    assert first.HasField("scores")
+
+    def depth() -> int:
+        return sum(db.xlen(lane) for lane in queue.QUEUE_LANES)
+
+    deadline = time.monotonic() + 10
+    while depth() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert depth() == 0, "the cancelled scan's passes are still queued"
+    time.sleep(1.0)
+    assert depth() == 0, "the cancelled scan kept queueing passes"
+    db.close()
