@@ -1,6 +1,6 @@
 """Python clients and the `esm2` command line of the ESM-2 8M gRPC service.
 
-Needs only grpcio, protobuf and numpy: it imports neither torch nor redis.
+Needs grpcio, protobuf and numpy (h5py and tqdm for `esm2 encode`): never torch or redis.
 """
 
 from .client import AsyncEsm2Client, Esm2Client, tls_credentials

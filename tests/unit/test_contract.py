@@ -125,7 +125,7 @@ def test_assembler_refuses_incomplete_or_foreign_chunks():
         ("esm2_service.client", ("torch", "redis", "esm")),
         (
             "esm2_service.client.cli",
-            ("torch", "redis", "esm", "google.rpc", "grpc_status", "tqdm", "esm2_service.server"),
+            ("torch", "redis", "esm", "google.rpc", "grpc_status", "esm2_service.server"),
         ),
         ("esm2_service.worker.queue_loop", ("torch",)),
     ],
@@ -146,9 +146,11 @@ def _round_trip(array: np.ndarray, dtype: int) -> np.ndarray:
     return assembler.array()
 
 
-def test_the_client_distribution_needs_only_grpcio_protobuf_and_numpy():
+def test_the_client_distribution_needs_neither_torch_nor_redis():
+    """grpcio, protobuf and numpy for the client; h5py and tqdm for `esm2 encode`'s HDF5
+    output and progress bar (issue 13 asks for a well-kept progress library)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~ \[]", requirement)[0] for requirement in project["dependencies"]}
-    assert names == {"grpcio", "protobuf", "numpy"}
+    assert names == {"grpcio", "protobuf", "numpy", "h5py", "tqdm"}
