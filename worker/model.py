@@ -20,6 +20,7 @@ scaling, pre-norm layers, final layer norm), arranged for serving:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -252,6 +253,20 @@ class Esm2(nn.Module):
                 weight = weight.detach()
                 module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         return self
+
+    def float32_copy(self) -> Esm2:
+        """An unpacked float32 copy of this model, whatever `compute_in` and
+        `pack_for_cpu` did to it (what OpenVINO converts for a half-precision engine)."""
+        packed = {
+            m: m.__dict__.pop("onednn_weight")
+            for m in self.modules()
+            if "onednn_weight" in m.__dict__
+        }
+        try:
+            return copy.deepcopy(self).float()
+        finally:
+            for module, weight in packed.items():
+                module.onednn_weight = weight
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint) -> Esm2:

@@ -113,6 +113,10 @@ def compile_for_cpu(model: Esm2, dtype: torch.dtype, threads: int):
         torch.tensor([[1] * 5, [1] * 3 + [0] * 2]),
     )
     started = time.perf_counter()
+    # OpenVINO converts float32 weights and computes in `dtype` itself: a bfloat16 engine's
+    # model is traced from a float32 copy (tracing it as is mixes float32 and bfloat16).
+    if any(tensor.dtype != torch.float32 for tensor in model.state_dict().values()):
+        model = model.float32_copy()
     # Tracing warns where Python reads a size (embedding's padding check); the graph
     # still takes any batch and length, which the tests check against fair-esm.
     with torch.inference_mode(), warnings.catch_warnings():

@@ -114,3 +114,15 @@ def test_the_token_bound_is_checked():
     assert WorkerSettings(openvino_max_tokens=0).openvino_max_tokens == 0
     with pytest.raises(ValueError, match="openvino_max_tokens must be 0"):
         WorkerSettings(openvino_max_tokens=-1)
+
+
+def test_a_bfloat16_engine_gets_an_openvino_runner_in_bfloat16(tiny_checkpoint):
+    """A `--precision bf16` CPU worker: the runner converts from float32 weights and runs at
+    OpenVINO's bf16 hint (f32 where the CPU has no bf16); outputs stay close to fair-esm."""
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    engine = Engine(Esm2.from_checkpoint(checkpoint), "cpu", torch.bfloat16)
+    runner = OpenVinoRunner.for_engine(engine, torch.bfloat16, threads=1, max_tokens=1024)
+    outputs = run(runner, [item("MKTAYIAKQRQISFVKSHFSRQ", {pb.INCLUDE_MEAN}, (6,))])
+    expected = fair_esm_outputs(build_fair_esm_model(checkpoint), "MKTAYIAKQRQISFVKSHFSRQ")
+    assert runner.batches["openvino"] == 1
+    assert_close(outputs[(0, pb.INCLUDE_MEAN, 6)], expected["mean"][6], atol=0.1)
