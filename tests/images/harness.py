@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ REDIS_IMAGE = "esm2-redis:bookworm"
 BASE_PACKAGES = "python3,python3-pip,python-is-python3,passwd,ca-certificates,libstdc++6"
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 DOCKERD_FLAGS = ["--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false"]
+DOCKERD_LOG = "/tmp/esm2-test-dockerd.log"
 IMAGES = {
     "frontend": "Dockerfile.frontend",
     "worker-cpu": "Dockerfile.worker-cpu",
@@ -61,14 +63,16 @@ def ensure_daemon() -> str | None:
         return None
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
         return "no Docker daemon answers, and this user cannot start dockerd"
-    log = open("/tmp/esm2-test-dockerd.log", "w")  # noqa: SIM115 (the daemon keeps it)
-    subprocess.Popen(["dockerd", *DOCKERD_FLAGS], stdout=log, stderr=log, start_new_session=True)
+    # The shell detaches the daemon and owns its log, so this process holds neither
+    # a child nor an open file when the tests end.
+    flags = " ".join(DOCKERD_FLAGS)
+    run("sh", "-c", f"setsid dockerd {flags} >{DOCKERD_LOG} 2>&1 </dev/null &", timeout=30)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if daemon_answers():
             return None
         time.sleep(1)
-    return "dockerd did not answer within 60 s (see /tmp/esm2-test-dockerd.log)"
+    return f"dockerd did not answer within 60 s (see {DOCKERD_LOG})"
 
 
 def image_exists(tag: str) -> bool:
@@ -78,24 +82,30 @@ def image_exists(tag: str) -> bool:
 def bootstrap(tag: str, packages: str, changes: list[str]) -> float:
     """A Debian bookworm image made with mmdebstrap and `docker import`; its seconds."""
     hooks = []
-    if EXTRA_CA_DIR.is_dir() and any(EXTRA_CA_DIR.iterdir()):
+    # The host's extra CAs (a proxy's), for images that fetch over TLS (pip).
+    if "ca-certificates" in packages and EXTRA_CA_DIR.is_dir() and any(EXTRA_CA_DIR.iterdir()):
         hooks = [
             f"--customize-hook=copy-in {EXTRA_CA_DIR} /usr/local/share",
             '--customize-hook=chroot "$1" update-ca-certificates',
         ]
     started = time.monotonic()
-    debootstrap = subprocess.Popen(
-        ["mmdebstrap", "--variant=essential", f"--include={packages}", *hooks, "bookworm", "-"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    importing = run(
-        "docker", "import", *(f"--change={c}" for c in changes), "-", tag,
-        stdin=debootstrap.stdout, timeout=900,
-    )  # fmt: skip
-    debootstrap.stdout.close()
-    if debootstrap.wait() != 0 or importing.returncode != 0:
-        raise RuntimeError(f"mmdebstrap or docker import failed for {tag}")
+    with tempfile.TemporaryFile("w+") as errors:
+        debootstrap = subprocess.Popen(
+            ["mmdebstrap", "--variant=essential", f"--include={packages}", *hooks, "bookworm", "-"],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+        importing = run(
+            "docker", "import", *(f"--change={c}" for c in changes), "-", tag,
+            stdin=debootstrap.stdout, timeout=900, check=False,
+        )  # fmt: skip
+        debootstrap.stdout.close()
+        if debootstrap.wait() != 0 or importing.returncode != 0:
+            errors.seek(0)
+            said = errors.read()[-3000:] + importing.stderr[-2000:]
+            # docker import takes a truncated tar too: never leave that image tagged.
+            run("docker", "image", "rm", "--force", tag, check=False)
+            raise RuntimeError(f"mmdebstrap or docker import failed for {tag}:\n{said}")
     return time.monotonic() - started
 
 
