@@ -94,7 +94,7 @@ def runners(checkpoint):
         yield name, Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype), frozenset(KINDS)
     if openvino_available():
         engine = Engine(Esm2.from_checkpoint(checkpoint))
-        runner = OpenVinoRunner.for_engine(engine, torch.float32, 2, max_tokens=1 << 20)
+        runner = OpenVinoRunner.for_engine(engine, torch.float32, 2)
         served = frozenset(KINDS) - {pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS}
         yield "fp32, OpenVINO", runner, served
 

@@ -75,19 +75,17 @@ def load_engine(settings: WorkerSettings):
 
 
 def with_openvino(engine, settings: WorkerSettings, dtype, threads: int):
-    """The engine, behind OpenVINO for short CPU batches where that is installed and on."""
+    """The engine, behind OpenVINO for CPU batches without attention maps where that is
+    installed and on."""
     from esm2_service.worker.openvino_backend import OpenVinoRunner, openvino_available
 
-    if settings.device != "cpu" or settings.openvino_max_tokens == 0:
+    if settings.device != "cpu" or settings.openvino == "off":
         return engine
     if not openvino_available():
         log.info("OpenVINO is not installed: every batch runs on the torch engine")
         return engine
-    log.info(
-        "batches of at most %d tokens without contacts or attentions run on OpenVINO",
-        settings.openvino_max_tokens,
-    )
-    return OpenVinoRunner.for_engine(engine, dtype, threads, settings.openvino_max_tokens)
+    log.info("batches without contacts or attentions run on OpenVINO")
+    return OpenVinoRunner.for_engine(engine, dtype, threads)
 
 
 def run_worker(

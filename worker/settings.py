@@ -55,9 +55,9 @@ class WorkerSettings:
     threads: int = 0  # intra-op threads; 0: the cores this process may use
     batch_size: int = 8  # queue entries taken per read
     max_batch_tokens: int = 8192  # tokens in one packed forward pass
-    # CPU batches of at most this many tokens that ask only for embeddings and logits run on
-    # OpenVINO (where installed); 0: the torch engine only.
-    openvino_max_tokens: int = 1024
+    # CPU batches that ask only for embeddings and logits run on OpenVINO (where installed):
+    # "on", or "off" for the torch engine only.
+    openvino: str = "on"
     lane_max_wait_s: float = 10.0  # a queue lane waiting this long gets every other batch
     block_ms: int = 1000  # one blocking read of the queue
     claim_idle_s: float = 30.0  # entries pending this long with a silent worker are claimed
@@ -85,10 +85,8 @@ class WorkerSettings:
             raise ValueError(f"batch_size {self.batch_size} is outside 1..64")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (auto) or positive, got {self.threads}")
-        if self.openvino_max_tokens < 0:
-            raise ValueError(
-                f"openvino_max_tokens must be 0 (off) or positive, got {self.openvino_max_tokens}"
-            )
+        if self.openvino not in ("on", "off"):
+            raise ValueError(f"openvino must be on or off, got {self.openvino!r}")
         if self.max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
         if self.claim_idle_s <= 2 * self.heartbeat_s:
@@ -161,13 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
     add_setting(
         parser, "--max-batch-tokens", d.max_batch_tokens, "tokens per packed forward pass", kind=int
     )
-    add_setting(
-        parser,
-        "--openvino-max-tokens",
-        d.openvino_max_tokens,
-        "CPU batches of at most this many tokens asking for no contacts or attentions run on "
-        "OpenVINO, if installed (faster on short requests); 0: torch only",
-        kind=int,
+    parser.add_argument(
+        "--openvino",
+        choices=("on", "off"),
+        default=env_or("ESM2_OPENVINO", d.openvino),
+        help="CPU batches asking for no contacts or attentions run on OpenVINO, if installed "
+        "(ESM2_OPENVINO, default on): faster at every length; off: the torch engine only",
     )
     add_setting(
         parser,
@@ -203,7 +200,7 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         precision=args.precision,
         threads=args.threads,
         max_batch_tokens=args.max_batch_tokens,
-        openvino_max_tokens=args.openvino_max_tokens,
+        openvino=args.openvino,
         claim_idle_s=args.claim_idle_s,
         max_deliveries=args.max_deliveries,
         result_ttl_s=args.result_ttl_s,

@@ -12,7 +12,7 @@ from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import build_fair_esm_model, load_checkpoint
 from esm2_service.worker.engine import Engine
 from esm2_service.worker.model import Esm2
-from esm2_service.worker.openvino_backend import OpenVinoRunner, length_groups
+from esm2_service.worker.openvino_backend import OpenVinoRunner
 from esm2_service.worker.settings import WorkerSettings
 from esm2_service.worker.work import WorkItem
 
@@ -49,7 +49,7 @@ def setup(request, tiny_checkpoint, full_checkpoint):
     path = tiny_checkpoint if request.param == "tiny" else full_checkpoint
     checkpoint = load_checkpoint(path)
     engine = Engine(Esm2.from_checkpoint(checkpoint))
-    runner = OpenVinoRunner.for_engine(engine, torch.float32, threads=1, max_tokens=1024)
+    runner = OpenVinoRunner.for_engine(engine, torch.float32, threads=2)
     return runner, build_fair_esm_model(checkpoint)
 
 
@@ -84,36 +84,27 @@ def test_contacts_and_attentions_run_on_the_torch_engine_never_dropped(setup):
     assert (0, pb.INCLUDE_MEAN, 6) in outputs
 
 
-def test_batches_over_the_token_bound_run_on_the_torch_engine(setup):
+@pytest.mark.parametrize("count", [1, 3])
+def test_long_batches_run_on_openvino_one_sequence_at_a_time(setup, count):
+    """One sequence runs on all threads; of three, two share the streams and the third
+    (the shortest) runs after them: every path gives fair-esm's outputs, in order."""
     runner, reference = setup
-    long = "ACDEFGHIKLMNPQRSTVWY" * 30  # 600 residues: two of them exceed 1,024 tokens
+    long = "ACDEFGHIKLMNPQRSTVWY" * 30  # 600 residues
+    sequences = [long, long[::-1][:550], long[:580]][:count]
     before = dict(runner.batches)
-    outputs = run(
-        runner, [item(long, [pb.INCLUDE_MEAN], (6,)), item(long[::-1], [pb.INCLUDE_MEAN], (6,))]
-    )
-    assert runner.batches == {**before, "torch": before["torch"] + 1}
-    assert_close(outputs[(0, pb.INCLUDE_MEAN, 6)], fair_esm_outputs(reference, long)["mean"][6])
+    outputs = run(runner, [item(s, [pb.INCLUDE_MEAN, pb.INCLUDE_LOGITS], (3,)) for s in sequences])
+    assert runner.batches == {**before, "openvino": before["openvino"] + 1}
+    for index, sequence in enumerate(sequences):
+        expected = fair_esm_outputs(reference, sequence)
+        assert_close(outputs[(index, pb.INCLUDE_MEAN, 3)], expected["mean"][3], what=f"{index}")
+        assert_close(outputs[(index, pb.INCLUDE_LOGITS, 0)], expected["logits"], what=f"{index}")
 
 
-def test_length_groups_bound_the_padding_and_keep_every_item():
-    lengths = [10, 300, 12, 11, 290, 40, 310, 3]
-    groups = length_groups(lengths, max_padding=0.15)
-    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
-    for group in groups:
-        real = sum(lengths[i] for i in group)
-        assert len(group) * max(lengths[i] for i in group) <= 1.15 * real
-    assert [sorted(lengths[i] for i in group) for group in groups] == [
-        [3],
-        [10, 11, 12],
-        [40],
-        [290, 300, 310],
-    ]
-
-
-def test_the_token_bound_is_checked():
-    assert WorkerSettings(openvino_max_tokens=0).openvino_max_tokens == 0
-    with pytest.raises(ValueError, match="openvino_max_tokens must be 0"):
-        WorkerSettings(openvino_max_tokens=-1)
+def test_openvino_is_on_or_off():
+    assert WorkerSettings().openvino == "on"
+    assert WorkerSettings(openvino="off").openvino == "off"
+    with pytest.raises(ValueError, match="openvino must be on or off, got 'auto'"):
+        WorkerSettings(openvino="auto")
 
 
 def test_a_bfloat16_engine_gets_an_openvino_runner_in_bfloat16(tiny_checkpoint):
@@ -121,7 +112,7 @@ def test_a_bfloat16_engine_gets_an_openvino_runner_in_bfloat16(tiny_checkpoint):
     OpenVINO's bf16 hint (f32 where the CPU has no bf16); outputs stay close to fair-esm."""
     checkpoint = load_checkpoint(tiny_checkpoint)
     engine = Engine(Esm2.from_checkpoint(checkpoint), "cpu", torch.bfloat16)
-    runner = OpenVinoRunner.for_engine(engine, torch.bfloat16, threads=1, max_tokens=1024)
+    runner = OpenVinoRunner.for_engine(engine, torch.bfloat16, threads=1)
     outputs = run(runner, [item("MKTAYIAKQRQISFVKSHFSRQ", {pb.INCLUDE_MEAN}, (6,))])
     expected = fair_esm_outputs(build_fair_esm_model(checkpoint), "MKTAYIAKQRQISFVKSHFSRQ")
     assert runner.batches["openvino"] == 1
