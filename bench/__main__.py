@@ -208,7 +208,7 @@ def service_checks(args, service, engine, runners, results) -> None:
         results["latency"] = latency_result(local, served) | breakdown
     if not args.skip_idle:
         progress("latency after idle: pauses of 0, 0.15, 1 and 10 s (about 3 minutes)")
-        results["idle"] = idle_check(service, engine, runners)
+        results["idle"] = idle_check(service, engine, runners, args.precision)
     if not args.skip_mixed:
         progress(f"mixed traffic: short requests behind {MIXED_LONG_ITEMS} long items")
         results["mixed"] = mixed_traffic(
@@ -219,7 +219,7 @@ def service_checks(args, service, engine, runners, results) -> None:
         results["memory"] = memory_check(service)
 
 
-def idle_check(service, engine, runners) -> dict:
+def idle_check(service, engine, runners, precision: str) -> dict:
     """One 100-residue request through the service, our engine and OpenVINO (if timed)
     after each pause of bench.idle.IDLE_GAPS_S."""
     from bench.baselines import engine_call
@@ -237,7 +237,10 @@ def idle_check(service, engine, runners) -> dict:
             if stage in runners:
                 runner = runners[stage][1]
                 calls[f"{stage} in-process"] = lambda r=runner: mean_embeddings(r, [sequence])
-        return idle_latency(calls, service.workers[WORKER_ID].pid)
+        result = idle_latency(calls, service.workers[WORKER_ID].pid)
+    same_precision = "openvino-bf16" if precision == "bf16" else "openvino"
+    result["openvino_at_service_precision"] = f"{same_precision} in-process"
+    return result
 
 
 def mixed_long_sequences() -> list[str]:
@@ -300,7 +303,7 @@ def run(args) -> dict:
     if "service" in stages:
         progress("redis-server, the frontend and the workers are stopped")
     for result in results["corpora"].values():
-        result["ratios"] = ratios(result["throughput"])
+        result["ratios"] = ratios(result["throughput"], args.precision)
     return results
 
 

@@ -86,17 +86,23 @@ def fair_esm_outputs(model, sequence: str) -> dict[tuple[str, int], np.ndarray]:
 
 def runners(checkpoint):
     """(row name, runner, output kinds it serves): the torch engine in each precision,
-    then OpenVINO in fp32 (embeddings and logits: contacts and attentions are the
-    engine's)."""
-    from esm2_service.worker.openvino_backend import OpenVinoRunner, openvino_available
+    then OpenVINO in fp32 and bf16 as CPU workers run it (embeddings and logits:
+    contacts and attentions are the engine's)."""
+    from esm2_service.worker.openvino_backend import (
+        PRECISION_HINTS,
+        OpenVinoRunner,
+        openvino_available,
+    )
 
     for name, dtype in PRECISIONS.items():
         yield name, Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype), frozenset(KINDS)
-    if openvino_available():
-        engine = Engine(Esm2.from_checkpoint(checkpoint))
-        runner = OpenVinoRunner.for_engine(engine, torch.float32, 2)
-        served = frozenset(KINDS) - {pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS}
-        yield "fp32, OpenVINO", runner, served
+    if not openvino_available():
+        return
+    served = frozenset(KINDS) - {pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS}
+    for name, dtype in PRECISIONS.items():
+        if dtype in PRECISION_HINTS:
+            engine = Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype)
+            yield f"{name}, OpenVINO", OpenVinoRunner.for_engine(engine, dtype, 2), served
 
 
 def errors(checkpoint_path: Path, sequences: list[str]) -> dict[str, dict[str, dict]]:

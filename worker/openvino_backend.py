@@ -1,18 +1,18 @@
 """OpenVINO behind the worker's `Runner`: embeddings and logits, on CPUs.
 
-OpenVINO compiles ESM-2 into fused CPU kernels that beat our torch engine's per-op
-dispatch on short batches, back to back and more so after a pause (README,
-Performance). It cannot skip padding, as our packed engine does, so a batch is cut
-into groups of similar length first (at most `MAX_PADDING` extra tokens).
+OpenVINO compiles ESM-2 into fused CPU kernels (its bf16 ones use AVX512-BF16 far
+better than torch's) that beat our torch engine at every length measured. Padding
+would cost it the packed engine's advantage, so each sequence runs alone, unpadded,
+and needs no attention mask; a batch's sequences are spread over single-threaded
+streams, one per thread (README, Performance).
 
-What it serves: batches of at most `--openvino-max-tokens` tokens (long batches
-run faster on the packed engine, which skips padding) asking for mean, per-token
-and BOS embeddings of any layers, logits, or Predict. Contacts and attention maps
-need the attention probabilities, which the compiled graph does not expose: a
-batch asking for either runs on the torch engine whole, so nothing is ever
-dropped. The graph exported is `PaddedEsm2`, the same arithmetic as `model.Esm2`
-(and fair-esm) on a padded batch, returning the hidden states of every layer; the
-LM head and the slicing stay in the engine.
+What it serves: batches asking for mean, per-token and BOS embeddings of any layers,
+logits, or Predict. Contacts and attention maps need the attention probabilities,
+which the compiled graph does not expose: a batch asking for either runs on the
+torch engine whole, so nothing is ever dropped. The graph exported is
+`SequenceEsm2`, the same arithmetic as `model.Esm2` (and fair-esm) on one sequence,
+returning the hidden states of every layer; the LM head and the slicing stay in the
+engine.
 """
 
 from __future__ import annotations
