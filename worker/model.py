@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -49,21 +50,27 @@ class PackedBatch:
     tokens: torch.Tensor  # (N,) long, each sequence as <cls> ... <eos>
     lengths: list[int]  # tokens per sequence, <cls> and <eos> included
     offsets: list[int] = field(init=False)  # first row of each sequence
-    positions: torch.Tensor = field(init=False)  # (N,) position within its sequence
-    sequence_ids: torch.Tensor = field(init=False)  # (N,) which sequence a row belongs to
 
     def __post_init__(self) -> None:
         self.offsets = [0]
         for length in self.lengths[:-1]:
             self.offsets.append(self.offsets[-1] + length)
+
+    # Computed on first use: the OpenVINO runner slices outputs by `offsets` only, and
+    # these few small tensor ops are a visible share of a short request's latency.
+    @cached_property
+    def sequence_ids(self) -> torch.Tensor:
+        """(N,) which sequence each row belongs to."""
         device = self.tokens.device
         lengths = torch.tensor(self.lengths, device=device)
-        self.sequence_ids = torch.repeat_interleave(
-            torch.arange(len(self.lengths), device=device), lengths
-        )
-        starts = torch.tensor(self.offsets, device=device)
-        self.positions = (
-            torch.arange(self.tokens.numel(), device=device) - starts[self.sequence_ids]
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """(N,) each row's position within its sequence."""
+        starts = torch.tensor(self.offsets, device=self.tokens.device)
+        return (
+            torch.arange(self.tokens.numel(), device=self.tokens.device) - starts[self.sequence_ids]
         )
 
     @classmethod

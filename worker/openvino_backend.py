@@ -180,7 +180,7 @@ class OpenVinoRunner:
         layers = self._layers_needed(items)
         states = self._infer_each([item.token_ids for item in items], layers)
         # (layers, tokens, E) per sequence => packed (tokens, E) per layer
-        packed = torch.from_numpy(np.concatenate(states, axis=1))
+        packed = torch.from_numpy(states[0] if len(states) == 1 else np.concatenate(states, 1))
         hidden = dict(zip(layers, packed, strict=True))
         final = hidden.get(self.engine.model.num_layers)
         self.engine.emit_outputs(items, batch, final, hidden, emit)
@@ -211,7 +211,8 @@ class OpenVinoRunner:
                 self.parallel.start_async(inputs[index], index)
             self.parallel.wait_all()
         for index in order[shared:]:
-            states[index] = self.single.infer(inputs[index])[0][layers]
+            # The shared output buffer is reused by the next call: `[layers]` copies it.
+            states[index] = self.single.infer(inputs[index], share_outputs=True)[0][layers]
         return states
 
 
