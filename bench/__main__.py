@@ -21,6 +21,7 @@ from esm2_service.worker.openmp import configure_openmp_wait
 # spin on the cores the worker needs.
 configure_openmp_wait()
 
+import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -225,12 +226,17 @@ def idle_check(service, engine, runners, precision: str) -> dict:
     from bench.baselines import engine_call
     from bench.exported import mean_embeddings
     from bench.idle import idle_latency
+    from bench.service import health_check_call
     from esm2_service.client import Esm2Client
 
     sequence = latency_sequence()
-    with Esm2Client(service.target, timeout_s=60) as client:
+    with (
+        Esm2Client(service.target, timeout_s=60) as client,
+        grpc.insecure_channel(service.target) as channel,
+    ):
         calls = {
             "service e2e": lambda: client.encode([sequence], include=["mean"], repr_layers=[-1]),
+            "gRPC floor: health check": health_check_call(channel),
             "engine in-process": engine_call(engine, sequence),
         }
         for stage in ("openvino", "openvino-bf16"):

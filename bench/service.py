@@ -57,6 +57,16 @@ def _stop(process: subprocess.Popen | None) -> None:
         process.stdout.close()
 
 
+def health_check_call(channel: grpc.Channel) -> Callable[[], object]:
+    """One gRPC health check of the frontend: a round trip through gRPC and the
+    frontend's event loop with no Redis and no worker, the floor under every request."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    return lambda: stub.Check(request, timeout=10)
+
+
 class ServiceProcesses:
     """An embedded Redis, the gRPC frontend and workers as child processes.
 
