@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from harness import (
@@ -11,6 +12,7 @@ from harness import (
     ensure_daemon,
     image_size,
     served_wheels,
+    stop_started_daemon,
 )
 
 TAG = "test"
@@ -18,8 +20,9 @@ BUILT: dict[str, dict] = {}  # image -> {"tag", "seconds", "bytes"}, for the sum
 
 
 @pytest.fixture(scope="session")
-def images() -> dict[str, str]:
-    """image name -> tag of the three images, built from the repository's Dockerfiles."""
+def images() -> Iterator[dict[str, str]]:
+    """image name -> tag of the three images, built from the repository's Dockerfiles.
+    A Docker daemon the tests started is stopped when they end."""
     reason = ensure_daemon()
     if reason is not None:
         pytest.skip(f"no Docker: {reason}")
@@ -37,7 +40,10 @@ def images() -> dict[str, str]:
             extra = torch_args if name == "worker-cpu" else {}
             seconds = build(name, tag, {**build_args, **extra})
             BUILT[name] = {"tag": tag, "seconds": seconds, "bytes": image_size(tag)}
-    return {name: info["tag"] for name, info in BUILT.items()} | {"redis": bases["redis"]}
+    try:
+        yield {name: info["tag"] for name, info in BUILT.items()} | {"redis": bases["redis"]}
+    finally:
+        stop_started_daemon()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

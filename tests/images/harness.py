@@ -17,6 +17,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -33,6 +34,8 @@ BASE_PACKAGES = "python3,python3-pip,python-is-python3,passwd,ca-certificates,li
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 DOCKERD_FLAGS = ["--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false"]
 DOCKERD_LOG = "/tmp/esm2-test-dockerd.log"
+DOCKERD_PIDFILE = Path("/tmp/esm2-test-dockerd.pid")
+_daemon_started = False  # by this test session, so it stops it
 IMAGES = {
     "frontend": "Dockerfile.frontend",
     "worker-cpu": "Dockerfile.worker-cpu",
@@ -56,7 +59,9 @@ def daemon_answers() -> bool:
 
 
 def ensure_daemon() -> str | None:
-    """None once a daemon answers; else why none could be started."""
+    """None once a daemon answers; else why none could be started. A daemon started here
+    writes DOCKERD_PIDFILE, and `stop_started_daemon` stops it, and only it."""
+    global _daemon_started
     if shutil.which("docker") is None:
         return "no docker client (Debian: apt-get install docker.io)"
     if daemon_answers():
@@ -65,14 +70,35 @@ def ensure_daemon() -> str | None:
         return "no Docker daemon answers, and this user cannot start dockerd"
     # The shell detaches the daemon and owns its log, so this process holds neither
     # a child nor an open file when the tests end.
-    flags = " ".join(DOCKERD_FLAGS)
+    flags = " ".join([*DOCKERD_FLAGS, f"--pidfile={DOCKERD_PIDFILE}"])
     run("sh", "-c", f"setsid dockerd {flags} >{DOCKERD_LOG} 2>&1 </dev/null &", timeout=30)
+    _daemon_started = True
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if daemon_answers():
             return None
         time.sleep(1)
     return f"dockerd did not answer within 60 s (see {DOCKERD_LOG})"
+
+
+def stop_started_daemon(timeout_s: float = 60) -> None:
+    """Stops the daemon `ensure_daemon` started (it would stay, using CPU, after the
+    tests); a daemon that was already running is left alone. Images stay on disk."""
+    if not _daemon_started:
+        return
+    try:
+        pid = int(DOCKERD_PIDFILE.read_text())
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "dockerd":
+            return  # a stale pidfile
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # dockerd removes its pidfile as it exits
+        if not DOCKERD_PIDFILE.exists() or not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"dockerd (pid {pid}) did not stop within {timeout_s:.0f} s")
 
 
 def image_exists(tag: str) -> bool:
