@@ -174,15 +174,23 @@ def build_engine(checkpoint: Checkpoint, device: str = "cpu", precision: str = "
 
 def engine_contender(engine, corpus: Corpus) -> Contender:
     """`engine.run` in packed batches of 8 sorted by length; warmed up with one pass."""
-    batches = chunked(sorted(corpus.sequences, key=len))
-    last = engine.model.num_layers
+    label = "our engine in-process, batches of 8, length-sorted"
+    return runner_contender(label, engine, corpus, engine.model.num_layers, BATCH_SIZE)
+
+
+def runner_contender(
+    label: str, runner, corpus: Corpus, last_layer: int, batch_size: int
+) -> Contender:
+    """A worker `Runner`'s `run` (mean of `last_layer`) in batches of `batch_size`
+    sorted by length; warmed up with one pass."""
+    batches = chunked(sorted(corpus.sequences, key=len), batch_size)
 
     def run_pass():
         for batch in batches:
-            engine.run([work_item(sequence, last) for sequence in batch], _discard)
+            runner.run([work_item(sequence, last_layer) for sequence in batch], _discard)
 
     run_pass()
-    return Contender("our engine in-process, batches of 8, length-sorted", run_pass)
+    return Contender(label, run_pass)
 
 
 def engine_call(engine, sequence: str) -> Callable[[], None]:
