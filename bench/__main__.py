@@ -23,6 +23,7 @@ configure_openmp_wait()
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+import redis  # noqa: E402
 import torch  # noqa: E402
 
 from bench.corpus import (  # noqa: E402
@@ -233,10 +234,14 @@ def idle_check(service, engine, runners, precision: str) -> dict:
     with (
         Esm2Client(service.target, timeout_s=60) as client,
         grpc.insecure_channel(service.target) as channel,
+        redis.Redis.from_url(service.redis.url) as queue,
     ):
         calls = {
             "service e2e": lambda: client.encode([sequence], include=["mean"], repr_layers=[-1]),
             "gRPC floor: health check": health_check_call(channel),
+            # A request crosses Redis four times (enqueue, the worker's take and write,
+            # the frontend's read): what one round trip costs after the same pause.
+            "Redis floor: PING": queue.ping,
             "engine in-process": engine_call(engine, sequence),
         }
         for stage in ("openvino", "openvino-bf16"):
