@@ -42,7 +42,16 @@ from bench.report import (  # noqa: E402
     write_results,
 )
 
-STAGES = ("reference", "hf", "openvino", "openvino-bf16", "onnxruntime", "engine", "service")
+STAGES = (
+    "reference",
+    "hf",
+    "openvino",
+    "openvino-bf16",
+    "onnxruntime",
+    "engine",
+    "runner",
+    "service",
+)
 LATENCY_RESIDUES = 100
 LATENCY_TARGET_MS = 3.0
 LATENCY_WARMUP = 10
@@ -106,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine, runners) -> dict:
+def in_process_contenders(
+    args, stages, corpus: Corpus, checkpoint, engine, runners, worker_runner
+) -> dict:
     """The warmed-up in-process contenders of `stages` on `corpus`, by stage name."""
     from bench import baselines
 
@@ -123,7 +134,28 @@ def in_process_contenders(args, stages, corpus: Corpus, checkpoint, engine, runn
         contenders[stage] = exported_contender(label, runner, corpus)
     if "engine" in stages:
         contenders["engine"] = baselines.engine_contender(engine, corpus)
+    if worker_runner is not None:
+        contenders["runner"] = baselines.worker_runner_contender(worker_runner, corpus)
     return contenders
+
+
+def build_worker_runner(args, stages, engine):
+    """The worker's own OpenVINO runner at the worker's precision, if selected and the
+    service's CPU path runs on OpenVINO: the service's arithmetic without the service,
+    so `service / runner` is what the queue, gRPC and the other processes cost."""
+    from bench import baselines
+    from esm2_service.worker.openvino_backend import OpenVinoRunner, openvino_available
+
+    if "runner" not in stages or args.device != "cpu" or args.precision == "fp16":
+        return None
+    if not openvino_available():
+        progress("skipping runner: openvino is not installed (pip install -e '.[bench]')")
+        return None
+    progress("compiling the worker's OpenVINO runner (tens of seconds)")
+    dtype = baselines.COMPUTE_DTYPES[args.precision]
+    runner = OpenVinoRunner.for_engine(engine, dtype, args.threads)
+    runner.warm_up()
+    return runner
 
 
 def exported_runners(args, stages, checkpoint) -> dict:
@@ -171,14 +203,18 @@ def start_service(args, checkpoint_path, stack: contextlib.ExitStack):
     return service
 
 
-def time_corpus(args, stages, corpus: Corpus, checkpoint, engine, service, runners) -> dict:
+def time_corpus(
+    args, stages, corpus: Corpus, checkpoint, engine, service, runners, worker_runner
+) -> dict:
     """Every selected stage's throughput on `corpus`, timed in interleaved rounds,
     and (with the service) where the service's time went."""
     from bench.service import ServicePasses
     from bench.timing import time_rounds
     from esm2_service.client import Esm2Client
 
-    contenders = in_process_contenders(args, stages, corpus, checkpoint, engine, runners)
+    contenders = in_process_contenders(
+        args, stages, corpus, checkpoint, engine, runners, worker_runner
+    )
     service_passes = None
     with contextlib.ExitStack() as stack:
         if service is not None:
@@ -226,7 +262,7 @@ def idle_check(service, engine, runners, precision: str) -> dict:
     after each pause of bench.idle.IDLE_GAPS_S."""
     from bench.baselines import engine_call
     from bench.exported import mean_embeddings
-    from bench.idle import idle_latency
+    from bench.idle import idle_latency, python_work
     from bench.service import health_check_call
     from esm2_service.client import Esm2Client
 
@@ -242,6 +278,7 @@ def idle_check(service, engine, runners, precision: str) -> dict:
             # A request crosses Redis four times (enqueue, the worker's take and write,
             # the frontend's read): what one round trip costs after the same pause.
             "Redis floor: PING": queue.ping,
+            "CPU floor: 0.3 ms of Python here": python_work,
             "engine in-process": engine_call(engine, sequence),
         }
         for stage in ("openvino", "openvino-bf16"):
@@ -297,6 +334,7 @@ def run(args) -> dict:
     results["checkpoint"] = {"path": str(relative), "random_weights": True}
     results["corpora"] = {}
     runners = exported_runners(args, stages, checkpoint)
+    worker_runner = build_worker_runner(args, stages, engine)
     if runners:
         results["max_difference_from_fair_esm"] = {
             stage: float(difference) for stage, (_, _, difference) in runners.items()
@@ -307,7 +345,9 @@ def run(args) -> dict:
             for record_id, reason in corpus.skipped:
                 progress(f"skipping {record_id} of corpus {corpus.name}: {reason}")
             progress(corpus.describe())
-            timed = time_corpus(args, stages, corpus, checkpoint, engine, service, runners)
+            timed = time_corpus(
+                args, stages, corpus, checkpoint, engine, service, runners, worker_runner
+            )
             results["corpora"][corpus.name] = {"corpus": corpus.summary(), **timed}
         if service is not None:
             service_checks(args, service, engine, runners, results)

@@ -178,6 +178,12 @@ def engine_contender(engine, corpus: Corpus) -> Contender:
     return runner_contender(label, engine, corpus, engine.model.num_layers, BATCH_SIZE)
 
 
+def worker_runner_contender(runner, corpus: Corpus) -> Contender:
+    """The worker's `OpenVinoRunner.run` in batches of 8 sorted by length."""
+    label = "the worker's OpenVINO runner in-process, batches of 8"
+    return runner_contender(label, runner, corpus, runner.engine.model.num_layers, BATCH_SIZE)
+
+
 def runner_contender(
     label: str, runner, corpus: Corpus, last_layer: int, batch_size: int
 ) -> Contender:

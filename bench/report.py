@@ -28,6 +28,9 @@ RATIOS = (
     ("service", "openvino-bf16", None),
     ("service", "onnxruntime", None),
     ("service", "engine", None),
+    ("service", "runner", None),
+    ("runner", "openvino", None),
+    ("runner", "openvino-bf16", None),
     ("engine", "reference", None),
     ("engine", "hf", None),
     ("engine", "openvino", None),
@@ -40,6 +43,7 @@ SHORT_NAMES = {
     "openvino-bf16": "OpenVINO bf16 hint",
     "onnxruntime": "ONNX Runtime",
     "engine": "engine in-process",
+    "runner": "worker's runner in-process",
     "service": "service e2e",
 }
 
@@ -90,9 +94,15 @@ def ratios(throughput: dict, precision: str = "fp32") -> list[dict]:
     for top, bottom, target in RATIOS:
         if top == "service" and bottom == OPENVINO_AT.get(precision):
             target = OPENVINO_TARGET
+        if top == "runner" and bottom != OPENVINO_AT.get(precision):
+            continue  # the runner runs at the worker's precision only
         if top in throughput and bottom in throughput:
             value = throughput[top]["tokens_per_s"] / throughput[bottom]["tokens_per_s"]
+            median = (
+                throughput[top]["median_tokens_per_s"] / throughput[bottom]["median_tokens_per_s"]
+            )
             row = {"name": f"{top} / {bottom}", "value": round(value, 3), "target": target}
+            row["median_value"] = round(median, 3)
             row["pass"] = None if target is None else value >= target
             found.append(row)
     return found
@@ -118,8 +128,10 @@ def _corpus_lines(name: str, result: dict) -> list[str]:
         )
     for row in result["ratios"]:
         target = f"target >= {row['target']:g}x" if row["target"] else ""
+        median = f"(median passes {row['median_value']:.2f}x)" if "median_value" in row else ""
         lines.append(
-            f"  {row['name']:24} {row['value']:>7.2f}x  {target:16} {_verdict(row['pass'])}"
+            f"  {row['name']:24} {row['value']:>7.2f}x {median:24} {target:16} "
+            f"{_verdict(row['pass'])}"
         )
     busy = result.get("service_worker")
     if busy:
