@@ -230,7 +230,7 @@ def time_corpus(
     return result
 
 
-def service_checks(args, service, engine, runners, results) -> None:
+def service_checks(args, service, engine, runners, worker_runner, results) -> None:
     """The latency, latency-after-idle, mixed-traffic and memory checks, as selected."""
     from bench.baselines import engine_call
     from bench.memory import memory_check
@@ -246,7 +246,7 @@ def service_checks(args, service, engine, runners, results) -> None:
         results["latency"] = latency_result(local, served) | breakdown
     if not args.skip_idle:
         progress("latency after idle: pauses of 0, 0.15, 1 and 10 s (about 3 minutes)")
-        results["idle"] = idle_check(service, engine, runners, args.precision)
+        results["idle"] = idle_check(service, engine, runners, worker_runner, args.precision)
     if not args.skip_mixed:
         progress(f"mixed traffic: short requests behind {MIXED_LONG_ITEMS} long items")
         results["mixed"] = mixed_traffic(
@@ -257,12 +257,12 @@ def service_checks(args, service, engine, runners, results) -> None:
         results["memory"] = memory_check(service)
 
 
-def idle_check(service, engine, runners, precision: str) -> dict:
-    """One 100-residue request through the service, our engine and OpenVINO (if timed)
-    after each pause of bench.idle.IDLE_GAPS_S."""
-    from bench.baselines import engine_call
+def idle_check(service, engine, runners, worker_runner, precision: str) -> dict:
+    """One 100-residue request through the service, our engine, the worker's runner and
+    OpenVINO (those timed) after each pause of bench.idle.IDLE_GAPS_S."""
+    from bench.baselines import engine_call, runner_call
     from bench.exported import mean_embeddings
-    from bench.idle import idle_latency, python_work
+    from bench.idle import WORKER_RUNNER, idle_latency, python_work
     from bench.service import health_check_call
     from esm2_service.client import Esm2Client
 
@@ -281,6 +281,9 @@ def idle_check(service, engine, runners, precision: str) -> dict:
             "CPU floor: 0.3 ms of Python here": python_work,
             "engine in-process": engine_call(engine, sequence),
         }
+        if worker_runner is not None:
+            last = engine.model.num_layers
+            calls[WORKER_RUNNER] = runner_call(worker_runner, sequence, last)
         for stage in ("openvino", "openvino-bf16"):
             if stage in runners:
                 runner = runners[stage][1]
@@ -350,7 +353,7 @@ def run(args) -> dict:
             )
             results["corpora"][corpus.name] = {"corpus": corpus.summary(), **timed}
         if service is not None:
-            service_checks(args, service, engine, runners, results)
+            service_checks(args, service, engine, runners, worker_runner, results)
     if "service" in stages:
         progress("redis-server, the frontend and the workers are stopped")
     for result in results["corpora"].values():

@@ -201,9 +201,13 @@ def runner_contender(
 
 def engine_call(engine, sequence: str) -> Callable[[], None]:
     """One `engine.run` of `sequence` alone (mean, last layer), for latency timings."""
-    last = engine.model.num_layers
+    return runner_call(engine, sequence, engine.model.num_layers)
+
+
+def runner_call(runner, sequence: str, last_layer: int) -> Callable[[], None]:
+    """One `run` of a worker `Runner` on `sequence` alone (mean of `last_layer`)."""
 
     def call() -> None:
-        engine.run([work_item(sequence, last)], _discard)
+        runner.run([work_item(sequence, last_layer)], _discard)
 
     return call
