@@ -17,6 +17,7 @@ engine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -176,14 +177,15 @@ class OpenVinoRunner:
             self.engine.run(items, emit)
             return
         self.batches["openvino"] += 1
-        batch = PackedBatch.from_token_lists([item.token_ids for item in items])
         layers = self._layers_needed(items)
         states = self._infer_each([item.token_ids for item in items], layers)
-        # (layers, tokens, E) per sequence => packed (tokens, E) per layer
-        packed = torch.from_numpy(states[0] if len(states) == 1 else np.concatenate(states, 1))
-        hidden = dict(zip(layers, packed, strict=True))
-        final = hidden.get(self.engine.model.num_layers)
-        self.engine.emit_outputs(items, batch, final, hidden, emit)
+        with _one_torch_thread():
+            batch = PackedBatch.from_token_lists([item.token_ids for item in items])
+            # (layers, tokens, E) per sequence => packed (tokens, E) per layer
+            packed = states[0] if len(states) == 1 else np.concatenate(states, 1)
+            hidden = dict(zip(layers, torch.from_numpy(packed), strict=True))
+            final = hidden.get(self.engine.model.num_layers)
+            self.engine.emit_outputs(items, batch, final, hidden, emit)
 
     def _layers_needed(self, items: Sequence[WorkItem]) -> list[int]:
         layers = {layer for item in items for layer in embedding_layers(item)}
@@ -214,6 +216,20 @@ class OpenVinoRunner:
             # The shared output buffer is reused by the next call: `[layers]` copies it.
             states[index] = self.single.infer(inputs[index], share_outputs=True)[0][layers]
         return states
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread for the slicing, means and conversions around OpenVINO's
+    work. On more, torch's OpenMP threads keep spinning for milliseconds after each
+    parallel region (`worker.openmp`), on the cores OpenVINO's threads need next: a
+    100-residue request right after a long sequence took 18 ms instead of 12 to 15."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _unpadded_input(tokens: tuple[int, ...]) -> list[np.ndarray]:

@@ -84,6 +84,20 @@ def test_contacts_and_attentions_run_on_the_torch_engine_never_dropped(setup):
     assert (0, pb.INCLUDE_MEAN, 6) in outputs
 
 
+def test_torch_works_on_one_thread_around_openvino_and_gets_its_threads_back(setup):
+    """torch's OpenMP threads would spin beside OpenVINO's after each parallel region."""
+    runner, _ = setup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seen = []
+        runner.run([item(SEQUENCES[3])], lambda output: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_long_batches_run_on_openvino_one_sequence_at_a_time(setup, count):
     """One sequence runs on all threads; of three, two share the streams and the third
