@@ -36,6 +36,17 @@ def python_work() -> None:
         json.loads(json.dumps({"layers": list(range(40)), "id": "bench"}))
 
 
+def _pause_or_repeat(call: Callable[[], object], gap: float) -> None:
+    """Before a timed call: the pause, or with none, an untimed call of the same, so
+    that back to back means right after itself, not after another contender (whose
+    threads may still be spinning: torch's OpenMP threads spin for milliseconds after
+    a pass). Contenders still take turns, so a noisy moment hits them all alike."""
+    if gap:
+        time.sleep(gap)
+    else:
+        call()
+
+
 def idle_latency(calls: dict[str, Callable[[], object]], worker_pid: int | None) -> dict:
     """p50 ms of each of `calls` after each pause of IDLE_GAPS_S, and the worker's
     CPU share over IDLE_CPU_WINDOW_S without requests."""
@@ -45,11 +56,12 @@ def idle_latency(calls: dict[str, Callable[[], object]], worker_pid: int | None)
     table: dict[str, dict[str, float]] = {name: {} for name in calls}
     for gap in IDLE_GAPS_S:
         times: dict[str, list[float]] = {name: [] for name in calls}
-        for name, call in _call_order(calls, CALLS_PER_GAP[gap], gap):
-            time.sleep(gap)
-            started = time.perf_counter()
-            call()
-            times[name].append(1000 * (time.perf_counter() - started))
+        for _ in range(CALLS_PER_GAP[gap]):
+            for name, call in calls.items():
+                _pause_or_repeat(call, gap)
+                started = time.perf_counter()
+                call()
+                times[name].append(1000 * (time.perf_counter() - started))
         for name, values in times.items():
             table[name][f"{gap:g}"] = round(statistics.median(values), 2)
     result = {"gaps_s": list(IDLE_GAPS_S), "calls_per_gap": CALLS_PER_GAP, "p50_ms": table}
@@ -60,17 +72,6 @@ def idle_latency(calls: dict[str, Callable[[], object]], worker_pid: int | None)
             (cpu_seconds(worker_pid) - before) / IDLE_CPU_WINDOW_S, 4
         )
     return result
-
-
-def _call_order(calls: dict[str, Callable[[], object]], repeats: int, gap: float) -> list:
-    """(name, call) pairs in the order they are timed. After a pause each contender
-    takes its turn, so a noisy minute hits them all alike. Back to back (no pause),
-    each runs its calls in one block: interleaved, a call would follow another
-    contender's, whose threads may still be spinning (torch's OpenMP threads spin for
-    milliseconds after a pass) or whose data has pushed this one's from the caches."""
-    if gap:
-        return [item for _ in range(repeats) for item in calls.items()]
-    return [item for item in calls.items() for _ in range(repeats)]
 
 
 def idle_lines(result: dict) -> list[str]:

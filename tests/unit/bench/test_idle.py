@@ -1,4 +1,5 @@
-"""The latency-after-idle table's call order: interleaved after pauses, blocks back to back."""
+"""The latency-after-idle table: contenders take turns, and back to back means right
+after the same contender's own call."""
 
 from __future__ import annotations
 
@@ -7,22 +8,34 @@ import sys
 from support import ROOT
 
 sys.path.insert(0, str(ROOT))
-from bench.idle import _call_order  # noqa: E402
+from bench import idle  # noqa: E402
 
 sys.path.pop(0)
 
 
-def test_after_a_pause_contenders_take_turns():
-    calls = {"service": print, "openvino": len}
+def test_back_to_back_each_timed_call_follows_its_own_and_contenders_take_turns(monkeypatch):
+    monkeypatch.setattr(idle, "IDLE_GAPS_S", (0.0,))
+    monkeypatch.setattr(idle, "CALLS_PER_GAP", {0.0: 2})
+    made = []
+    calls = {name: (lambda name=name: made.append(name)) for name in ("service", "openvino")}
 
-    order = [name for name, _ in _call_order(calls, repeats=2, gap=0.15)]
+    result = idle.idle_latency(calls, worker_pid=None)
 
-    assert order == ["service", "openvino", "service", "openvino"]
+    warm_up = ["service"] * 3 + ["openvino"] * 3  # the first calls pay one-time costs
+    assert made == warm_up + ["service", "service", "openvino", "openvino"] * 2
+    assert set(result["p50_ms"]) == {"service", "openvino"}
+    assert all(row["0"] >= 0 for row in result["p50_ms"].values())
 
 
-def test_back_to_back_each_contender_runs_its_calls_in_one_block():
-    calls = {"service": print, "openvino": len}
+def test_after_a_pause_every_call_is_timed_once_in_turn(monkeypatch):
+    monkeypatch.setattr(idle, "IDLE_GAPS_S", (0.01,))
+    monkeypatch.setattr(idle, "CALLS_PER_GAP", {0.01: 2})
+    made = []
+    calls = {name: (lambda name=name: made.append(name)) for name in ("service", "openvino")}
 
-    order = [(name, call) for name, call in _call_order(calls, repeats=2, gap=0.0)]
+    result = idle.idle_latency(calls, worker_pid=None)
 
-    assert order == [("service", print), ("service", print), ("openvino", len), ("openvino", len)]
+    warm_up = ["service"] * 3 + ["openvino"] * 3  # the first calls pay one-time costs
+    assert made == warm_up + ["service", "openvino"] * 2
+    assert set(result["p50_ms"]["service"]) == {"0.01"}
+    assert result["p50_ms"]["service"]["0.01"] < 10  # the pause itself is not timed
