@@ -66,14 +66,17 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
 
 def parse_request(action: str, document: Any) -> HttpRequest:
     """The validated request of `action`; InvalidRequest listing every violation. A body
-    of the wrong shape (types, unknown fields) is refused with every shape violation;
-    a well-formed one is then held to the service's rules, every violation at once."""
+    of the wrong shape (types, unknown fields) is refused with every shape violation
+    (and unknown output names); a well-formed one is then held to the service's rules,
+    every violation at once, unknown output names among them."""
     if not isinstance(document, dict):
         raise _invalid("body", f"expected a JSON object, got {_kind(document)}")
     violations = _unknown_fields(document, ("items", "params"), "")
+    unknown_outputs: list[FieldViolation] = []
     items = _items(document.get("items"), violations)
     if action == "encode":
-        request = pb.EncodeRequest(items=items, params=_encode_params(document, violations))
+        params = _encode_params(document, violations, unknown_outputs)
+        request = pb.EncodeRequest(items=items, params=params)
     elif action == "log_prob":
         _no_params(document, violations)
         # The log-probability is computed from the final layer's logits.
@@ -82,9 +85,15 @@ def parse_request(action: str, document: Any) -> HttpRequest:
         _no_params(document, violations)
         request = pb.PredictRequest(items=items)
     if violations:
-        raise InvalidRequest(violations)
+        raise InvalidRequest(violations + unknown_outputs)
     validate = validate_predict if action == "predict" else validate_encode
-    return HttpRequest(action, validate(request))
+    try:
+        valid = validate(request)
+    except InvalidRequest as error:
+        raise InvalidRequest(error.violations + unknown_outputs) from None
+    if unknown_outputs:
+        raise InvalidRequest(unknown_outputs)
+    return HttpRequest(action, valid)
 
 
 def _items(value: Any, violations: list[FieldViolation]) -> list[pb.Item]:
@@ -110,7 +119,11 @@ def _items(value: Any, violations: list[FieldViolation]) -> list[pb.Item]:
     return items
 
 
-def _encode_params(document: dict, violations: list[FieldViolation]) -> pb.EncodeParams:
+def _encode_params(
+    document: dict, violations: list[FieldViolation], unknown_outputs: list[FieldViolation]
+) -> pb.EncodeParams:
+    """The params of an Encode body. Output names it does not know go to `unknown_outputs`,
+    so they are reported beside the value violations of the rest of the request."""
     params = document.get("params", {})
     if params is None:
         return pb.EncodeParams()
@@ -133,7 +146,7 @@ def _encode_params(document: dict, violations: list[FieldViolation]) -> pb.Encod
             out.include.append(INCLUDE_NAMES[name])
         else:
             valid = ", ".join(INCLUDE_NAMES)
-            violations.append(
+            unknown_outputs.append(
                 FieldViolation(
                     f"params.include[{index}]", f"unknown output {name!r}; valid: {valid}"
                 )

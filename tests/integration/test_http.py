@@ -324,6 +324,22 @@ def test_invalid_input_lists_every_violation_as_grpc_does(door):
         "items[0].sequence",
         "params.include",
     ]
+    # An unknown output name is reported beside the rest of the request's violations.
+    names = post(
+        door,
+        "encode",
+        {"items": [{"sequence": "MK1A"}], "params": {"include": ["mean", "embeddings", 3]}},
+    )
+    assert names.status_code == 400
+    assert [(e["field"], e["msg"].split(";")[0]) for e in names.json()["errors"]] == [
+        ("items[0].sequence", "character '1' at position 3 is not accepted (accepted: "
+         "ACDEFGHIKLMNPQRSTVWY, XBUZO, '-')"),
+        ("params.include[1]", "unknown output 'embeddings'"),
+        ("params.include[2]", "unknown output 3"),
+    ]  # fmt: skip
+    alone = post(door, "encode", {"items": [{"sequence": "MKA"}], "params": {"include": ["x"]}})
+    assert alone.status_code == 400
+    assert [e["field"] for e in alone.json()["errors"]] == ["params.include[0]"]
 
 
 def test_too_large_bodies_and_responses_get_413(door):
