@@ -223,7 +223,7 @@ def _run_windows(
 
 def run_predict(args: argparse.Namespace) -> int:
     if args.fasta is not None:
-        records = read_records(args.fasta)
+        records = read_records(args.fasta, sequence_option="--sequence SEQ")
     else:
         records = [
             FastaRecord(f"seq{i}", sequence, 0) for i, sequence in enumerate(args.sequence, 1)

@@ -98,9 +98,15 @@ def client_from_args(args: argparse.Namespace) -> Esm2Client:
         raise UsageError(str(error)) from None
 
 
-def read_records(path: str) -> list[FastaRecord]:
+def read_records(path: str, sequence_option: str | None = None) -> list[FastaRecord]:
+    """The records of FASTA file `path`; UsageError for a missing, unreadable or empty
+    one. `sequence_option`: the command's option for a sequence itself, suggested when
+    `path` is no file (a sequence typed where the file goes)."""
     try:
         records = read_fasta(path)
+    except FileNotFoundError:
+        hint = f"; to send a sequence itself, use {sequence_option}" if sequence_option else ""
+        raise UsageError(f"{path}: no such FASTA file{hint}") from None
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
     if not records:

@@ -228,6 +228,13 @@ def test_bad_fasta_for_predict_exits_2(tmp_path, capsys, text, error):
     assert error in capsys.readouterr().err
 
 
+def test_a_sequence_typed_where_predicts_fasta_file_goes_is_pointed_to_sequence(capsys):
+    assert main(["predict", "MKT<mask>A", "--target", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == (
+        "error: MKT<mask>A: no such FASTA file; to send a sequence itself, use --sequence SEQ\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
