@@ -30,6 +30,11 @@ ACCEPTED_CHARACTERS = frozenset(STANDARD_RESIDUES + EXTENDED_RESIDUES + GAP)
 _TOKEN_PATTERN = re.compile(re.escape(MASK_TOKEN) + "|.", re.DOTALL)
 
 
+def token_count(sequence: str) -> int:
+    """len(split_tokens(sequence)), without building the list."""
+    return len(sequence) - (len(MASK_TOKEN) - 1) * sequence.count(MASK_TOKEN)
+
+
 def split_tokens(sequence: str) -> list[str]:
     """Splits a sequence into tokens: one per character, `<mask>` as one token."""
     return _TOKEN_PATTERN.findall(sequence)

@@ -29,6 +29,11 @@ HEARTBEATS = f"{PREFIX}:heartbeats"
 ITEM_FIELD = b"item"  # queue lanes: QueueItem bytes
 CHUNK_FIELD = b"chunk"  # reply stream: EncodeResponse or PredictResponse bytes
 ERROR_FIELD = b"error"  # reply stream: ItemError bytes
+# Reply stream: the piece a chunk or completion is, so the frontend relays each piece once
+# without parsing it: b"INDEX" for an item's completion, b"INDEX:KIND:LAYER:OFFSET" for a
+# chunk. Entries without it (older workers) are parsed.
+PIECE_FIELD = b"piece"
+NEWS_FIELD = b"requests"  # a frontend's news stream: ids of requests with new replies
 
 
 def reply_stream(request_id: str) -> str:

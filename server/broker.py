@@ -1,9 +1,9 @@
 """The frontend's side of the Redis queue: enqueue items, relay their results.
 
 A request becomes one QueueItem entry per item, each on the queue lane of its length. Workers
-write the results to the request's own reply stream; `results` reads that stream
-with blocking reads and yields each response message as soon as it arrives, deleting
-what it has relayed so Redis holds only what the client has not taken yet.
+write the results to the request's own reply stream; `results` yields each response
+message as soon as it arrives, through the process's one `ReplyReader`, which trims
+what was relayed so Redis holds only what the client has not taken yet.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from esm2_service import queue
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed, QueueFull
+from esm2_service.server.reply_reader import REDIS_ERRORS, ReplyReader
 from esm2_service.validation import ValidRequest
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Connections a process's shared client opens at most (each waits for a free one
+# rather than failing); the ReplyReader's blocking read has one more of its own.
+MAX_REDIS_CONNECTIONS = 8
 
 
 # Checks the bound and queues a request's items atomically, in one round trip.
@@ -65,6 +66,29 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def connect(url: str) -> aioredis.Redis:
+    """A process's shared Redis client: at most MAX_REDIS_CONNECTIONS connections,
+    however many requests are in flight (a request waits for a free connection)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_REDIS_CONNECTIONS,
+        timeout=None,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,  # longer than one blocking read (1 s); a hung Redis fails requests
+        health_check_interval=10,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _own_connection(redis: aioredis.Redis) -> aioredis.Redis:
+    """A client on the same server as `redis` with one connection of its own."""
+    pool = redis.connection_pool
+    own = aioredis.ConnectionPool(
+        connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
+    )
+    return aioredis.Redis(connection_pool=own)
+
+
 class Broker:
     def __init__(
         self,
@@ -76,6 +100,15 @@ class Broker:
         self.settings = settings
         self.on_item_complete = on_item_complete  # called with each item's s since enqueue
         self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
+        self._listen = _own_connection(redis)
+        self.reader = ReplyReader(
+            redis, self._listen, settings.read_block_ms, cancel_ttl_s=settings.result_ttl_s
+        )
+
+    async def aclose(self) -> None:
+        """Stops the reply reader and closes its connection (not the shared client's)."""
+        await self.reader.aclose()
+        await self._listen.aclose()
 
     async def submit(
         self, request: ValidRequest, request_id: str, timeout_s: float | None
@@ -107,16 +140,26 @@ class Broker:
         them: QueueFull when they would take the queue past its bound."""
         lanes_and_items = []
         for item, tokens in zip(items, token_counts, strict=True):
+            item.news_stream = self.reader.news_stream
             lanes_and_items += [queue.lane_index(tokens), item.SerializeToString()]
         marker_ttl_s = max(1, int(deadline - time.time())) + self.settings.result_ttl_s
+        first = not self.reader.subscribed(request_id)
+        self.reader.subscribe(request_id)  # before the items exist, so no news is missed
         try:
             depth = await self._enqueue(
                 keys=[queue.request_key(request_id), *queue.QUEUE_LANES],
                 args=[self.settings.max_queue_items, marker_ttl_s, *lanes_and_items],
             )
-        except REDIS_ERRORS as error:
-            raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
+        except BaseException as error:
+            if first:
+                self.reader.unsubscribe(request_id)
+            if isinstance(error, REDIS_ERRORS):
+                message = f"the queue (Redis) is unreachable: {error}"
+                raise BackendUnavailable(message) from error
+            raise
         if depth >= 0:
+            if first:
+                self.reader.unsubscribe(request_id)
             raise QueueFull(
                 f"the queue holds {depth} of at most {self.settings.max_queue_items} items; "
                 f"retry in {self.settings.retry_after_s:g} s",
@@ -129,100 +172,93 @@ class Broker:
         enqueued = time.monotonic()  # submit() has just queued the items
         async with contextlib.aclosing(self.replies(request_id, deadline)) as replies:
             async for batch in replies:
-                for message, serialized in batch:
-                    if message.HasField("complete"):
+                for piece in batch:
+                    if piece.complete:
                         remaining -= 1
                         if self.on_item_complete is not None:
                             self.on_item_complete(time.monotonic() - enqueued)
-                    yield serialized
+                    yield piece.raw
                 if not remaining:
                     return
 
-    async def replies(
-        self, request_id: str, deadline: float
-    ) -> AsyncIterator[list[tuple[pb.EncodeResponse, bytes]]]:
-        """Batches of the request's new response messages, parsed and as sent, until the
-        caller stops; an empty batch when a blocking read found nothing.
+    async def replies(self, request_id: str, deadline: float) -> AsyncIterator[list[Piece]]:
+        """Batches of the request's new response messages until the caller stops; an
+        empty batch when `read_block_ms` passed with nothing new.
 
         Raises ItemFailed for an item a worker failed. A worker that died mid-item leaves
         part of it written; the worker that retries the item writes it again. Each piece
-        is yielded once. Relayed entries are deleted from Redis when the caller asks for
+        is yielded once. Relayed entries are trimmed from Redis when the caller asks for
         the next batch (when it is done, `finish` drops the whole stream).
         """
-        stream = queue.reply_stream(request_id)
-        last_id = "0-0"
-        relayed: set[tuple] = set()
-        while True:
-            entries = await self._read(stream, last_id, deadline)
-            if not entries:
-                await self._check_still_queued(request_id)
-                yield []
-                continue
-            last_id = entries[-1][0]
-            yield list(_new_pieces(entries, relayed))
-            await self._forget(stream, [entry_id for entry_id, _ in entries])
-
-    async def _read(self, stream: str, last_id, deadline: float):
-        left_s = deadline - time.time()
-        if left_s <= 0:
-            raise DeadlineExceeded("the request's deadline passed before its results were ready")
-        block_ms = max(1, min(self.settings.read_block_ms, int(left_s * 1000)))
+        subscription = self.reader.subscribe(request_id)
+        relayed: set[bytes] = set()
         try:
-            # A few chunks per read bounds what the frontend holds per stream (~4 MiB each).
-            reply = await self.redis.xread({stream: last_id}, count=8, block=block_ms)
-        except REDIS_ERRORS as error:
-            raise BackendUnavailable(
-                f"lost the queue (Redis) while waiting for results: {error}"
-            ) from error
-        return reply[0][1] if reply else []
-
-    async def _check_still_queued(self, request_id: str) -> None:
-        try:
-            exists = await self.redis.exists(queue.request_key(request_id))
-        except REDIS_ERRORS as error:
-            raise BackendUnavailable(f"lost the queue (Redis): {error}") from error
-        if not exists:
-            raise BackendUnavailable(
-                "the queue lost this request (Redis restarted or evicted it); retry the request"
-            )
-
-    async def _forget(self, stream: str, entry_ids) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):  # the stream expires on its own
-            await self.redis.xdel(stream, *entry_ids)
+            while True:
+                left_s = deadline - time.time()
+                if left_s <= 0:
+                    raise DeadlineExceeded(
+                        "the request's deadline passed before its results were ready"
+                    )
+                wait_s = min(self.settings.read_block_ms / 1000, left_s)
+                entries = await subscription.next(wait_s)
+                yield list(_new_pieces(entries, relayed))
+        finally:
+            self.reader.unsubscribe(request_id)
 
     async def cancel(self, request_id: str) -> None:
         """Tells workers to skip the request's items, and drops its results."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(queue.cancel_key(request_id), 1, ex=self.settings.result_ttl_s)
-                pipe.delete(queue.reply_stream(request_id), queue.request_key(request_id))
-                await pipe.execute()
-        except REDIS_ERRORS:
-            pass  # workers also skip items whose deadline passed
+        await self.reader.forget(request_id, cancelled=True)
 
     async def finish(self, request_id: str) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self.redis.delete(queue.reply_stream(request_id), queue.request_key(request_id))
+        """Drops the request's reply stream and marker."""
+        await self.reader.forget(request_id, cancelled=False)
 
 
-def _new_pieces(entries, relayed: set[tuple]) -> Iterator[tuple[pb.EncodeResponse, bytes]]:
+class Piece:
+    """One response message from a reply stream, as the worker serialized it."""
+
+    __slots__ = ("raw", "complete", "_message")
+
+    def __init__(self, raw: bytes, complete: bool, message: pb.EncodeResponse | None = None):
+        self.raw = raw
+        self.complete = complete  # an item's completion, not a chunk
+        self._message = message
+
+    @property
+    def message(self) -> pb.EncodeResponse:
+        """Parsed (EncodeResponse and PredictResponse share one layout: either parses both)."""
+        if self._message is None:
+            self._message = pb.EncodeResponse.FromString(self.raw)
+        return self._message
+
+
+def _new_pieces(entries, relayed: set) -> Iterator[Piece]:
     for _, fields in entries:
         if queue.ERROR_FIELD in fields:
             error = qpb.ItemError.FromString(fields[queue.ERROR_FIELD])
             raise ItemFailed(error.sequence_index, error.code, error.message)
-        # EncodeResponse and PredictResponse share one layout: either parses both.
-        message = pb.EncodeResponse.FromString(fields[queue.CHUNK_FIELD])
-        key = _piece_key(message)
+        piece = _piece(fields)
+        key = fields.get(queue.PIECE_FIELD) or _piece_key(piece.message)
         if key not in relayed:
             relayed.add(key)
-            yield message, fields[queue.CHUNK_FIELD]
+            yield piece
 
 
-def _piece_key(chunk: pb.EncodeResponse) -> tuple:
-    if chunk.HasField("complete"):
-        return (chunk.sequence_index,)
-    piece = chunk.chunk
-    return (chunk.sequence_index, piece.kind, piece.layer, piece.offset)
+def _piece(fields) -> Piece:
+    raw = fields[queue.CHUNK_FIELD]
+    key = fields.get(queue.PIECE_FIELD)
+    if key is not None:
+        return Piece(raw, complete=b":" not in key)
+    message = pb.EncodeResponse.FromString(raw)  # an older worker's entry: no piece field
+    return Piece(raw, message.HasField("complete"), message)
+
+
+def _piece_key(message: pb.EncodeResponse) -> bytes:
+    """queue.PIECE_FIELD's value for `message`."""
+    if message.HasField("complete"):
+        return str(message.sequence_index).encode()
+    piece = message.chunk
+    return f"{message.sequence_index}:{piece.kind}:{piece.layer}:{piece.offset}".encode()
 
 
 def _queue_item(request: ValidRequest, request_id, index, sequence, deadline, now) -> qpb.QueueItem:

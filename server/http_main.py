@@ -7,7 +7,6 @@ import asyncio
 import logging
 import sys
 
-import redis.asyncio as aioredis
 import uvicorn
 
 from esm2_service.config import (
@@ -20,7 +19,7 @@ from esm2_service.config import (
 )
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import load_tokens
-from esm2_service.server.broker import Broker, BrokerSettings
+from esm2_service.server.broker import Broker, BrokerSettings, connect
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.http_app import HttpDoor, HttpLimits, build_app
 from esm2_service.server.metrics import FrontendMetrics
@@ -102,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(
     args: argparse.Namespace, tokens: tuple[str, ...], metrics: FrontendMetrics
 ) -> None:
-    redis = aioredis.Redis.from_url(
-        args.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
-    )
+    redis = connect(args.redis_url)
     broker = Broker(
         redis,
         BrokerSettings(
@@ -144,6 +141,7 @@ async def serve(
         await running
     finally:
         announcer.cancel()
+        await broker.aclose()
         await redis.aclose()
 
 

@@ -9,14 +9,13 @@ import signal
 import sys
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from esm2_service.config import check_redis_address, env_or
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import TokenAuthInterceptor
-from esm2_service.server.broker import Broker, BrokerSettings
+from esm2_service.server.broker import Broker, BrokerSettings, connect
 from esm2_service.server.handlers import SERVICE_NAME, add_esm2_service
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
@@ -51,12 +50,7 @@ async def serve(
         credentials = server_credentials(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca
         )
-    redis = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,  # longer than one blocking read (1 s); a hung Redis fails requests
-        health_check_interval=10,
-    )
+    redis = connect(settings.redis_url)
     broker = Broker(
         redis,
         BrokerSettings(
@@ -122,6 +116,7 @@ async def serve(
     finally:
         monitor_task.cancel()
         await server.stop(settings.grace_s)
+        await broker.aclose()
         await redis.aclose()
 
 

@@ -179,8 +179,8 @@ class ScoreRun:
         await self._top_up(first=True)
         async with contextlib.aclosing(self.broker.replies(self.request_id, self.deadline)) as rx:
             async for batch in rx:
-                for message, _ in batch:
-                    self._take(message)
+                for piece in batch:
+                    self._take(piece.message)
                 for response in self._completed_scores():
                     yield response
                 if self._completed == len(self.passes):

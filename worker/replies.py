@@ -39,34 +39,55 @@ MAX_BUFFERED_BYTES = 16 << 20
 
 # A queue entry: (lane stream, entry id). Ids are unique per stream only.
 EntryRef = tuple[str, bytes]
-# A reply entry waiting to be written: (request id, field, value).
-Entry = tuple[str, bytes, bytes]
+# A reply entry waiting to be written: (its item, field, value, piece or b"").
+Entry = tuple[qpb.QueueItem, bytes, bytes, bytes]
+# A frontend reads news of its requests from its news stream; it reads the last few.
+NEWS_MAXLEN = 10_000
 
-# KEYS: n reply streams, their n requests' cancel keys, then the lanes to acknowledge on.
-# ARGV: n, TTL (s), group; for each reply stream its entry count, then a (field, value)
-# pair per entry; for each lane its id count, then the ids. Returns each reply stream's
-# length after the write, or -1 where the request was cancelled and nothing was written.
-_WRITE_SCRIPT = """
+# KEYS: n reply streams, their n requests' cancel keys, their n news streams (a request
+# whose frontend listens to none names its reply stream again, and is skipped), then the
+# lanes to acknowledge on. ARGV: n, TTL (s), group; for each reply stream its entry
+# count, then (field, value, piece) per entry (piece: queue.PIECE_FIELD's value, or ""
+# for none); for each lane its id count, then the ids. Each news stream gets one entry
+# naming the requests written to. Returns each reply stream's length after the write,
+# or -1 where the request was cancelled and nothing was written.
+PIECE = queue.PIECE_FIELD.decode()
+_WRITE_SCRIPT = f"""
 local n, ttl, group = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local at = 4
-local lengths = {}
+local lengths = {{}}
+local news = {{}}
 for i = 1, n do
   local count = tonumber(ARGV[at])
   at = at + 1
   if redis.call('EXISTS', KEYS[n + i]) == 1 then
     lengths[i] = -1
   else
-    for e = at, at + 2 * count - 1, 2 do
-      redis.call('XADD', KEYS[i], '*', ARGV[e], ARGV[e + 1])
+    for e = at, at + 3 * count - 1, 3 do
+      if ARGV[e + 2] == '' then
+        redis.call('XADD', KEYS[i], '*', ARGV[e], ARGV[e + 1])
+      else
+        redis.call('XADD', KEYS[i], '*', ARGV[e], ARGV[e + 1], '{PIECE}', ARGV[e + 2])
+      end
     end
     redis.call('EXPIRE', KEYS[i], ttl)
     lengths[i] = redis.call('XLEN', KEYS[i])
+    local listener = KEYS[2 * n + i]
+    if listener ~= KEYS[i] then
+      if news[listener] == nil then news[listener] = {{}} end
+      table.insert(news[listener], string.sub(KEYS[i], {len(queue.reply_stream("")) + 1}))
+    end
   end
-  at = at + 2 * count
+  at = at + 3 * count
 end
-for lane = 2 * n + 1, #KEYS do
+for listener, ids in pairs(news) do
+  redis.call('XADD', listener, 'MAXLEN', '~', {NEWS_MAXLEN}, '*',
+             '{queue.NEWS_FIELD.decode()}', table.concat(ids, ' '))
+  redis.call('EXPIRE', listener, ttl)
+end
+for lane = 3 * n + 1, #KEYS do
   local count = tonumber(ARGV[at])
-  local ids = {unpack(ARGV, at + 1, at + count)}
+  local ids = {{unpack(ARGV, at + 1, at + count)}}
   redis.call('XACK', KEYS[lane], group, unpack(ids))
   redis.call('XDEL', KEYS[lane], unpack(ids))
   at = at + 1 + count
@@ -120,12 +141,16 @@ class ReplyWriter:
         if item_key(item) in self.abandoned:
             return
         entries = [
-            (item.request_id, queue.CHUNK_FIELD, message.SerializeToString())
-            for message in (
-                response_type(item.task)(sequence_index=item.sequence_index, chunk=chunk)
-                for chunk in chunk_messages(
-                    output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
-                )
+            (
+                item,
+                queue.CHUNK_FIELD,
+                response_type(item.task)(
+                    sequence_index=item.sequence_index, chunk=chunk
+                ).SerializeToString(),
+                f"{item.sequence_index}:{chunk.kind}:{chunk.layer}:{chunk.offset}".encode(),
+            )
+            for chunk in chunk_messages(
+                output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
             )
         ]
         if len(output.data) < WRITE_AT_ONCE_BYTES:
@@ -156,17 +181,20 @@ class ReplyWriter:
         and acknowledges `acks`, atomically. Returns each request's reply stream length
         (-1: cancelled, nothing written)."""
         by_request: dict[str, list[bytes]] = {}
-        for request_id, field, value in entries:
-            by_request.setdefault(request_id, []).extend((field, value))
+        news: dict[str, str] = {}
+        for item, field, value, piece in entries:
+            by_request.setdefault(item.request_id, []).extend((field, value, piece))
+            news[item.request_id] = item.news_stream or queue.reply_stream(item.request_id)
         args: list = [len(by_request), self.result_ttl_s, queue.WORKER_GROUP]
-        for pairs in by_request.values():
-            args += [len(pairs) // 2, *pairs]
+        for triples in by_request.values():  # (field, value, piece) per entry
+            args += [len(triples) // 3, *triples]
         lanes = group_by_stream(acks)  # the lanes' lengths are the backlog: delete, too
         for entry_ids in lanes.values():
             args += [len(entry_ids), *entry_ids]
         keys = [
             *map(queue.reply_stream, by_request),
             *map(queue.cancel_key, by_request),
+            *(news[request_id] for request_id in by_request),
             *lanes,
         ]
         lengths = self._write_script(keys=keys, args=args)
@@ -202,9 +230,10 @@ class ReplyWriter:
         if predict:
             done.sequence_tokens.extend(split_tokens(item.sequence))
         message = response_type(item.task)(sequence_index=item.sequence_index, complete=done)
-        self._buffer.append((item.request_id, queue.CHUNK_FIELD, message.SerializeToString()))
+        piece = str(item.sequence_index).encode()
+        self._buffer.append((item, queue.CHUNK_FIELD, message.SerializeToString(), piece))
 
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:
         """Buffers an error for the item, in place of its results."""
         error = qpb.ItemError(sequence_index=item.sequence_index, code=code, message=message)
-        self._buffer.append((item.request_id, queue.ERROR_FIELD, error.SerializeToString()))
+        self._buffer.append((item, queue.ERROR_FIELD, error.SerializeToString(), b""))

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from esm2_service.esm2.v1 import esm2_pb2 as esm2_dot_v1_dot_esm2__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65sm2/internal/v1/queue.proto\x12\x10\x65sm2.internal.v1\x1a\x12\x65sm2/v1/esm2.proto\"\xf8\x01\n\tQueueItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0esequence_index\x18\x02 \x01(\x05\x12$\n\x04task\x18\x03 \x01(\x0e\x32\x16.esm2.internal.v1.Task\x12\x10\n\x08sequence\x18\x04 \x01(\t\x12\x13\n\x0brepr_layers\x18\x05 \x03(\x05\x12!\n\x07include\x18\x06 \x03(\x0e\x32\x10.esm2.v1.Include\x12\x1d\n\x05\x64type\x18\x07 \x01(\x0e\x32\x0e.esm2.v1.Dtype\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x08 \x01(\x01\x12\x17\n\x0f\x65nqueued_unix_s\x18\t \x01(\x01\"B\n\tItemError\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*?\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTASK_ENCODE\x10\x01\x12\x10\n\x0cTASK_PREDICT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65sm2/internal/v1/queue.proto\x12\x10\x65sm2.internal.v1\x1a\x12\x65sm2/v1/esm2.proto\"\x8d\x02\n\tQueueItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0esequence_index\x18\x02 \x01(\x05\x12$\n\x04task\x18\x03 \x01(\x0e\x32\x16.esm2.internal.v1.Task\x12\x10\n\x08sequence\x18\x04 \x01(\t\x12\x13\n\x0brepr_layers\x18\x05 \x03(\x05\x12!\n\x07include\x18\x06 \x03(\x0e\x32\x10.esm2.v1.Include\x12\x1d\n\x05\x64type\x18\x07 \x01(\x0e\x32\x0e.esm2.v1.Dtype\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x08 \x01(\x01\x12\x17\n\x0f\x65nqueued_unix_s\x18\t \x01(\x01\x12\x13\n\x0bnews_stream\x18\n \x01(\t\"B\n\tItemError\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*?\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTASK_ENCODE\x10\x01\x12\x10\n\x0cTASK_PREDICT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'esm2.internal.v1.queue_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=389
-  _globals['_TASK']._serialized_end=452
+  _globals['_TASK']._serialized_start=410
+  _globals['_TASK']._serialized_end=473
   _globals['_QUEUEITEM']._serialized_start=71
-  _globals['_QUEUEITEM']._serialized_end=319
-  _globals['_ITEMERROR']._serialized_start=321
-  _globals['_ITEMERROR']._serialized_end=387
+  _globals['_QUEUEITEM']._serialized_end=340
+  _globals['_ITEMERROR']._serialized_start=342
+  _globals['_ITEMERROR']._serialized_end=408
 # @@protoc_insertion_point(module_scope)

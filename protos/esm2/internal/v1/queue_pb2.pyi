@@ -18,7 +18,7 @@ TASK_ENCODE: Task
 TASK_PREDICT: Task
 
 class QueueItem(_message.Message):
-    __slots__ = ("request_id", "sequence_index", "task", "sequence", "repr_layers", "include", "dtype", "deadline_unix_s", "enqueued_unix_s")
+    __slots__ = ("request_id", "sequence_index", "task", "sequence", "repr_layers", "include", "dtype", "deadline_unix_s", "enqueued_unix_s", "news_stream")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class QueueItem(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     ENQUEUED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    NEWS_STREAM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sequence_index: int
     task: Task
@@ -37,7 +38,8 @@ class QueueItem(_message.Message):
     dtype: _esm2_pb2.Dtype
     deadline_unix_s: float
     enqueued_unix_s: float
-    def __init__(self, request_id: _Optional[str] = ..., sequence_index: _Optional[int] = ..., task: _Optional[_Union[Task, str]] = ..., sequence: _Optional[str] = ..., repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[_esm2_pb2.Include, str]]] = ..., dtype: _Optional[_Union[_esm2_pb2.Dtype, str]] = ..., deadline_unix_s: _Optional[float] = ..., enqueued_unix_s: _Optional[float] = ...) -> None: ...
+    news_stream: str
+    def __init__(self, request_id: _Optional[str] = ..., sequence_index: _Optional[int] = ..., task: _Optional[_Union[Task, str]] = ..., sequence: _Optional[str] = ..., repr_layers: _Optional[_Iterable[int]] = ..., include: _Optional[_Iterable[_Union[_esm2_pb2.Include, str]]] = ..., dtype: _Optional[_Union[_esm2_pb2.Dtype, str]] = ..., deadline_unix_s: _Optional[float] = ..., enqueued_unix_s: _Optional[float] = ..., news_stream: _Optional[str] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("sequence_index", "code", "message")

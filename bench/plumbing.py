@@ -1,0 +1,421 @@
+"""`python -m bench.plumbing`: the service's path at GPU rates, with a model that costs nothing.
+
+Real processes: an embedded Redis, N gRPC frontends sharing one port, instant workers
+(`bench.instant_worker`: the real queue loop, zeros for outputs) and client processes
+that keep K Encode requests of 8 in flight each for a fixed time through the Python
+client (decoding included). Prints items/s, residues/s, tensor MB/s, CPU ms per item
+of each kind of process, outcomes by status code, and the most Redis connections one
+frontend held (sampled from CLIENT LIST), for mean-only and per-token outputs, one and
+several frontends, and a sweep of requests in flight.
+
+`--against REV` runs every cell on the code of git revision REV too, in the same run,
+and prints the ratios (the bench's own code stays this tree's).
+
+    python -m bench.plumbing                       # the full table, ~5 minutes
+    python -m bench.plumbing --against main~3      # side by side with an older tree
+    python -m bench.plumbing --small               # a quick dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from bench.procfs import cpu_seconds
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+# The package layout of pyproject's package-dir, for running another revision's tree.
+PACKAGE_DIRS = {
+    "": "protos",
+    "client": "client",
+    "server": "server",
+    "worker": "worker",
+}
+SEQUENCE_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"
+START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    outputs: str  # "mean" or "per_token" (last layer)
+    frontends: int
+    in_flight: int  # requests in flight, over all clients
+
+
+@dataclass
+class Reading:
+    cell: Cell
+    tree: str
+    seconds: float
+    items: int
+    residues: int
+    tensor_bytes: int
+    outcomes: dict[str, int]
+    cpu_s: dict[str, float]  # by kind of process
+    max_frontend_connections: int
+
+    @property
+    def cpu_ms_per_item(self) -> dict[str, float]:
+        return {kind: 1000 * s / max(self.items, 1) for kind, s in self.cpu_s.items()}
+
+
+def sequences(residues: int, count: int = 8, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choices(SEQUENCE_ALPHABET, k=residues)) for _ in range(count)]
+
+
+# ---- the client process ----------------------------------------------------------------
+
+
+async def _client_loop(target: str, in_flight: int, seconds: float, include: str, residues: int):
+    import asyncio
+
+    import grpc
+
+    from esm2_service.client import AsyncEsm2Client
+
+    outcomes: Counter[str] = Counter()
+    totals = {"items": 0, "residues": 0, "tensor_bytes": 0}
+    batch = sequences(residues)
+    async with AsyncEsm2Client(target, max_concurrency=in_flight, timeout_s=120) as client:
+        await client.status()  # connected before the clock starts
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        stop_at = time.monotonic() + seconds
+
+        async def one_caller():
+            while time.monotonic() < stop_at:
+                try:
+                    results = await client.encode(batch, include=[include])
+                except grpc.aio.AioRpcError as error:
+                    outcomes[error.code().name] += 1
+                    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        await asyncio.sleep(0.05)
+                    continue
+                outcomes["OK"] += 1
+                totals["items"] += len(results)
+                totals["residues"] += sum(len(s) for s in batch)
+                totals["tensor_bytes"] += sum(
+                    array.nbytes for result in results for array in _arrays(result)
+                )
+
+        await asyncio.gather(*(one_caller() for _ in range(in_flight)))
+    return {**totals, "outcomes": dict(outcomes)}
+
+
+def _arrays(result):
+    for value in vars(result).values():
+        if isinstance(value, dict):
+            yield from (v for v in value.values() if hasattr(v, "nbytes"))
+        elif hasattr(value, "nbytes"):
+            yield value
+
+
+def client_main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    report = asyncio.run(
+        _client_loop(args.client, args.in_flight, args.seconds, args.include, args.residues)
+    )
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+# ---- the service's processes -----------------------------------------------------------
+
+
+def tree_pythonpath(revision: str, workdir: Path) -> str:
+    """A PYTHONPATH on which `esm2_service` is git revision `revision`'s code."""
+    tree = workdir / "tree"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    package = workdir / "site" / "esm2_service"
+    package.parent.mkdir()
+    package.symlink_to(tree / PACKAGE_DIRS[""])
+    for name, folder in PACKAGE_DIRS.items():
+        if name:
+            (tree / PACKAGE_DIRS[""] / name).symlink_to(tree / folder)
+    if "hiredis" not in (tree / "pyproject.toml").read_text():
+        # That tree parsed Redis replies in Python: hide the C parser from redis-py.
+        (package.parent / "hiredis").mkdir()
+        (package.parent / "hiredis" / "__init__.py").write_text("raise ImportError\n")
+    return f"{package.parent}{os.pathsep}{ROOT}"
+
+
+class Plumbing:
+    """Redis, frontends and instant workers, for one tree of the code."""
+
+    def __init__(self, frontends: int, workers: int, pythonpath: str | None, log_dir: Path):
+        from esm2_service.server.embedded_redis import EmbeddedRedis
+
+        self.env = {**os.environ, "ESM2_METRICS_PORT": "0", "ESM2_LOG_LEVEL": "WARNING"}
+        self.env["PYTHONPATH"] = pythonpath or str(ROOT)
+        self.log_dir = log_dir
+        self._redis_dir = tempfile.TemporaryDirectory(prefix="esm2-plumbing-")
+        self.redis = EmbeddedRedis(Path(self._redis_dir.name))
+        self.env["REDIS_URL"] = self.redis.url
+        self.processes: list[subprocess.Popen] = []
+        self.frontends: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
+        try:
+            port = 0
+            for index in range(frontends):
+                frontend = self._spawn(f"frontend{index}", "esm2_service.server", "--port", port)
+                port = _expect(frontend, "listening on port").rsplit(" ", 1)[1]
+                self.frontends.append(frontend)
+            self.target = f"127.0.0.1:{port}"
+            for index in range(workers):
+                worker = self._spawn(
+                    f"worker{index}",
+                    "bench.instant_worker",
+                    *("--redis-url", self.redis.url, "--worker-id", f"instant-{index}"),
+                )
+                _expect(worker, "ready")
+                self.workers.append(worker)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, module: str, *args) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"{name}.log").open("a") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, *map(str, args)],
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.redis.stop()
+        self._redis_dir.cleanup()
+
+    def measure(self, cell: Cell, args: argparse.Namespace, tree: str) -> Reading:
+        clients = [
+            self._spawn(
+                "client",
+                "bench.plumbing",
+                *("--client", self.target, "--in-flight", per_client, "--include", cell.outputs),
+                *("--seconds", args.seconds, "--residues", args.residues),
+            )
+            for per_client in _split(cell.in_flight, args.clients)
+        ]
+        for client in clients:
+            _expect(client, "ready")
+        groups = {
+            "frontend": [p.pid for p in self.frontends],
+            "redis": [self.redis.process.pid],
+            "worker": [p.pid for p in self.workers],
+            "client": [p.pid for p in clients],
+        }
+        before = {kind: sum(map(cpu_seconds, pids)) for kind, pids in groups.items()}
+        started = time.monotonic()
+        with _ConnectionSampler(groups["frontend"], self.redis.port) as sampler:
+            for client in clients:
+                client.stdin.write("go\n")
+                client.stdin.flush()
+            reports = [json.loads(_expect(client, "{", args.seconds + 180)) for client in clients]
+            seconds = time.monotonic() - started
+            after = {kind: sum(map(cpu_seconds, pids)) for kind, pids in groups.items()}
+        for client in clients:
+            client.wait(timeout=30)
+        outcomes: Counter[str] = Counter()
+        for report in reports:
+            outcomes.update(report["outcomes"])
+        return Reading(
+            cell=cell,
+            tree=tree,
+            seconds=seconds,
+            items=sum(r["items"] for r in reports),
+            residues=sum(r["residues"] for r in reports),
+            tensor_bytes=sum(r["tensor_bytes"] for r in reports),
+            outcomes=dict(outcomes),
+            cpu_s={kind: after[kind] - before[kind] for kind in groups},
+            max_frontend_connections=sampler.peak,
+        )
+
+
+class _ConnectionSampler:
+    """The most connections to Redis that any one frontend process held, sampled."""
+
+    def __init__(self, frontends: list[int], redis_port: int):
+        self.frontends = [psutil.Process(pid) for pid in frontends]
+        self.redis_port = redis_port
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for process in self.frontends:
+                connections = process.net_connections(kind="tcp")
+                to_redis = sum(
+                    1 for c in connections if c.raddr and c.raddr.port == self.redis_port
+                )
+                self.peak = max(self.peak, to_redis)
+            self._stop.wait(0.2)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _expect(process: subprocess.Popen, prefix: str, timeout_s: float = START_TIMEOUT_S) -> str:
+    """The process's first stdout line starting with `prefix`; raises if it ends first."""
+    lines: list[str] = []
+
+    def read():
+        for line in process.stdout:
+            if line.startswith(prefix) or prefix in line:
+                lines.append(line.strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not lines:
+        raise RuntimeError(f"pid {process.pid} ({process.args[2]}) never printed {prefix!r}")
+    return lines[0]
+
+
+# ---- the report ------------------------------------------------------------------------
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    table = [Cell(outputs, 1, args.table_in_flight) for outputs in ("mean", "per_token")]
+    table += [Cell("mean", frontends, args.table_in_flight * 4) for frontends in args.frontends]
+    table += [Cell("mean", 1, in_flight) for in_flight in args.sweep]
+    return list(dict.fromkeys(table))
+
+
+def format_reading(reading: Reading) -> str:
+    s = reading.seconds
+    cpu = reading.cpu_ms_per_item
+    failed = {k: v for k, v in reading.outcomes.items() if k != "OK"}
+    return (
+        f"| {reading.tree} | {reading.cell.outputs} | {reading.cell.frontends} "
+        f"| {reading.cell.in_flight} | {reading.items / s:,.0f} | {reading.residues / s:,.0f} "
+        f"| {reading.tensor_bytes / s / 1e6:,.1f} | {cpu['frontend']:.3f} | {cpu['redis']:.3f} "
+        f"| {cpu['worker']:.3f} | {cpu['client']:.3f} | {reading.max_frontend_connections} "
+        f"| {reading.outcomes.get('OK', 0):,} | {json.dumps(failed) if failed else '-'} |"
+    )
+
+
+HEADER = (
+    "| tree | outputs | frontends | in flight | items/s | residues/s | tensor MB/s "
+    "| frontend CPU ms/item | Redis | worker | client | Redis conns/frontend (max) "
+    "| requests OK | other outcomes |\n" + "|---" * 14 + "|"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.plumbing", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per cell (default 8)")
+    parser.add_argument("--residues", type=int, default=340, help="per sequence (default 340)")
+    parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="instant workers (default 2)")
+    parser.add_argument(
+        "--table-in-flight", type=int, default=16, help="requests in flight for the CPU table"
+    )
+    parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sweep", type=int, nargs="+", default=[16, 128, 512, 2048])
+    parser.add_argument("--against", help="a git revision to run side by side (e.g. main~1)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "plumbing.md")
+    parser.add_argument("--small", action="store_true", help="a quick dry run of every stage")
+    # A client process (internal).
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--include", default="mean", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.small:
+        args.seconds, args.frontends, args.sweep = 1.0, [1, 2], [8, 64]
+        args.table_in_flight, args.workers = 4, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.client:
+        return client_main(args)
+    trees = {"this": None}
+    workdir = Path(tempfile.mkdtemp(prefix="esm2-plumbing-"))
+    if args.against:
+        trees[args.against] = tree_pythonpath(args.against, workdir)
+    readings = []
+    log_dir = workdir / "logs"
+    print(f"logs in {log_dir}", file=sys.stderr)
+    print(HEADER, flush=True)
+    for cell in cells(args):
+        for tree, pythonpath in trees.items():
+            service = Plumbing(cell.frontends, args.workers, pythonpath, log_dir)
+            try:
+                reading = service.measure(cell, args, tree)
+            finally:
+                service.stop()
+            readings.append(reading)
+            print(format_reading(reading), flush=True)
+    _write(args, readings)
+    shutil.rmtree(workdir)
+    return 0
+
+
+def _write(args: argparse.Namespace, readings: list[Reading]) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.plumbing " + " ".join(sys.argv[1:])
+    lines = [
+        f"# bench.plumbing, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{command.strip()}` on {os.cpu_count()} cores; {args.residues} residues a sequence,",
+        f"8 a request, {args.clients} client processes, {args.workers} instant workers, "
+        f"{args.seconds:g} s a cell. CPU is per item, over the whole cell.",
+        "",
+        HEADER,
+        *map(format_reading, readings),
+    ]
+    args.output.write_text("\n".join(lines) + "\n")
+    args.output.with_suffix(".json").write_text(
+        json.dumps([{**asdict(r), "cell": asdict(r.cell)} for r in readings], indent=1) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

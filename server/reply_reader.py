@@ -1,0 +1,278 @@
+"""One reader for every reply stream a frontend process waits on.
+
+Workers write a request's results to its reply stream and, in the same Lua step, note
+the request's id on the news stream of the frontend process that queued it
+(`QueueItem.news_stream`). Here one task blocks on that news stream, on a connection
+of its own, however many requests are in flight; another fetches every stream with
+news in one XREAD and hands the entries to the waiting requests. So a process holds
+two connections for all its streams, and one round trip serves many requests.
+
+Pacing is as before: a request holds at most one batch (`FETCH_COUNT` entries) that
+its client has not taken, and its relayed entries are trimmed from Redis when the
+client asks for the next batch; a worker waits while a reply stream is long, so a
+slow client slows only its own request. A request that hears nothing for a while
+fetches anyway (`Subscription.next`), so a lost note (an older worker, a reconnect)
+costs latency, never results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from esm2_service import queue
+from esm2_service.server.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# Entries per stream per fetch. Chunks are up to ~4 MiB, so this bounds what the
+# frontend holds for one request.
+FETCH_COUNT = 8
+# News entries read per blocking read (each names the requests of one worker write).
+NEWS_COUNT = 1024
+_RETRY_S = 0.5
+
+
+def news_stream_name() -> str:
+    """A new frontend process's news stream."""
+    return f"{queue.PREFIX}:news:{uuid.uuid4().hex}"
+
+
+class Subscription:
+    """One request's view of its reply stream."""
+
+    def __init__(self, reader: ReplyReader, request_id: str):
+        self.reader = reader
+        self.request_id = request_id
+        self.stream = queue.reply_stream(request_id)
+        self.last_id = b"0-0"  # the last entry fetched
+        self.relayed_id: bytes | None = None  # the last entry handed out, trimmed later
+        self.batch: list | None = None  # fetched, not yet handed out
+        self.error: Exception | None = None
+        self.news = False  # written to since the last fetch
+        self.ready = asyncio.Event()
+
+    async def next(self, timeout_s: float) -> list:
+        """The next entries ([(id, fields)]) of the stream, or [] after `timeout_s` of
+        nothing. Trims what the previous call returned (the caller has relayed it).
+        After a quiet wait, the next round trip fetches anyway and checks that Redis
+        still knows the request (else BackendUnavailable: it restarted or evicted it)."""
+        if self.relayed_id is not None:
+            self.reader.trim_soon(self.stream, self.relayed_id)
+            self.relayed_id = None
+        if self.batch is None and self.error is None:
+            self.reader.fetch_soon(self)
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout_s)
+            except TimeoutError:
+                self.reader.fetch_soon(self, quiet=True)
+                return []
+        if self.error is not None:
+            raise self.error
+        batch, self.batch = self.batch, None
+        self.ready.clear()
+        self.relayed_id = batch[-1][0]
+        return batch
+
+    def deliver(self, entries: list) -> None:
+        self.last_id = entries[-1][0]
+        # A full batch may have left more behind; fetch again once this one is taken.
+        self.news = self.news or len(entries) >= FETCH_COUNT
+        self.batch = entries
+        self.ready.set()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.ready.set()
+
+
+class ReplyReader:
+    """Reads the reply streams of every request this process serves.
+
+    `redis`: the process's shared client (fetches, trims); `listen`: a client with a
+    connection of its own for the blocking read of the news stream."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        listen: aioredis.Redis,
+        block_ms: int = 1000,
+        cancel_ttl_s: int = 600,
+    ):
+        self.redis = redis
+        self.listen = listen
+        self.block_ms = block_ms
+        self.cancel_ttl_s = cancel_ttl_s  # how long workers see a request as cancelled
+        self.news_stream = news_stream_name()
+        self._subscriptions: dict[str, Subscription] = {}
+        self._to_fetch: set[Subscription] = set()
+        self._to_trim: dict[str, bytes] = {}
+        self._to_check: set[Subscription] = set()
+        # Requests done with: request id -> (cancelled, resolved after the round trip).
+        self._to_forget: dict[str, tuple[bool, asyncio.Future]] = {}
+        self._work = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._listen()), loop.create_task(self._fetch())]
+
+    async def aclose(self) -> None:
+        """Stops reading; what was asked of Redis meanwhile is still done."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._round_trip(self._to_trim, [], [])
+            await self.redis.delete(self.news_stream)
+
+    def forget(self, request_id: str, cancelled: bool) -> asyncio.Future:
+        """Drops the request's reply stream and marker in the next round trip (and tells
+        workers to skip its items, if `cancelled`); the future resolves after it."""
+        self.unsubscribe(request_id)
+        self.start()
+        if request_id not in self._to_forget:
+            self._to_forget[request_id] = (cancelled, asyncio.get_running_loop().create_future())
+        self._work.set()
+        return self._to_forget[request_id][1]
+
+    def subscribe(self, request_id: str) -> Subscription:
+        """The request's subscription, created on first use: before its items are
+        queued, so no news of it is missed."""
+        self.start()
+        subscription = self._subscriptions.get(request_id)
+        if subscription is None:
+            subscription = self._subscriptions[request_id] = Subscription(self, request_id)
+        return subscription
+
+    def subscribed(self, request_id: str) -> bool:
+        return request_id in self._subscriptions
+
+    def unsubscribe(self, request_id: str) -> None:
+        subscription = self._subscriptions.pop(request_id, None)
+        if subscription is not None:
+            self._to_fetch.discard(subscription)
+            self._to_check.discard(subscription)
+            self._to_trim.pop(subscription.stream, None)
+
+    @property
+    def streams(self) -> int:
+        """Requests waiting on their reply streams now."""
+        return len(self._subscriptions)
+
+    def fetch_soon(self, subscription: Subscription, quiet: bool = False) -> None:
+        """Fetches the subscription's new entries in the next round trip if it has news;
+        `quiet`: it heard nothing for a while, so fetch anyway and check its request."""
+        if quiet:
+            self._to_check.add(subscription)
+        if subscription.news or quiet:
+            self._to_fetch.add(subscription)
+            self._work.set()
+
+    def trim_soon(self, stream: str, relayed_id: bytes) -> None:
+        self._to_trim[stream] = relayed_id
+        self._work.set()
+
+    async def _listen(self) -> None:
+        last_id = b"0-0"
+        while True:
+            try:
+                reply = await self.listen.xread(
+                    {self.news_stream: last_id}, count=NEWS_COUNT, block=self.block_ms
+                )
+            except REDIS_ERRORS as error:
+                log.warning("reading the news of reply streams failed (retrying): %s", error)
+                await asyncio.sleep(_RETRY_S)
+                continue
+            for entry_id, fields in reply[0][1] if reply else []:
+                last_id = entry_id
+                for request_id in fields.get(queue.NEWS_FIELD, b"").split():
+                    self._note(request_id.decode())
+
+    def _note(self, request_id: str) -> None:
+        subscription = self._subscriptions.get(request_id)
+        if subscription is None:
+            return  # finished or cancelled meanwhile
+        subscription.news = True
+        if subscription.batch is None:
+            self.fetch_soon(subscription)
+
+    async def _fetch(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            trims, self._to_trim = self._to_trim, {}
+            checks, self._to_check = list(self._to_check), set()
+            fetches = [s for s in self._to_fetch if s.batch is None and s.error is None]
+            self._to_fetch = set()
+            for subscription in fetches:
+                subscription.news = False
+            try:
+                await self._round_trip(trims, checks, fetches)
+            except REDIS_ERRORS as error:
+                failure = BackendUnavailable(f"lost the queue (Redis) while relaying: {error}")
+                for subscription in {*fetches, *checks}:
+                    subscription.fail(failure)
+
+    async def _round_trip(
+        self, trims: dict[str, bytes], checks: list[Subscription], fetches: list[Subscription]
+    ) -> None:
+        """Trims what was relayed, drops what was finished, checks that Redis still
+        knows the quiet requests, and fetches what is new: one round trip for all."""
+        forgets, self._to_forget = self._to_forget, {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, relayed_id in trims.items():
+                    pipe.xtrim(stream, minid=_after(relayed_id), approximate=False)
+                for request_id, (cancelled, _) in forgets.items():
+                    if cancelled:
+                        pipe.set(queue.cancel_key(request_id), 1, ex=self.cancel_ttl_s)
+                    pipe.delete(queue.reply_stream(request_id), queue.request_key(request_id))
+                for subscription in checks:
+                    pipe.exists(queue.request_key(subscription.request_id))
+                if fetches:
+                    pipe.xread({s.stream: s.last_id for s in fetches}, count=FETCH_COUNT)
+                replies = await pipe.execute()
+        finally:
+            for _, done in forgets.values():  # a reply stream left behind expires on its own
+                if not done.done():
+                    done.set_result(None)
+        fetched = replies.pop() if fetches else None
+        self._checked(checks, replies[len(replies) - len(checks) :])
+        self._deliver(fetches, fetched or [])
+
+    @staticmethod
+    def _checked(checks: list[Subscription], exists: list[int]) -> None:
+        for subscription, known in zip(checks, exists, strict=True):
+            if not known:
+                subscription.fail(
+                    BackendUnavailable(
+                        "the queue lost this request (Redis restarted or evicted it); "
+                        "retry the request"
+                    )
+                )
+
+    def _deliver(self, fetches: list[Subscription], fetched: list) -> None:
+        by_stream = {s.stream.encode(): s for s in fetches}
+        for stream, entries in fetched:
+            subscription = by_stream[stream]
+            if self._subscriptions.get(subscription.request_id) is subscription:
+                subscription.deliver(entries)
+
+
+def _after(entry_id: bytes) -> str:
+    """The smallest stream id after `entry_id`: XTRIM MINID keeps it and what follows."""
+    millis, sequence = entry_id.split(b"-")
+    return f"{int(millis)}-{int(sequence) + 1}"
