@@ -9,6 +9,7 @@ what was relayed so Redis holds only what the client has not taken yet.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -66,12 +67,14 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, name: str) -> aioredis.Redis:
     """A process's shared Redis client: at most MAX_REDIS_CONNECTIONS connections,
-    however many requests are in flight (a request waits for a free connection)."""
+    however many requests are in flight (a request waits for a free connection).
+    Its connections are named `NAME-PID` in Redis's CLIENT LIST."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_REDIS_CONNECTIONS,
+        client_name=f"{name}-{os.getpid()}",
         timeout=None,
         socket_connect_timeout=2.0,
         socket_timeout=5.0,  # longer than one blocking read (1 s); a hung Redis fails requests

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(
     args: argparse.Namespace, tokens: tuple[str, ...], metrics: FrontendMetrics
 ) -> None:
-    redis = connect(args.redis_url)
+    redis = connect(args.redis_url, "esm2-http")
     broker = Broker(
         redis,
         BrokerSettings(

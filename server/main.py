@@ -50,7 +50,7 @@ async def serve(
         credentials = server_credentials(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca
         )
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, "esm2-server")
     broker = Broker(
         redis,
         BrokerSettings(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
+import redis
+
 from esm2_service import queue
 from esm2_service.alphabet import split_tokens
 
@@ -34,3 +38,35 @@ def last_generated_ids(client) -> list:
         client.xinfo_stream(lane)["last-generated-id"] if client.exists(lane) else None
         for lane in queue.QUEUE_LANES
     ]
+
+
+class ConnectionCounter:
+    """The most connections Redis's CLIENT LIST showed under one client name, sampled."""
+
+    def __init__(self, url: str, name: str):
+        self.client = redis.Redis.from_url(url)
+        self.name = name
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ConnectionCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            named = [c for c in self.client.client_list() if c["name"] == self.name]
+            self.peak = max(self.peak, len(named))
+            self._stop.wait(0.05)
+
+
+def sequence_number(index: int) -> str:
+    """A distinct short sequence (5 to 44 residues) for each index."""
+    residues = "ACDEFGHIKLMNPQRSTVWY"
+    return "".join(residues[(index * 7 + k) % 20] for k in range(5 + index % 40))

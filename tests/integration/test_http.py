@@ -21,6 +21,7 @@ import requests
 from conftest import ServiceProcesses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from queue_helpers import ConnectionCounter, sequence_number
 from support import assert_close, fair_esm_outputs, read_fasta_records
 
 from esm2_service import queue
@@ -543,3 +544,18 @@ def test_the_openapi_document_describes_what_is_served(door):
     page = requests.get(f"{door.base}/docs", timeout=10)
     assert page.status_code == 200 and "/openapi.json" in page.text
     assert VOCAB_TOKENS[4:24] == tuple(AMINO_ACIDS)  # the 20 columns, documented as 4..23
+
+
+def test_256_concurrent_requests_are_all_answered_over_a_bounded_pool(door, redis_server):
+    from esm2_service.server.broker import MAX_REDIS_CONNECTIONS
+
+    def one(index: int) -> tuple[int, int]:
+        body = {"items": [{"sequence": sequence_number(index)}]}
+        response = post(door, "encode", body)
+        return response.status_code, len(response.json()["results"][0]["embeddings"])
+
+    name = f"esm2-http-{door.process.pid}"
+    with ConnectionCounter(redis_server.url, name) as connections, ThreadPoolExecutor(256) as pool:
+        answers = list(pool.map(one, range(256)))
+    assert answers == [(200, 1)] * 256
+    assert 1 <= connections.peak <= MAX_REDIS_CONNECTIONS + 1
