@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(ESM2_HTTP_PORT, default 8000)",
     )
     add_setting(parser, "--workers", 1, "worker processes", kind=int)
+    add_setting(
+        parser,
+        "--frontends",
+        1,
+        "gRPC frontend processes, sharing the port (the kernel spreads connections over "
+        "them); more for many clients on many cores (see README Performance)",
+        kind=int,
+    )
     parser.add_argument(
         "--weights",
         default=env_or("ESM2_WEIGHTS"),
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         9090,
         "the frontend's Prometheus port; worker i gets this + 1 + i, the HTTP door this + 1 "
-        "+ workers; 0: no metrics",
+        "+ workers, frontend k > 0 this + 1 + workers + k; 0: no metrics",
         kind=int,
     )
     parser.add_argument(
@@ -114,17 +122,25 @@ def _child(module: str, args: list[str], env: dict[str, str], stdout=None) -> su
     )
 
 
-def _frontend_args(args: argparse.Namespace) -> list[str]:
+def _frontend_args(args: argparse.Namespace, index: int = 0, port: int | None = None) -> list[str]:
     # Auth and TLS settings reach the frontend through the environment it inherits
     # (ESM2_AUTH_TOKENS_FILE, ESM2_AUTH_TOKENS, ESM2_TLS_*), never through argv.
     return [
         *("--host", args.host),
-        *("--port", str(args.port)),
-        *("--metrics-port", str(args.metrics_port)),
+        *("--port", str(args.port if port is None else port)),
+        *("--metrics-port", str(frontend_metrics_port(args, index))),
         *("--metrics-host", args.metrics_host),
         *("--log-level", args.log_level),
         *("--log-format", args.log_format),
     ]
+
+
+def frontend_metrics_port(args: argparse.Namespace, index: int) -> int:
+    """Frontend 0 has --metrics-port; the workers and the HTTP door the next ports; the
+    other frontends the ports after those."""
+    if not args.metrics_port or index == 0:
+        return args.metrics_port
+    return args.metrics_port + 1 + args.workers + index
 
 
 def _http_args(args: argparse.Namespace) -> list[str]:
@@ -183,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             env["REDIS_URL"] = embedded.url
             log.info("started an embedded Redis on port %d", embedded.port)
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
-        frontends = [_child("esm2_service.server", _frontend_args(args), env, subprocess.PIPE)]
+        frontends, grpc_port = _start_frontends(args, env)
         if args.http_port:
             frontends.append(
                 _child("esm2_service.server.http_main", _http_args(args), env, subprocess.PIPE)
@@ -195,9 +211,9 @@ def run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopping.append(True))
         try:
-            addresses = f"{args.host}:{_read_port(frontends[0])} (gRPC)"
+            addresses = f"{args.host}:{grpc_port} (gRPC)"
             if args.http_port:
-                addresses += f" and http://{args.host}:{_read_port(frontends[1])} (HTTP)"
+                addresses += f" and http://{args.host}:{_read_port(frontends[-1])} (HTTP)"
             ready = threading.Thread(target=_announce_ready, args=(frontends, addresses))
             ready.daemon = True
             ready.start()
@@ -211,6 +227,21 @@ def run(args: argparse.Namespace) -> int:
             if embedded:
                 embedded.stop()
         return code
+
+
+def _start_frontends(
+    args: argparse.Namespace, env: dict[str, str]
+) -> tuple[list[subprocess.Popen], int]:
+    """The gRPC frontends, the first on --port and the others on the port it took (0 if
+    the first failed); returns them and the port."""
+    first = _child("esm2_service.server", _frontend_args(args), env, subprocess.PIPE)
+    port = _read_port(first)
+    frontends = [first]
+    for index in range(1, args.frontends if port else 1):
+        frontend_args = _frontend_args(args, index, port=port)
+        frontends.append(_child("esm2_service.server", frontend_args, env, subprocess.PIPE))
+        _read_port(frontends[-1])
+    return frontends, port
 
 
 def _read_port(frontend: subprocess.Popen) -> int:
@@ -228,7 +259,9 @@ def _announce_ready(frontends: list[subprocess.Popen], address: str) -> None:
     from esm2_service.server.main import READY_LINE
 
     events = []
-    for frontend, line in zip(frontends, (READY_LINE, HTTP_READY_LINE), strict=False):
+    for frontend in frontends:
+        http = frontend.args[2] == "esm2_service.server.http_main"
+        line = HTTP_READY_LINE if http else READY_LINE
         event = threading.Event()
         threading.Thread(target=_watch_stdout, args=(frontend, line, event), daemon=True).start()
         events.append(event)
@@ -263,10 +296,11 @@ def _supervise(frontends, workers, args, env, stopping) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        print("esm2 serve: --workers must be at least 1", file=sys.stderr)
-        return 2
-    if not 0 <= args.metrics_port <= 65535 - args.workers - 1:
+    for name in ("workers", "frontends"):
+        if getattr(args, name) < 1:
+            print(f"esm2 serve: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    if not 0 <= args.metrics_port <= 65535 - args.workers - args.frontends - 1:
         print(
             f"esm2 serve: --metrics-port {args.metrics_port} leaves no port for every worker",
             file=sys.stderr,

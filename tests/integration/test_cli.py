@@ -19,6 +19,7 @@ from conftest import ServiceProcesses
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import ESM2, esm2
 
+from esm2_service.client import Esm2Client
 from esm2_service.server.embedded_redis import free_port
 
 
@@ -44,6 +45,7 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ESM2_HOST")}
     argv = ["serve", "--port", port, "--metrics-port", metrics_port, "--workers", "2"]
+    argv += ["--frontends", "2"]
     argv += ["--http-port", http_port]
     process = subprocess.Popen(
         [*ESM2, *map(str, argv), "--weights", str(tiny_checkpoint)],
@@ -73,13 +75,22 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
         url = f"http://127.0.0.1:{http_port}/api/v3/esm2-8m/encode/"
         with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as answer:
             assert json.loads(answer.read())["results"][0]["sequence_index"] == 0
+        # Two frontends share the gRPC port, and the kernel spreads connections over them:
+        # 24 new connections all reaching one would happen once in 8 million runs.
+        assert listening_sockets(port) == 2
+        for _ in range(24):
+            with Esm2Client(target, timeout_s=60) as client:
+                client.encode(["MKTAYIAK"])
+        frontend_metrics = (metrics_port, metrics_port + 1 + 2 + 1)
+        for metrics in frontend_metrics:
+            assert _served_encodes(metrics) >= 1, metrics
         # This machine only: the gRPC and HTTP ports and every metrics port (frontend,
-        # two workers, HTTP door) listen on loopback.
-        ports = (port, http_port, *range(metrics_port, metrics_port + 4))
+        # two workers, HTTP door, second frontend) listen on loopback.
+        ports = (port, http_port, *range(metrics_port, metrics_port + 5))
         for listening_port in ports:
             assert listening_addresses(listening_port) == {"127.0.0.1"}, listening_port
         children = _descendants(process.pid)
-        assert len(children) >= 4  # redis-server, frontend, two workers
+        assert len(children) >= 5  # redis-server, two frontends, two workers
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
         assert process.wait(timeout=60) == 0
         time.sleep(0.5)
@@ -111,6 +122,28 @@ def test_the_frontend_binds_every_interface_only_when_told(redis_server, tiny_ch
             assert listening_addresses(service.port) in expected
         finally:
             service.stop()
+
+
+def _served_encodes(metrics_port: int) -> float:
+    """Encode calls a frontend counted as OK, from its Prometheus endpoint."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("esm2_requests_total{") and "Encode" in line and '"OK"' in line
+    )
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on `port` (several where processes share it)."""
+    return sum(
+        1
+        for table in ("tcp", "tcp6")
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        if row.split()[3] == "0A" and int(row.split()[1].split(":")[1], 16) == port
+    )
 
 
 def listening_addresses(port: int) -> set[str]:
