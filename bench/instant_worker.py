@@ -12,11 +12,10 @@ import signal
 import threading
 from collections.abc import Sequence
 
-import redis
-
 from esm2_service.alphabet import MASK_INDEX
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import MAX_CHUNK_BYTES, resolve_dtype
+from esm2_service.worker.main import redis_client
 from esm2_service.worker.queue_loop import QueueWorker, ensure_group
 from esm2_service.worker.settings import WorkerSettings
 from esm2_service.worker.work import Emit, TensorOutput, WorkItem
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", required=True)
     args = parser.parse_args(argv)
     settings = WorkerSettings(redis_url=args.redis_url, worker_id=args.worker_id)
-    client = redis.Redis.from_url(args.redis_url)
+    client = redis_client(settings)
     ensure_group(client)
     model = pb.ModelInfo(name="instant", random_weights=True, device="none", precision="fp32")
     stop = threading.Event()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.procfs import cpu_seconds
+from bench.procfs import cpu_seconds, status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -66,6 +66,7 @@ class Reading:
     outcomes: dict[str, int]
     cpu_s: dict[str, float]  # by kind of process
     max_frontend_connections: int
+    frontend_peak_rss_mb: float  # the largest of the frontends' peak resident memory
 
     @property
     def cpu_ms_per_item(self) -> dict[str, float]:
@@ -262,6 +263,7 @@ class Plumbing:
             outcomes=dict(outcomes),
             cpu_s={kind: after[kind] - before[kind] for kind in groups},
             max_frontend_connections=sampler.peak,
+            frontend_peak_rss_mb=max(status_bytes(p.pid, "VmHWM") for p in self.frontends) / 2**20,
         )
 
 
@@ -336,6 +338,7 @@ def format_reading(reading: Reading) -> str:
         f"| {reading.cell.in_flight} | {reading.items / s:,.0f} | {reading.residues / s:,.0f} "
         f"| {reading.tensor_bytes / s / 1e6:,.1f} | {cpu['frontend']:.3f} | {cpu['redis']:.3f} "
         f"| {cpu['worker']:.3f} | {cpu['client']:.3f} | {reading.max_frontend_connections} "
+        f"| {reading.frontend_peak_rss_mb:,.0f} "
         f"| {reading.outcomes.get('OK', 0):,} | {json.dumps(failed) if failed else '-'} |"
     )
 
@@ -343,7 +346,7 @@ def format_reading(reading: Reading) -> str:
 HEADER = (
     "| tree | outputs | frontends | in flight | items/s | residues/s | tensor MB/s "
     "| frontend CPU ms/item | Redis | worker | client | Redis conns/frontend (max) "
-    "| requests OK | other outcomes |\n" + "|---" * 14 + "|"
+    "| frontend peak RSS MB | requests OK | other outcomes |\n" + "|---" * 15 + "|"
 )
 
 
