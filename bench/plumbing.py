@@ -46,6 +46,7 @@ PACKAGE_DIRS = {
 }
 SEQUENCE_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"
 START_TIMEOUT_S = 60.0
+FLOOR = "gRPC floor"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Reading:
     residues: int
     tensor_bytes: int
     outcomes: dict[str, int]
+    details: dict[str, str]  # an error message of each code other than OK
     cpu_s: dict[str, float]  # by kind of process
     max_frontend_connections: int
     frontend_peak_rss_mb: float  # the largest of the frontends' peak resident memory
@@ -91,6 +93,7 @@ async def _client_loop(target: str, in_flight: int, seconds: float, include: str
     from esm2_service.client import AsyncEsm2Client
 
     outcomes: Counter[str] = Counter()
+    details: dict[str, str] = {}  # the first error message of each code
     totals = {"items": 0, "residues": 0, "tensor_bytes": 0}
     batch = sequences(residues)
     async with AsyncEsm2Client(target, max_concurrency=in_flight, timeout_s=120) as client:
@@ -105,6 +108,7 @@ async def _client_loop(target: str, in_flight: int, seconds: float, include: str
                     results = await client.encode(batch, include=[include])
                 except grpc.aio.AioRpcError as error:
                     outcomes[error.code().name] += 1
+                    details.setdefault(error.code().name, error.details() or "")
                     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         await asyncio.sleep(0.05)
                     continue
@@ -116,7 +120,7 @@ async def _client_loop(target: str, in_flight: int, seconds: float, include: str
                 )
 
         await asyncio.gather(*(one_caller() for _ in range(in_flight)))
-    return {**totals, "outcomes": dict(outcomes)}
+    return {**totals, "outcomes": dict(outcomes), "details": details}
 
 
 def _arrays(result):
@@ -164,11 +168,21 @@ def tree_pythonpath(revision: str, workdir: Path) -> str:
 class Plumbing:
     """Redis, frontends and instant workers, for one tree of the code."""
 
-    def __init__(self, frontends: int, workers: int, pythonpath: str | None, log_dir: Path):
+    def __init__(
+        self,
+        frontends: int,
+        workers: int,
+        pythonpath: str | None,
+        log_dir: Path,
+        canned: int = 0,
+    ):
+        """`canned`: run `bench.canned_frontend` (sequences of that many residues) as the
+        frontends and no workers: the gRPC floor."""
         from esm2_service.server.embedded_redis import EmbeddedRedis
 
         self.env = {**os.environ, "ESM2_METRICS_PORT": "0", "ESM2_LOG_LEVEL": "WARNING"}
-        self.env["PYTHONPATH"] = pythonpath or str(ROOT)
+        inherited = os.environ.get("PYTHONPATH")
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath or str(ROOT), inherited]))
         self.log_dir = log_dir
         self._redis_dir = tempfile.TemporaryDirectory(prefix="esm2-plumbing-")
         self.redis = EmbeddedRedis(Path(self._redis_dir.name))
@@ -179,11 +193,15 @@ class Plumbing:
         try:
             port = 0
             for index in range(frontends):
-                frontend = self._spawn(f"frontend{index}", "esm2_service.server", "--port", port)
+                if canned:
+                    args = ("bench.canned_frontend", "--port", port, "--residues", canned)
+                else:
+                    args = ("esm2_service.server", "--port", port)
+                frontend = self._spawn(f"frontend{index}", *args)
                 port = _expect(frontend, "listening on port").rsplit(" ", 1)[1]
                 self.frontends.append(frontend)
             self.target = f"127.0.0.1:{port}"
-            for index in range(workers):
+            for index in range(0 if canned else workers):
                 worker = self._spawn(
                     f"worker{index}",
                     "bench.instant_worker",
@@ -261,6 +279,7 @@ class Plumbing:
             residues=sum(r["residues"] for r in reports),
             tensor_bytes=sum(r["tensor_bytes"] for r in reports),
             outcomes=dict(outcomes),
+            details={k: v for report in reports for k, v in report["details"].items()},
             cpu_s={kind: after[kind] - before[kind] for kind in groups},
             max_frontend_connections=sampler.peak,
             frontend_peak_rss_mb=max(status_bytes(p.pid, "VmHWM") for p in self.frontends) / 2**20,
@@ -362,6 +381,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frontends", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sweep", type=int, nargs="+", default=[16, 128, 512, 2048])
     parser.add_argument("--against", help="a git revision to run side by side (e.g. main~1)")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run each cell against bench.canned_frontend: gRPC alone, no Redis, no worker",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "plumbing.md")
     parser.add_argument("--small", action="store_true", help="a quick dry run of every stage")
     # A client process (internal).
@@ -379,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.client:
         return client_main(args)
-    trees = {"this": None}
+    trees: dict[str, str | None] = {"this": None}
     workdir = Path(tempfile.mkdtemp(prefix="esm2-plumbing-"))
     if args.against:
         trees[args.against] = tree_pythonpath(args.against, workdir)
@@ -387,9 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = workdir / "logs"
     print(f"logs in {log_dir}", file=sys.stderr)
     print(HEADER, flush=True)
+    if args.floor:
+        trees[FLOOR] = None
     for cell in cells(args):
         for tree, pythonpath in trees.items():
-            service = Plumbing(cell.frontends, args.workers, pythonpath, log_dir)
+            canned = args.residues if tree == FLOOR else 0
+            service = Plumbing(cell.frontends, args.workers, pythonpath, log_dir, canned)
             try:
                 reading = service.measure(cell, args, tree)
             finally:

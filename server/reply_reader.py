@@ -193,6 +193,7 @@ class ReplyReader:
                     {self.news_stream: last_id}, count=NEWS_COUNT, block=self.block_ms
                 )
             except REDIS_ERRORS as error:
+                _raise_if_cancelled()
                 log.warning("reading the news of reply streams failed (retrying): %s", error)
                 await asyncio.sleep(_RETRY_S)
                 continue
@@ -222,6 +223,7 @@ class ReplyReader:
             try:
                 await self._round_trip(trims, checks, fetches)
             except REDIS_ERRORS as error:
+                _raise_if_cancelled()
                 failure = BackendUnavailable(f"lost the queue (Redis) while relaying: {error}")
                 for subscription in {*fetches, *checks}:
                     subscription.fail(failure)
@@ -270,6 +272,14 @@ class ReplyReader:
             subscription = by_stream[stream]
             if self._subscriptions.get(subscription.request_id) is subscription:
                 subscription.deliver(entries)
+
+
+def _raise_if_cancelled() -> None:
+    """redis-py may turn a cancellation of its read into a connection error: a loop that
+    retried on it would never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _after(entry_id: bytes) -> str:

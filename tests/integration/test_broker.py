@@ -18,7 +18,9 @@ from esm2_service.validation import ValidRequest
 @pytest.fixture
 async def broker(redis_server, redis_client):
     client = aioredis.Redis.from_url(redis_server.url_for_db(1))
-    yield Broker(client, BrokerSettings(read_block_ms=100))
+    broker = Broker(client, BrokerSettings(read_block_ms=100))
+    yield broker
+    await broker.aclose()
     await client.aclose()
 
 
