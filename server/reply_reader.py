@@ -39,6 +39,7 @@ FETCH_COUNT = 8
 # News entries read per blocking read (each names the requests of one worker write).
 NEWS_COUNT = 1024
 _RETRY_S = 0.5
+_CLOSE_TIMEOUT_S = 5.0
 
 
 def news_stream_name() -> str:
@@ -120,6 +121,7 @@ class ReplyReader:
         self._to_forget: dict[str, tuple[bool, asyncio.Future]] = {}
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
 
     def start(self) -> None:
         if not self._tasks:
@@ -128,11 +130,12 @@ class ReplyReader:
 
     async def aclose(self) -> None:
         """Stops reading; what was asked of Redis meanwhile is still done."""
+        self._closing = True  # redis-py may swallow a cancellation: the loops check this too
+        self._work.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=_CLOSE_TIMEOUT_S)
         self._tasks = []
         with contextlib.suppress(*REDIS_ERRORS):
             await self._round_trip(self._to_trim, [], [])
@@ -187,13 +190,14 @@ class ReplyReader:
 
     async def _listen(self) -> None:
         last_id = b"0-0"
-        while True:
+        while not self._closing:
             try:
                 reply = await self.listen.xread(
                     {self.news_stream: last_id}, count=NEWS_COUNT, block=self.block_ms
                 )
             except REDIS_ERRORS as error:
-                _raise_if_cancelled()
+                if self._closing:
+                    return
                 log.warning("reading the news of reply streams failed (retrying): %s", error)
                 await asyncio.sleep(_RETRY_S)
                 continue
@@ -211,7 +215,7 @@ class ReplyReader:
             self.fetch_soon(subscription)
 
     async def _fetch(self) -> None:
-        while True:
+        while not self._closing:
             await self._work.wait()
             self._work.clear()
             trims, self._to_trim = self._to_trim, {}
@@ -223,7 +227,6 @@ class ReplyReader:
             try:
                 await self._round_trip(trims, checks, fetches)
             except REDIS_ERRORS as error:
-                _raise_if_cancelled()
                 failure = BackendUnavailable(f"lost the queue (Redis) while relaying: {error}")
                 for subscription in {*fetches, *checks}:
                     subscription.fail(failure)
@@ -272,14 +275,6 @@ class ReplyReader:
             subscription = by_stream[stream]
             if self._subscriptions.get(subscription.request_id) is subscription:
                 subscription.deliver(entries)
-
-
-def _raise_if_cancelled() -> None:
-    """redis-py may turn a cancellation of its read into a connection error: a loop that
-    retried on it would never stop."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _after(entry_id: bytes) -> str:

@@ -36,6 +36,15 @@ def wire_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
     return converted.cpu().numpy().tobytes()
 
 
+def avoid_cudnn_attention() -> None:
+    """Keeps scaled_dot_product_attention off cuDNN's backend, which torch 2.11 prefers on
+    Hopper GPUs and which builds an execution plan for every new sequence length: on an
+    H200 (fp16, 800 sequences of 496 lengths in batches of 8), a first pass over unseen
+    lengths ran at 10,241 residues/s with it and 290,696 without it (warm passes 280,613
+    and 348,155). The service sees new lengths all the time."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Engine:
     """Runs work items through one `Esm2` on one device."""
 
@@ -48,6 +57,8 @@ class Engine:
         self.model = model.to(self.device).compute_in(dtype).eval()
         if self.device.type == "cpu":
             self.model.pack_for_cpu()
+        if self.device.type == "cuda":
+            avoid_cudnn_attention()
 
     def warm_up(self) -> None:
         """Runs every code path once, so the first request pays no start-up cost."""

@@ -215,3 +215,17 @@ def test_half_precision_products_are_not_packed(tiny_checkpoint):
     layer = engine.model.layers[0]
     assert not hasattr(layer.fc1, "onednn_weight")  # bf16: plain F.linear in bf16
     assert hasattr(layer.qkv, "onednn_weight") or not torch.backends.mkldnn.is_available()
+
+
+def test_cuda_engines_keep_attention_off_cudnn():
+    # cuDNN builds a plan per new length (27x slower first passes on an H200); the CUDA
+    # engine turns it off. The switch is process-wide, so it is restored afterwards.
+    from esm2_service.worker.engine import avoid_cudnn_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
