@@ -123,6 +123,26 @@ async def _client_loop(target: str, in_flight: int, seconds: float, include: str
     return {**totals, "outcomes": dict(outcomes), "details": details}
 
 
+def _latency_loop(target: str, calls: int) -> dict:
+    """One 100-residue Encode at a time: ms per call (the instant worker's model costs
+    nothing, so this is what the path adds to the runner)."""
+    from esm2_service.client import Esm2Client
+
+    (sequence,) = sequences(100, count=1, seed=1)
+    with Esm2Client(target, timeout_s=60) as client:
+        for _ in range(20):  # warm: connections, caches
+            client.encode([sequence])
+        print("ready", flush=True)
+        sys.stdin.readline()
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            client.encode([sequence])
+            times.append(1000 * (time.perf_counter() - started))
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "p90_ms": times[int(len(times) * 0.9)]}
+
+
 def _arrays(result):
     for value in vars(result).values():
         if isinstance(value, dict):
@@ -134,6 +154,9 @@ def _arrays(result):
 def client_main(args: argparse.Namespace) -> int:
     import asyncio
 
+    if args.latency_calls:
+        print(json.dumps(_latency_loop(args.client, args.latency_calls)), flush=True)
+        return 0
     report = asyncio.run(
         _client_loop(args.client, args.in_flight, args.seconds, args.include, args.residues)
     )
@@ -285,6 +308,18 @@ class Plumbing:
             frontend_peak_rss_mb=max(status_bytes(p.pid, "VmHWM") for p in self.frontends) / 2**20,
         )
 
+    def latency(self, calls: int) -> dict:
+        """Median and 90th percentile ms of one 100-residue request, back to back."""
+        client = self._spawn(
+            "client", "bench.plumbing", "--client", self.target, "--latency-calls", calls
+        )
+        _expect(client, "ready")
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        result = json.loads(_expect(client, "{", 300))
+        client.wait(timeout=30)
+        return result
+
 
 class _ConnectionSampler:
     """The most connections to Redis that any one frontend process held, sampled."""
@@ -392,10 +427,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--include", default="mean", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--latency-calls",
+        type=int,
+        default=300,
+        help="back-to-back 100-residue requests timed on one frontend (default 300; 0: none)",
+    )
     args = parser.parse_args(argv)
     if args.small:
         args.seconds, args.frontends, args.sweep = 1.0, [1, 2], [8, 64]
-        args.table_in_flight, args.workers = 4, 1
+        args.table_in_flight, args.workers, args.latency_calls = 4, 1, 20
     return args
 
 
@@ -423,12 +464,22 @@ def main(argv: list[str] | None = None) -> int:
                 service.stop()
             readings.append(reading)
             print(format_reading(reading), flush=True)
-    _write(args, readings)
+    latencies = {}
+    if args.latency_calls:
+        for tree, pythonpath in trees.items():
+            canned = args.residues if tree == FLOOR else 0
+            service = Plumbing(1, 1, pythonpath, log_dir, canned)
+            try:
+                latencies[tree] = service.latency(args.latency_calls)
+            finally:
+                service.stop()
+            print(f"latency {tree}: {latencies[tree]}", flush=True)
+    _write(args, readings, latencies)
     shutil.rmtree(workdir)
     return 0
 
 
-def _write(args: argparse.Namespace, readings: list[Reading]) -> None:
+def _write(args: argparse.Namespace, readings: list[Reading], latencies: dict) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.plumbing " + " ".join(sys.argv[1:])
     lines = [
@@ -441,10 +492,25 @@ def _write(args: argparse.Namespace, readings: list[Reading]) -> None:
         HEADER,
         *map(format_reading, readings),
     ]
+    if latencies:
+        lines += [
+            "",
+            f"One 100-residue request at a time ({args.latency_calls} calls, one frontend, one "
+            "instant worker), ms:",
+            "",
+            "| tree | median | 90th percentile |",
+            "|---|---:|---:|",
+            *(
+                f"| {tree} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} |"
+                for tree, t in latencies.items()
+            ),
+        ]
     args.output.write_text("\n".join(lines) + "\n")
-    args.output.with_suffix(".json").write_text(
-        json.dumps([{**asdict(r), "cell": asdict(r.cell)} for r in readings], indent=1) + "\n"
-    )
+    document = {
+        "readings": [{**asdict(r), "cell": asdict(r.cell)} for r in readings],
+        "latency_ms": latencies,
+    }
+    args.output.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":

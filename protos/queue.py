@@ -34,6 +34,24 @@ ERROR_FIELD = b"error"  # reply stream: ItemError bytes
 # chunk. Entries without it (older workers) are parsed.
 PIECE_FIELD = b"piece"
 NEWS_FIELD = b"requests"  # a frontend's news stream: ids of requests with new replies
+# A frontend's news stream also carries small replies inline, one field each, named
+# `KIND|REQUEST_ID|PIECE` (KIND: c for a CHUNK_FIELD entry, e for an ERROR_FIELD one).
+_INLINE_KINDS = {CHUNK_FIELD: b"c", ERROR_FIELD: b"e"}
+_INLINE_FIELDS = {kind: field for field, kind in _INLINE_KINDS.items()}
+
+
+def inline_field(request_id: str, field: bytes, piece: bytes) -> bytes:
+    """The field name of an inline reply entry in a news stream."""
+    return b"|".join((_INLINE_KINDS[field], request_id.encode(), piece))
+
+
+def parse_inline_field(name: bytes) -> tuple[str, bytes, bytes] | None:
+    """(request id, CHUNK_FIELD or ERROR_FIELD, piece) of an inline field; None if the
+    field is not one (NEWS_FIELD)."""
+    parts = name.split(b"|", 2)
+    if len(parts) != 3 or parts[0] not in _INLINE_FIELDS:
+        return None
+    return parts[1].decode(), _INLINE_FIELDS[parts[0]], parts[2]
 
 
 def reply_stream(request_id: str) -> str:

@@ -57,6 +57,7 @@ class Subscription:
         self.last_id = b"0-0"  # the last entry fetched
         self.relayed_id: bytes | None = None  # the last entry handed out, trimmed later
         self.batch: list | None = None  # fetched, not yet handed out
+        self.inline: list = []  # entries that came with the news, not yet handed out
         self.error: Exception | None = None
         self.news = False  # written to since the last fetch
         self.ready = asyncio.Event()
@@ -65,11 +66,14 @@ class Subscription:
         """The next entries ([(id, fields)]) of the stream, or [] after `timeout_s` of
         nothing. Trims what the previous call returned (the caller has relayed it).
         After a quiet wait, the next round trip fetches anyway and checks that Redis
-        still knows the request (else BackendUnavailable: it restarted or evicted it)."""
+        still knows the request (else BackendUnavailable: it restarted or evicted it).
+        Entries that came inline with the news go first: an item's entries all come
+        one way, and an item in the reply stream is noted after any inline entry of
+        its request written before it."""
         if self.relayed_id is not None:
             self.reader.trim_soon(self.stream, self.relayed_id)
             self.relayed_id = None
-        if self.batch is None and self.error is None:
+        if not self.ready.is_set():
             self.reader.fetch_soon(self)
             try:
                 await asyncio.wait_for(self.ready.wait(), timeout_s)
@@ -78,16 +82,24 @@ class Subscription:
                 return []
         if self.error is not None:
             raise self.error
-        batch, self.batch = self.batch, None
-        self.ready.clear()
-        self.relayed_id = batch[-1][0]
-        return batch
+        if self.inline:
+            entries, self.inline = self.inline, []
+        else:
+            entries, self.batch = self.batch, None
+            self.relayed_id = entries[-1][0]
+        if self.batch is None and not self.inline:
+            self.ready.clear()
+        return entries
 
     def deliver(self, entries: list) -> None:
         self.last_id = entries[-1][0]
         # A full batch may have left more behind; fetch again once this one is taken.
         self.news = self.news or len(entries) >= FETCH_COUNT
         self.batch = entries
+        self.ready.set()
+
+    def deliver_inline(self, entry: tuple) -> None:
+        self.inline.append(entry)
         self.ready.set()
 
     def fail(self, error: Exception) -> None:
@@ -201,10 +213,25 @@ class ReplyReader:
                 log.warning("reading the news of reply streams failed (retrying): %s", error)
                 await asyncio.sleep(_RETRY_S)
                 continue
-            for entry_id, fields in reply[0][1] if reply else []:
-                last_id = entry_id
-                for request_id in fields.get(queue.NEWS_FIELD, b"").split():
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                self._read_news(entry_id, fields)
+            if entries:
+                last_id = entries[-1][0]
+                self.trim_soon(self.news_stream, last_id)
+
+    def _read_news(self, entry_id: bytes, fields: dict) -> None:
+        for name, value in fields.items():
+            if name == queue.NEWS_FIELD:
+                for request_id in value.split():
                     self._note(request_id.decode())
+                continue
+            inline = queue.parse_inline_field(name)
+            subscription = inline and self._subscriptions.get(inline[0])
+            if subscription:
+                _, field, piece = inline
+                entry = (entry_id, {field: value, queue.PIECE_FIELD: piece})
+                subscription.deliver_inline(entry)
 
     def _note(self, request_id: str) -> None:
         subscription = self._subscriptions.get(request_id)

@@ -214,7 +214,11 @@ def run(args: argparse.Namespace) -> int:
             addresses = f"{args.host}:{grpc_port} (gRPC)"
             if args.http_port:
                 addresses += f" and http://{args.host}:{_read_port(frontends[-1])} (HTTP)"
-            ready = threading.Thread(target=_announce_ready, args=(frontends, addresses))
+            http_door = frontends[-1] if args.http_port else None
+            grpc_frontends = frontends[:-1] if args.http_port else frontends
+            ready = threading.Thread(
+                target=_announce_ready, args=(grpc_frontends, http_door, addresses)
+            )
             ready.daemon = True
             ready.start()
             code = _supervise(frontends, workers, args, env, stopping)
@@ -251,17 +255,20 @@ def _read_port(frontend: subprocess.Popen) -> int:
     return int(line.rsplit(" ", 1)[1]) if "listening on port" in line else 0
 
 
-def _announce_ready(frontends: list[subprocess.Popen], address: str) -> None:
+def _announce_ready(
+    grpc_frontends: list[subprocess.Popen], http_door: subprocess.Popen | None, address: str
+) -> None:
     """Logs the one line that says the whole service takes requests, once every door
-    says so: the gRPC frontend when its health is SERVING (a worker is alive), the HTTP
+    says so: each gRPC frontend when its health is SERVING (a worker is alive), the HTTP
     door when its /readyz answers 200. Each door's stdout is drained meanwhile."""
     from esm2_service.server.http_main import READY_LINE as HTTP_READY_LINE
     from esm2_service.server.main import READY_LINE
 
+    doors = [(frontend, READY_LINE) for frontend in grpc_frontends]
+    if http_door is not None:
+        doors.append((http_door, HTTP_READY_LINE))
     events = []
-    for frontend in frontends:
-        http = frontend.args[2] == "esm2_service.server.http_main"
-        line = HTTP_READY_LINE if http else READY_LINE
+    for frontend, line in doors:
         event = threading.Event()
         threading.Thread(target=_watch_stdout, args=(frontend, line, event), daemon=True).start()
         events.append(event)

@@ -41,48 +41,69 @@ MAX_BUFFERED_BYTES = 16 << 20
 EntryRef = tuple[str, bytes]
 # A reply entry waiting to be written: (its item, field, value, piece or b"").
 Entry = tuple[qpb.QueueItem, bytes, bytes, bytes]
-# A frontend reads news of its requests from its news stream; it reads the last few.
+# A frontend reads news of its requests from its news stream and trims what it read.
 NEWS_MAXLEN = 10_000
+# An item whose whole output is at most this large, written in one step, travels inside
+# its frontend's news entry: the frontend reads it without a fetch of its own.
+INLINE_MAX_BYTES = 64 << 10
 
 # KEYS: n reply streams, their n requests' cancel keys, their n news streams (a request
-# whose frontend listens to none names its reply stream again, and is skipped), then the
-# lanes to acknowledge on. ARGV: n, TTL (s), group; for each reply stream its entry
-# count, then (field, value, piece) per entry (piece: queue.PIECE_FIELD's value, or ""
-# for none); for each lane its id count, then the ids. Each news stream gets one entry
-# naming the requests written to. Returns each reply stream's length after the write,
-# or -1 where the request was cancelled and nothing was written.
+# whose frontend listens to none names its reply stream again), then the lanes to
+# acknowledge on. ARGV: n, TTL (s), group; for each request, its reply-stream entry count
+# and (field, value, piece) per entry (piece: queue.PIECE_FIELD's value, or "" for none),
+# then its inline entry count and (field, value) per inline entry; for each lane its id
+# count, then the ids. Each news stream gets one entry: the requests given reply-stream
+# entries, and every inline entry. Returns each reply stream's length after the write
+# (0 where nothing went to it), or -1 where the request was cancelled and nothing was
+# written.
 PIECE = queue.PIECE_FIELD.decode()
 _WRITE_SCRIPT = f"""
 local n, ttl, group = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local at = 4
 local lengths = {{}}
 local news = {{}}
+local function news_of(listener)
+  if news[listener] == nil then news[listener] = {{ids = {{}}, inline = {{}}}} end
+  return news[listener]
+end
 for i = 1, n do
   local count = tonumber(ARGV[at])
-  at = at + 1
+  local inline_at = at + 1 + 3 * count
+  local inline_count = tonumber(ARGV[inline_at])
+  local listener = KEYS[2 * n + i]
   if redis.call('EXISTS', KEYS[n + i]) == 1 then
     lengths[i] = -1
   else
-    for e = at, at + 3 * count - 1, 3 do
+    for e = at + 1, at + 3 * count, 3 do
       if ARGV[e + 2] == '' then
         redis.call('XADD', KEYS[i], '*', ARGV[e], ARGV[e + 1])
       else
         redis.call('XADD', KEYS[i], '*', ARGV[e], ARGV[e + 1], '{PIECE}', ARGV[e + 2])
       end
     end
-    redis.call('EXPIRE', KEYS[i], ttl)
-    lengths[i] = redis.call('XLEN', KEYS[i])
-    local listener = KEYS[2 * n + i]
-    if listener ~= KEYS[i] then
-      if news[listener] == nil then news[listener] = {{}} end
-      table.insert(news[listener], string.sub(KEYS[i], {len(queue.reply_stream("")) + 1}))
+    lengths[i] = 0
+    if count > 0 then
+      redis.call('EXPIRE', KEYS[i], ttl)
+      lengths[i] = redis.call('XLEN', KEYS[i])
+      if listener ~= KEYS[i] then
+        table.insert(news_of(listener).ids, string.sub(KEYS[i], {len(queue.reply_stream("")) + 1}))
+      end
+    end
+    for e = inline_at + 1, inline_at + 2 * inline_count, 2 do
+      local inline = news_of(listener).inline
+      table.insert(inline, ARGV[e])
+      table.insert(inline, ARGV[e + 1])
     end
   end
-  at = at + 3 * count
+  at = inline_at + 1 + 2 * inline_count
 end
-for listener, ids in pairs(news) do
-  redis.call('XADD', listener, 'MAXLEN', '~', {NEWS_MAXLEN}, '*',
-             '{queue.NEWS_FIELD.decode()}', table.concat(ids, ' '))
+for listener, new in pairs(news) do
+  local fields = new.inline
+  if #new.ids > 0 then
+    table.insert(fields, '{queue.NEWS_FIELD.decode()}')
+    table.insert(fields, table.concat(new.ids, ' '))
+  end
+  redis.call('XADD', listener, 'MAXLEN', '~', {NEWS_MAXLEN}, '*', unpack(fields))
   redis.call('EXPIRE', listener, ttl)
 end
 for lane = 3 * n + 1, #KEYS do
@@ -132,6 +153,8 @@ class ReplyWriter:
         self.abandoned: dict[tuple[str, int], tuple[str, str]] = {}
         self._buffer: list[Entry] = []
         self._buffered_bytes = 0
+        # Items with entries in their reply stream: the rest of them goes there too.
+        self._streamed: set[tuple[str, int]] = set()
         self._write_script = client.register_script(_WRITE_SCRIPT)
 
     def emit(self, item: qpb.QueueItem, output: TensorOutput) -> None:
@@ -160,6 +183,7 @@ class ReplyWriter:
                 self.flush()
             return
         self.flush()
+        self._streamed.add(item_key(item))
         length = self._write(entries)[item.request_id]
         if length < 0:
             self.abandoned[item_key(item)] = ("CANCELLED", "the request was cancelled")
@@ -169,36 +193,68 @@ class ReplyWriter:
     def flush(self, acks: Sequence[EntryRef] = ()) -> set[str]:
         """Writes everything buffered, then acknowledges (and deletes) the queue entries
         `acks`, in one step. Returns the ids of requests found cancelled, whose
-        results were dropped."""
+        results were dropped. With `acks` (the batch's last write), an item whose whole
+        output is here and small travels inline in its frontend's news entry."""
         if not self._buffer and not acks:
             return set()
-        lengths = self._write(self._buffer, acks)
+        inline = self._inline_items() if acks else set()
+        if not acks:
+            self._streamed.update(item_key(item) for item, *_ in self._buffer)
+        lengths = self._write(self._buffer, acks, inline)
+        if acks:
+            self._streamed.difference_update(item_key(item) for item, *_ in self._buffer)
         self.discard()
         return {request_id for request_id, length in lengths.items() if length < 0}
 
-    def _write(self, entries: Sequence[Entry], acks: Sequence[EntryRef] = ()) -> dict[str, int]:
-        """Appends `entries` to their reply streams unless the request was cancelled,
-        and acknowledges `acks`, atomically. Returns each request's reply stream length
-        (-1: cancelled, nothing written)."""
-        by_request: dict[str, list[bytes]] = {}
+    def _inline_items(self) -> set[tuple[str, int]]:
+        sizes: dict[tuple[str, int], int] = {}
+        for item, _, value, _ in self._buffer:
+            if item.news_stream:
+                key = item_key(item)
+                sizes[key] = sizes.get(key, 0) + len(value)
+        return {
+            key
+            for key, size in sizes.items()
+            if size <= INLINE_MAX_BYTES and key not in self._streamed
+        }
+
+    def _write(
+        self,
+        entries: Sequence[Entry],
+        acks: Sequence[EntryRef] = (),
+        inline: set[tuple[str, int]] = frozenset(),
+    ) -> dict[str, int]:
+        """Appends `entries` to their reply streams (those of `inline` items to their
+        frontends' news streams) unless the request was cancelled, and acknowledges
+        `acks`, atomically. Returns each request's reply stream length (-1: cancelled,
+        nothing written)."""
+        streamed: dict[str, list[bytes]] = {}
+        inlined: dict[str, list[bytes]] = {}
         news: dict[str, str] = {}
         for item, field, value, piece in entries:
-            by_request.setdefault(item.request_id, []).extend((field, value, piece))
-            news[item.request_id] = item.news_stream or queue.reply_stream(item.request_id)
-        args: list = [len(by_request), self.result_ttl_s, queue.WORKER_GROUP]
-        for triples in by_request.values():  # (field, value, piece) per entry
-            args += [len(triples) // 3, *triples]
+            request_id = item.request_id
+            streamed.setdefault(request_id, [])
+            inlined.setdefault(request_id, [])
+            if item_key(item) in inline:
+                inlined[request_id] += [queue.inline_field(request_id, field, piece), value]
+            else:
+                streamed[request_id] += [field, value, piece]
+            news[request_id] = item.news_stream or queue.reply_stream(request_id)
+        args: list = [len(streamed), self.result_ttl_s, queue.WORKER_GROUP]
+        for request_id, triples in streamed.items():  # (field, value, piece) per entry
+            pairs = inlined[request_id]  # (field, value) per inline entry
+            args += [len(triples) // 3, *triples, len(pairs) // 2, *pairs]
         lanes = group_by_stream(acks)  # the lanes' lengths are the backlog: delete, too
         for entry_ids in lanes.values():
             args += [len(entry_ids), *entry_ids]
         keys = [
-            *map(queue.reply_stream, by_request),
-            *map(queue.cancel_key, by_request),
-            *(news[request_id] for request_id in by_request),
+            *map(queue.reply_stream, streamed),
+            *map(queue.cancel_key, streamed),
+            *(news[request_id] for request_id in streamed),
             *lanes,
         ]
         lengths = self._write_script(keys=keys, args=args)
-        return dict(zip(by_request, lengths, strict=True))
+        return dict(zip(streamed, lengths, strict=True))
 
     def discard(self) -> None:
         """Drops buffered writes (their batch failed and will run again)."""
@@ -236,4 +292,5 @@ class ReplyWriter:
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:
         """Buffers an error for the item, in place of its results."""
         error = qpb.ItemError(sequence_index=item.sequence_index, code=code, message=message)
-        self._buffer.append((item, queue.ERROR_FIELD, error.SerializeToString(), b""))
+        piece = f"{item.sequence_index}!".encode()
+        self._buffer.append((item, queue.ERROR_FIELD, error.SerializeToString(), piece))

@@ -87,7 +87,7 @@ def test_serve_says_ready_only_once_every_door_is_ready(tmp_path, caplog):
         subprocess.Popen([sys.executable, "-c", waits_for_go], stdout=subprocess.PIPE, text=True),
     ]
     caplog.set_level("INFO", logger=serve.log.name)
-    announcer = threading.Thread(target=serve._announce_ready, args=(doors, "here"))
+    announcer = threading.Thread(target=serve._announce_ready, args=(doors[:1], doors[1], "here"))
     try:
         announcer.start()
         doors[0].wait(timeout=30)
