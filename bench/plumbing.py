@@ -154,8 +154,8 @@ def _arrays(result):
 def client_main(args: argparse.Namespace) -> int:
     import asyncio
 
-    if args.latency_calls:
-        print(json.dumps(_latency_loop(args.client, args.latency_calls)), flush=True)
+    if args.timed_calls:
+        print(json.dumps(_latency_loop(args.client, args.timed_calls)), flush=True)
         return 0
     report = asyncio.run(
         _client_loop(args.client, args.in_flight, args.seconds, args.include, args.residues)
@@ -311,7 +311,7 @@ class Plumbing:
     def latency(self, calls: int) -> dict:
         """Median and 90th percentile ms of one 100-residue request, back to back."""
         client = self._spawn(
-            "client", "bench.plumbing", "--client", self.target, "--latency-calls", calls
+            "client", "bench.plumbing", "--client", self.target, "--timed-calls", calls
         )
         _expect(client, "ready")
         client.stdin.write("go\n")
@@ -427,6 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--include", default="mean", help=argparse.SUPPRESS)
+    parser.add_argument("--timed-calls", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--latency-calls",
         type=int,
