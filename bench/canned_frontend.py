@@ -1,6 +1,6 @@
 """`python -m bench.canned_frontend`: the gRPC floor under the frontend, for `bench.plumbing`.
 
-A grpc.aio server with the frontend's registration (handlers, metrics interceptor) whose
+A grpc.aio server with the frontend's registration (handlers, metrics interceptor, options) whose
 Encode streams what the service would send for a request (a chunk and a completion per item,
 serialized once at start), with no validation, no Redis and no worker. What the frontend
 costs above this is what its own code costs.
@@ -16,6 +16,7 @@ import grpc
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.handlers import add_esm2_service
+from esm2_service.server.main import SERVER_OPTIONS
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
 
 EMBED_DIM = 320
@@ -53,7 +54,9 @@ class CannedService(esm2_pb2_grpc.Esm2ServiceServicer):
 
 
 async def serve(port: int, residues: int) -> None:
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(FrontendMetrics())])
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(FrontendMetrics())], options=SERVER_OPTIONS
+    )
     add_esm2_service(CannedService(residues), server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

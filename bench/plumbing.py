@@ -19,6 +19,7 @@ and prints the ratios (the bench's own code stays this tree's).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -320,6 +321,37 @@ class Plumbing:
         client.wait(timeout=30)
         return result
 
+    def http_burst(self, requests: int, residues: int) -> dict:
+        """`requests` concurrent HTTP encode requests of 8 on one HTTP door: outcomes by
+        status, seconds, and the most Redis connections the door held."""
+        door = self._spawn("http", "esm2_service.server.http_main", "--port", 0)
+        port = int(_expect(door, "listening on port").rsplit(" ", 1)[1])
+        self.frontends.append(door)  # stopped with the rest
+        with _ConnectionSampler([door.pid], self.redis.port) as sampler:
+            outcomes, seconds = asyncio.run(_burst(port, requests, residues))
+        return {"outcomes": outcomes, "seconds": seconds, "max_redis_connections": sampler.peak}
+
+
+async def _burst(port: int, requests: int, residues: int) -> tuple[dict, float]:
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    body = {"items": [{"sequence": s} for s in sequences(residues)]}
+    limits = httpx.Limits(max_connections=requests, max_keepalive_connections=requests)
+    async with httpx.AsyncClient(limits=limits, timeout=300) as client:
+        while (await client.get(f"{base}/readyz")).status_code != 200:
+            await asyncio.sleep(0.1)
+        started = time.monotonic()
+
+        async def one():
+            try:
+                return (await client.post(f"{base}/api/v3/esm2-8m/encode/", json=body)).status_code
+            except httpx.HTTPError as error:
+                return type(error).__name__
+
+        outcomes = Counter(await asyncio.gather(*(one() for _ in range(requests))))
+    return {str(code): n for code, n in outcomes.items()}, time.monotonic() - started
+
 
 class _ConnectionSampler:
     """The most connections to Redis that any one frontend process held, sampled."""
@@ -429,6 +461,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--include", default="mean", help=argparse.SUPPRESS)
     parser.add_argument("--timed-calls", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
+        "--http-burst",
+        type=int,
+        default=2048,
+        help="concurrent HTTP requests of 8 on one HTTP door, once (default 2048; 0: none)",
+    )
+    parser.add_argument(
         "--latency-calls",
         type=int,
         default=300,
@@ -438,6 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.small:
         args.seconds, args.frontends, args.sweep = 1.0, [1, 2], [8, 64]
         args.table_in_flight, args.workers, args.latency_calls = 4, 1, 20
+        args.http_burst = 64
     return args
 
 
@@ -475,12 +514,20 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 service.stop()
             print(f"latency {tree}: {latencies[tree]}", flush=True)
-    _write(args, readings, latencies)
+    burst = {}
+    if args.http_burst:
+        service = Plumbing(1, args.workers, None, log_dir)
+        try:
+            burst = service.http_burst(args.http_burst, args.residues)
+        finally:
+            service.stop()
+        print(f"HTTP burst of {args.http_burst}: {burst}", flush=True)
+    _write(args, readings, latencies, burst)
     shutil.rmtree(workdir)
     return 0
 
 
-def _write(args: argparse.Namespace, readings: list[Reading], latencies: dict) -> None:
+def _write(args: argparse.Namespace, readings: list[Reading], latencies: dict, burst: dict) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.plumbing " + " ".join(sys.argv[1:])
     lines = [
@@ -506,10 +553,18 @@ def _write(args: argparse.Namespace, readings: list[Reading], latencies: dict) -
                 for tree, t in latencies.items()
             ),
         ]
+    if burst:
+        lines += [
+            "",
+            f"{args.http_burst:,} concurrent HTTP encode requests of 8 on one HTTP door: "
+            f"responses by status {burst['outcomes']} in {burst['seconds']:.1f} s; the door "
+            f"held at most {burst['max_redis_connections']} Redis connections.",
+        ]
     args.output.write_text("\n".join(lines) + "\n")
     document = {
         "readings": [{**asdict(r), "cell": asdict(r.cell)} for r in readings],
         "latency_ms": latencies,
+        "http_burst": burst,
     }
     args.output.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
 
