@@ -80,7 +80,7 @@ def connect(url: str, name: str) -> aioredis.Redis:
         socket_timeout=5.0,  # longer than one blocking read (1 s); a hung Redis fails requests
         health_check_interval=10,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 def _own_connection(redis: aioredis.Redis) -> aioredis.Redis:
@@ -89,7 +89,7 @@ def _own_connection(redis: aioredis.Redis) -> aioredis.Redis:
     own = aioredis.ConnectionPool(
         connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
     )
-    return aioredis.Redis(connection_pool=own)
+    return aioredis.Redis.from_pool(own)
 
 
 class Broker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -117,3 +118,16 @@ async def test_the_deadline_bounds_the_wait(broker, redis_client):
     with pytest.raises(DeadlineExceeded):
         await collect(broker, "slow", items=1, deadline_s=0.3)
     assert time.monotonic() - started < 1.0
+
+
+async def test_closing_the_broker_closes_the_reply_readers_connection(redis_server):
+    client = aioredis.Redis.from_url(redis_server.url_for_db(1))
+    broker = Broker(client, BrokerSettings(read_block_ms=5000))
+    broker.reader.subscribe("waiting")
+    await asyncio.sleep(0.2)  # the reader's blocking read is in flight
+    pool = broker._listen.connection_pool
+    assert [c for c in pool._in_use_connections if c.is_connected]
+    await broker.aclose()
+    connections = [*pool._available_connections, *pool._in_use_connections]
+    assert not [c for c in connections if c.is_connected]
+    await client.aclose()
