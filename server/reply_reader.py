@@ -36,8 +36,9 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 # Entries per stream per fetch. Chunks are up to ~4 MiB, so this bounds what the
 # frontend holds for one request.
 FETCH_COUNT = 8
-# News entries read per blocking read (each names the requests of one worker write).
-NEWS_COUNT = 1024
+# News entries read per blocking read: each is one worker write, naming its requests and
+# carrying their small results (up to 64 KiB an item), so this bounds one read's size.
+NEWS_COUNT = 64
 _RETRY_S = 0.5
 _CLOSE_TIMEOUT_S = 5.0
 

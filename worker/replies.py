@@ -41,8 +41,9 @@ MAX_BUFFERED_BYTES = 16 << 20
 EntryRef = tuple[str, bytes]
 # A reply entry waiting to be written: (its item, field, value, piece or b"").
 Entry = tuple[qpb.QueueItem, bytes, bytes, bytes]
-# A frontend reads news of its requests from its news stream and trims what it read.
-NEWS_MAXLEN = 10_000
+# A frontend trims its news stream as it reads it (no MAXLEN here: entries carry inline
+# results, which must not be trimmed unread). A dead frontend's stream holds at most the
+# results of the requests it had queued, and expires with them.
 # An item whose whole output is at most this large, written in one step, travels inside
 # its frontend's news entry: the frontend reads it without a fetch of its own.
 INLINE_MAX_BYTES = 64 << 10
@@ -103,7 +104,7 @@ for listener, new in pairs(news) do
     table.insert(fields, '{queue.NEWS_FIELD.decode()}')
     table.insert(fields, table.concat(new.ids, ' '))
   end
-  redis.call('XADD', listener, 'MAXLEN', '~', {NEWS_MAXLEN}, '*', unpack(fields))
+  redis.call('XADD', listener, '*', unpack(fields))
   redis.call('EXPIRE', listener, ttl)
 end
 for lane = 3 * n + 1, #KEYS do
