@@ -33,6 +33,22 @@ ERROR_FIELD = b"error"  # reply stream: ItemError bytes
 # without parsing it: b"INDEX" for an item's completion, b"INDEX:KIND:LAYER:OFFSET" for a
 # chunk. Entries without it (older workers) are parsed.
 PIECE_FIELD = b"piece"
+
+
+def chunk_piece(index: int, kind: int, layer: int, offset: int) -> bytes:
+    """PIECE_FIELD's value for a chunk of item `index`."""
+    return f"{index}:{kind}:{layer}:{offset}".encode()
+
+
+def completion_piece(index: int) -> bytes:
+    """PIECE_FIELD's value for item `index`'s completion."""
+    return str(index).encode()
+
+
+def is_completion(piece: bytes) -> bool:
+    return b":" not in piece
+
+
 NEWS_FIELD = b"requests"  # a frontend's news stream: ids of requests with new replies
 # A frontend's news stream also carries small replies inline, one field each, named
 # `KIND|REQUEST_ID|PIECE` (KIND: c for a CHUNK_FIELD entry, e for an ERROR_FIELD one).

@@ -1,9 +1,9 @@
 """The frontend's side of the Redis queue: enqueue items, relay their results.
 
 A request becomes one QueueItem entry per item, each on the queue lane of its length. Workers
-write the results to the request's own reply stream; `results` yields each response
-message as soon as it arrives, through the process's one `ReplyReader`, which trims
-what was relayed so Redis holds only what the client has not taken yet.
+write the results (see `reply_reader` for the way they travel); `results` yields each
+response message as soon as it arrives, through the process's one `ReplyReader`, which
+trims what was relayed so Redis holds only what the client has not taken yet.
 """
 
 from __future__ import annotations
@@ -148,21 +148,18 @@ class Broker:
         marker_ttl_s = max(1, int(deadline - time.time())) + self.settings.result_ttl_s
         first = not self.reader.subscribed(request_id)
         self.reader.subscribe(request_id)  # before the items exist, so no news is missed
+        depth = None
         try:
             depth = await self._enqueue(
                 keys=[queue.request_key(request_id), *queue.QUEUE_LANES],
                 args=[self.settings.max_queue_items, marker_ttl_s, *lanes_and_items],
             )
-        except BaseException as error:
-            if first:
+        except REDIS_ERRORS as error:
+            raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
+        finally:
+            if first and (depth is None or depth >= 0):  # nothing of it was queued
                 self.reader.unsubscribe(request_id)
-            if isinstance(error, REDIS_ERRORS):
-                message = f"the queue (Redis) is unreachable: {error}"
-                raise BackendUnavailable(message) from error
-            raise
         if depth >= 0:
-            if first:
-                self.reader.unsubscribe(request_id)
             raise QueueFull(
                 f"the queue holds {depth} of at most {self.settings.max_queue_items} items; "
                 f"retry in {self.settings.retry_after_s:g} s",
@@ -251,7 +248,7 @@ def _piece(fields) -> Piece:
     raw = fields[queue.CHUNK_FIELD]
     key = fields.get(queue.PIECE_FIELD)
     if key is not None:
-        return Piece(raw, complete=b":" not in key)
+        return Piece(raw, complete=queue.is_completion(key))
     message = pb.EncodeResponse.FromString(raw)  # an older worker's entry: no piece field
     return Piece(raw, message.HasField("complete"), message)
 
@@ -259,9 +256,9 @@ def _piece(fields) -> Piece:
 def _piece_key(message: pb.EncodeResponse) -> bytes:
     """queue.PIECE_FIELD's value for `message`."""
     if message.HasField("complete"):
-        return str(message.sequence_index).encode()
-    piece = message.chunk
-    return f"{message.sequence_index}:{piece.kind}:{piece.layer}:{piece.offset}".encode()
+        return queue.completion_piece(message.sequence_index)
+    chunk = message.chunk
+    return queue.chunk_piece(message.sequence_index, chunk.kind, chunk.layer, chunk.offset)
 
 
 def _queue_item(request: ValidRequest, request_id, index, sequence, deadline, now) -> qpb.QueueItem:

@@ -1,10 +1,11 @@
 """One reader for every reply stream a frontend process waits on.
 
-Workers write a request's results to its reply stream and, in the same Lua step, note
-the request's id on the news stream of the frontend process that queued it
-(`QueueItem.news_stream`). Here one task blocks on that news stream, on a connection
-of its own, however many requests are in flight; another fetches every stream with
-news in one XREAD and hands the entries to the waiting requests. So a process holds
+Workers write a request's results and, in the same Lua step, note the request's id on
+the news stream of the frontend process that queued it (`QueueItem.news_stream`). An
+item whose whole output is small rides inside that news entry; larger ones go to the
+request's reply stream. Here one task blocks on the news stream, on a connection of its
+own, however many requests are in flight, and hands inline entries to the waiting
+requests; another fetches every reply stream with news in one XREAD. So a process holds
 two connections for all its streams, and one round trip serves many requests.
 
 Pacing is as before: a request holds at most one batch (`FETCH_COUNT` entries) that
@@ -182,11 +183,6 @@ class ReplyReader:
             self._to_fetch.discard(subscription)
             self._to_check.discard(subscription)
             self._to_trim.pop(subscription.stream, None)
-
-    @property
-    def streams(self) -> int:
-        """Requests waiting on their reply streams now."""
-        return len(self._subscriptions)
 
     def fetch_soon(self, subscription: Subscription, quiet: bool = False) -> None:
         """Fetches the subscription's new entries in the next round trip if it has news;

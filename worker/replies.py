@@ -171,7 +171,7 @@ class ReplyWriter:
                 response_type(item.task)(
                     sequence_index=item.sequence_index, chunk=chunk
                 ).SerializeToString(),
-                f"{item.sequence_index}:{chunk.kind}:{chunk.layer}:{chunk.offset}".encode(),
+                queue.chunk_piece(item.sequence_index, chunk.kind, chunk.layer, chunk.offset),
             )
             for chunk in chunk_messages(
                 output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
@@ -287,7 +287,7 @@ class ReplyWriter:
         if predict:
             done.sequence_tokens.extend(split_tokens(item.sequence))
         message = response_type(item.task)(sequence_index=item.sequence_index, complete=done)
-        piece = str(item.sequence_index).encode()
+        piece = queue.completion_piece(item.sequence_index)
         self._buffer.append((item, queue.CHUNK_FIELD, message.SerializeToString(), piece))
 
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:

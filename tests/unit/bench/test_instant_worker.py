@@ -15,16 +15,7 @@ from bench.instant_worker import InstantRunner  # noqa: E402
 
 sys.path.pop(0)
 
-ALL = frozenset(
-    (
-        pb.INCLUDE_MEAN,
-        pb.INCLUDE_PER_TOKEN,
-        pb.INCLUDE_BOS,
-        pb.INCLUDE_CONTACTS,
-        pb.INCLUDE_LOGITS,
-        pb.INCLUDE_ATTENTIONS,
-    )
-)
+ALL = frozenset(value for value in pb.Include.values() if value != pb.INCLUDE_UNSPECIFIED)
 
 
 def tokens(sequence: str) -> tuple[int, ...]:
