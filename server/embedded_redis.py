@@ -30,8 +30,12 @@ class EmbeddedRedis:
     """redis-server on 127.0.0.1:`port` (a free one by default), stopped by `stop()`."""
 
     def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
+        self.directory = directory
         self.port = port or free_port()
         self.password = password
+        self._start()
+
+    def _start(self) -> None:
         args = [
             redis_server_binary(),
             "--port",
@@ -43,15 +47,25 @@ class EmbeddedRedis:
             "--appendonly",
             "no",
             "--dir",
-            str(directory),
+            str(self.directory),
         ]
-        if password:
-            args += ["--requirepass", password]
+        if self.password:
+            args += ["--requirepass", self.password]
         # Its own session, so a terminal's Ctrl-C does not stop it before its users.
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )
         self._wait_ready()
+
+    def restart(self) -> None:
+        """A new, empty redis-server on the same port, directory and password (the old
+        one stopped first if it still runs), so its clients reconnect to the same URL."""
+        self.stop()
+        self._start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def url(self) -> str:

@@ -1,9 +1,9 @@
 """`esm2 serve`: the whole service on one machine, in one command.
 
 Starts a private Redis (unless REDIS_URL is set), the gRPC frontend and N workers
-as child processes, restarts a worker that dies, and on Ctrl-C or SIGTERM stops
-them in order: the frontend drains its streams, then the workers finish their
-batch, then Redis goes.
+as child processes, restarts a worker or the private Redis that dies, and on Ctrl-C
+or SIGTERM stops them in order: the frontend drains its streams, then the workers
+finish their batch, then Redis goes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ log = logging.getLogger("esm2_service.serve")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# The embedded Redis is restarted when it dies, unless it died more often than this
+# within the window: then serve exits 1 and leaves it to a process manager.
+REDIS_MAX_RESTARTS = 3
+REDIS_RESTART_WINDOW_S = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         if not env_or("REDIS_URL"):
             embedded = EmbeddedRedis(Path(redis_dir))
             env["REDIS_URL"] = embedded.url
-            log.info("started an embedded Redis on port %d", embedded.port)
+            log.info("started an embedded Redis on port %d (pid %d)", embedded.port, embedded.pid)
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
         frontends, grpc_port = _start_frontends(args, env)
         if args.http_port:
@@ -221,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             )
             ready.daemon = True
             ready.start()
-            code = _supervise(frontends, workers, args, env, stopping)
+            code = _supervise(frontends, workers, args, env, stopping, embedded)
         finally:
             # The frontends first: they refuse new requests and drain the streams in
             # flight, which the workers are still serving; then the workers, then Redis.
@@ -284,8 +289,58 @@ def _watch_stdout(process: subprocess.Popen, ready_line: str, ready: threading.E
             ready.set()
 
 
-def _supervise(frontends, workers, args, env, stopping) -> int:
+class CrashLoopGuard:
+    """Allows a restart unless there were more than `max_restarts` deaths within the last
+    `window_s` seconds, this one included."""
+
+    def __init__(self, max_restarts: int, window_s: float):
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self._deaths: list[float] = []
+
+    def allows_restart(self, died_at: float) -> bool:
+        recent = [at for at in self._deaths if died_at - at < self.window_s]
+        self._deaths = [*recent, died_at]
+        return len(self._deaths) <= self.max_restarts
+
+
+def _keep_redis_running(redis, guard: CrashLoopGuard) -> bool:
+    """Restarts the embedded Redis if it died; False if serve should give up instead."""
+    if redis.process.poll() is None:
+        return True
+    old_pid, code = redis.pid, redis.process.returncode
+    if not guard.allows_restart(time.monotonic()):
+        log.error(
+            "the embedded Redis (pid %d) exited with %s: more than %d deaths within %.0f s; "
+            "stopping (exit 1) for a process manager to restart esm2 serve",
+            old_pid,
+            code,
+            guard.max_restarts,
+            guard.window_s,
+        )
+        return False
+    try:
+        redis.restart()
+    except RuntimeError as error:
+        log.error("the embedded Redis (pid %d) exited with %s: %s; stopping", old_pid, code, error)
+        return False
+    log.warning(
+        "the embedded Redis (pid %d) exited with %s; restarted it on port %d (pid %d). The "
+        "queue was lost with it: requests in flight fail with UNAVAILABLE, which clients "
+        "should retry",
+        old_pid,
+        code,
+        redis.port,
+        redis.pid,
+    )
+    return True
+
+
+def _supervise(frontends, workers, args, env, stopping, redis=None) -> int:
+    redis_guard = CrashLoopGuard(REDIS_MAX_RESTARTS, REDIS_RESTART_WINDOW_S)
     while not stopping:
+        if redis is not None and not _keep_redis_running(redis, redis_guard):
+            return 1
         for frontend in frontends:
             if frontend.poll() is not None:
                 log.error("a frontend exited with %s; stopping", frontend.returncode)

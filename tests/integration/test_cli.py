@@ -43,23 +43,11 @@ def test_server_errors_print_the_violations_and_exit_1(service):
 
 def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoint, tmp_path):
     port, metrics_port, http_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ESM2_HOST")}
     argv = ["serve", "--port", port, "--metrics-port", metrics_port, "--workers", "2"]
     argv += ["--frontends", "2"]
-    argv += ["--http-port", http_port]
-    process = subprocess.Popen(
-        [*ESM2, *map(str, argv), "--weights", str(tiny_checkpoint)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
-    reader.start()
+    argv += ["--http-port", http_port, "--weights", tiny_checkpoint]
     target = f"127.0.0.1:{port}"
-    try:
+    with _running_serve(argv) as (process, lines):
         _wait_for_line(
             lines,
             f"esm2 serve: ready to take requests on 127.0.0.1:{port} (gRPC) and "
@@ -95,6 +83,91 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
         assert process.wait(timeout=60) == 0
         time.sleep(0.5)
         assert [pid for pid in children if _alive(pid)] == []
+    stderr = "".join(lines)
+    assert "Traceback" not in stderr
+    assert stderr.count("ready to take requests") == 1
+    assert "batch of " not in stderr  # per-batch lines are DEBUG
+
+
+def test_serve_restarts_its_redis_when_it_dies(tiny_checkpoint):
+    """kill -9 of the embedded Redis: serve starts an empty one on the same port and says
+    the queue went with it; the frontend and worker reconnect without being restarted."""
+    port = free_port()
+    argv = ["serve", "--port", port, "--metrics-port", 0, "--http-port", 0, "--workers", 1]
+    argv += ["--weights", tiny_checkpoint]
+    with _running_serve(argv) as (process, lines):
+        _wait_for_line(lines, f"ready to take requests on 127.0.0.1:{port}")
+        redis_pid = _redis_server_below(process.pid)
+        frontend_and_worker = [pid for pid in _descendants(process.pid) if pid != redis_pid]
+        os.kill(redis_pid, signal.SIGKILL)
+        result = _encode_once_it_answers(f"127.0.0.1:{port}", "MKTAYIAK", within_s=20)
+        assert result.embeddings[6].shape == (32,)  # the tiny checkpoint's width
+        _wait_for_line(lines, "the embedded Redis (pid", timeout_s=5)
+        _wait_for_serving(f"127.0.0.1:{port}", within_s=10)  # the worker's heartbeats resumed
+        assert process.poll() is None
+        assert _redis_server_below(process.pid) != redis_pid
+        assert all(_alive(pid) for pid in frontend_and_worker)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    stderr = "".join(lines)
+    warning = next(line for line in stderr.splitlines() if "the embedded Redis (pid" in line)
+    assert "WARNING" in warning and "restarted it on port" in warning
+    assert "queue was lost" in warning and "UNAVAILABLE" in warning
+    assert "Traceback" not in stderr
+
+
+def _redis_server_below(pid: int) -> int:
+    (redis_pid,) = [
+        child
+        for child in _descendants(pid)
+        if Path(f"/proc/{child}/comm").read_text().strip() == "redis-server"
+    ]
+    return redis_pid
+
+
+def _encode_once_it_answers(target: str, sequence: str, within_s: float):
+    """The first Encode result that `target` serves, retrying UNAVAILABLE (what clients
+    get while Redis is away, or when it lost their request) as clients should."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with Esm2Client(target, timeout_s=10) as client:
+                return client.encode([sequence])[0]
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_the_frontend_binds_every_interface_only_when_told(redis_server, tiny_checkpoint):
+    for host, expected in (("0.0.0.0", ({"0.0.0.0"}, {"::"})), (None, ({"127.0.0.1"},))):
+        server_args = ["--host", host] if host else []
+        service = ServiceProcesses(redis_server.url, tiny_checkpoint, 0, server_args)
+        try:
+            # gRPC binds 0.0.0.0 as the dual-stack wildcard where the machine has IPv6.
+            assert listening_addresses(service.port) in expected
+        finally:
+            service.stop()
+
+
+@contextlib.contextmanager
+def _running_serve(argv: list):
+    """`esm2 <argv>` with an embedded Redis of its own, its stderr lines collected; on
+    the way out it is killed, children included, if the test left it running."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "ESM2_HOST")}
+    process = subprocess.Popen(
+        [*ESM2, *map(str, argv)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        yield process, lines
     finally:
         if process.poll() is None:
             # On a failure: its children too (each in a session of its own), or they
@@ -107,21 +180,6 @@ def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoin
         reader.join(timeout=10)
         if not reader.is_alive():
             process.stderr.close()
-    stderr = "".join(lines)
-    assert "Traceback" not in stderr
-    assert stderr.count("ready to take requests") == 1
-    assert "batch of " not in stderr  # per-batch lines are DEBUG
-
-
-def test_the_frontend_binds_every_interface_only_when_told(redis_server, tiny_checkpoint):
-    for host, expected in (("0.0.0.0", ({"0.0.0.0"}, {"::"})), (None, ({"127.0.0.1"},))):
-        server_args = ["--host", host] if host else []
-        service = ServiceProcesses(redis_server.url, tiny_checkpoint, 0, server_args)
-        try:
-            # gRPC binds 0.0.0.0 as the dual-stack wildcard where the machine has IPv6.
-            assert listening_addresses(service.port) in expected
-        finally:
-            service.stop()
 
 
 def _served_encodes(metrics_port: int) -> float:
@@ -175,6 +233,13 @@ def _health(target: str) -> int:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def _wait_for_serving(target: str, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while _health(target) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "health never said SERVING again"
+        time.sleep(0.2)
 
 
 def _descendants(pid: int) -> list[int]:
