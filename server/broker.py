@@ -8,6 +8,7 @@ trims what was relayed so Redis holds only what the client has not taken yet.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -30,18 +31,21 @@ MAX_REDIS_CONNECTIONS = 8
 
 
 # Checks the bound and queues a request's items atomically, in one round trip.
-# KEYS: the request marker, then the queue lanes. ARGV: max items, marker TTL (s), then
-# (lane number from 0, item) pairs. Returns -1 when queued, else the queue depth that refused it.
+# KEYS: the request marker, its cancel key, then the queue lanes. ARGV: max items, marker
+# TTL (s), then (lane number from 0, item) pairs. Returns QUEUED, CANCELLED (the frontend
+# cancelled it before this ran: nothing queued), else the queue depth that refused it.
+_QUEUED, _CANCELLED = -1, -2
 _ENQUEUE_SCRIPT = f"""
+if redis.call('EXISTS', KEYS[2]) == 1 then return {_CANCELLED} end
 local depth = 0
-for i = 2, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
+for i = 3, #KEYS do depth = depth + redis.call('XLEN', KEYS[i]) end
 local items = (#ARGV - 2) / 2
 if depth + items > tonumber(ARGV[1]) then return depth end
 redis.call('SET', KEYS[1], items, 'EX', ARGV[2])
 for i = 3, #ARGV, 2 do
-  redis.call('XADD', KEYS[2 + tonumber(ARGV[i])], '*', '{queue.ITEM_FIELD.decode()}', ARGV[i + 1])
+  redis.call('XADD', KEYS[3 + tonumber(ARGV[i])], '*', '{queue.ITEM_FIELD.decode()}', ARGV[i + 1])
 end
-return -1
+return {_QUEUED}
 """
 
 
@@ -128,7 +132,10 @@ class Broker:
         return deadline
 
     def deadline(self, timeout_s: float | None, now: float | None = None) -> float:
-        """The absolute deadline (unix s) of a request whose client allows `timeout_s`."""
+        """The absolute deadline (unix s) of a request whose client allows `timeout_s`
+        (None: no deadline of its own); DeadlineExceeded if it has already passed."""
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline had passed when it arrived")
         limit = self.settings.request_timeout_s
         return (now or time.time()) + min(timeout_s or limit, limit)
 
@@ -140,7 +147,9 @@ class Broker:
         deadline: float,
     ) -> None:
         """Queues `items` (each on the lane of its token count) atomically, or none of
-        them: QueueFull when they would take the queue past its bound."""
+        them: QueueFull when they would take the queue past its bound. When the outcome
+        is unknown (cancelled or failed while Redis ran the script), the request is
+        cancelled in Redis: whatever was queued is skipped, and nothing it writes stays."""
         lanes_and_items = []
         for item, tokens in zip(items, token_counts, strict=True):
             item.news_stream = self.reader.news_stream
@@ -151,14 +160,22 @@ class Broker:
         depth = None
         try:
             depth = await self._enqueue(
-                keys=[queue.request_key(request_id), *queue.QUEUE_LANES],
+                keys=[
+                    queue.request_key(request_id),
+                    queue.cancel_key(request_id),
+                    *queue.QUEUE_LANES,
+                ],
                 args=[self.settings.max_queue_items, marker_ttl_s, *lanes_and_items],
             )
         except REDIS_ERRORS as error:
             raise BackendUnavailable(f"the queue (Redis) is unreachable: {error}") from error
         finally:
-            if first and (depth is None or depth >= 0):  # nothing of it was queued
+            if first and depth is None:  # queued or not: make sure nothing of it runs
+                self.reader.forget(request_id, cancelled=True)
+            elif first and depth != _QUEUED:
                 self.reader.unsubscribe(request_id)
+        if depth == _CANCELLED:  # only a cancellation of this request sets its cancel key
+            raise asyncio.CancelledError
         if depth >= 0:
             raise QueueFull(
                 f"the queue holds {depth} of at most {self.settings.max_queue_items} items; "

@@ -25,6 +25,7 @@ import uuid
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from esm2_service import queue
@@ -33,6 +34,8 @@ from esm2_service.server.errors import BackendUnavailable
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Also a command Redis refused: the reader's loops survive anything Redis answers.
+_ANY_REDIS_ERROR = (RedisError, OSError)
 
 # Entries per stream per fetch. Chunks are up to ~4 MiB, so this bounds what the
 # frontend holds for one request.
@@ -41,6 +44,8 @@ FETCH_COUNT = 8
 # carrying their small results (up to 64 KiB an item), so this bounds one read's size.
 NEWS_COUNT = 64
 _RETRY_S = 0.5
+# Round trips that try to drop a finished request's keys before leaving them to expire.
+_FORGET_ATTEMPTS = 20
 _CLOSE_TIMEOUT_S = 5.0
 
 
@@ -133,6 +138,7 @@ class ReplyReader:
         self._to_check: set[Subscription] = set()
         # Requests done with: request id -> (cancelled, resolved after the round trip).
         self._to_forget: dict[str, tuple[bool, asyncio.Future]] = {}
+        self._forget_attempts: dict[str, int] = {}  # of those refused so far
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._closing = False
@@ -204,7 +210,7 @@ class ReplyReader:
                 reply = await self.listen.xread(
                     {self.news_stream: last_id}, count=NEWS_COUNT, block=self.block_ms
                 )
-            except REDIS_ERRORS as error:
+            except _ANY_REDIS_ERROR as error:
                 if self._closing:
                     return
                 log.warning("reading the news of reply streams failed (retrying): %s", error)
@@ -250,7 +256,7 @@ class ReplyReader:
                 subscription.news = False
             try:
                 await self._round_trip(trims, checks, fetches)
-            except REDIS_ERRORS as error:
+            except _ANY_REDIS_ERROR as error:
                 failure = BackendUnavailable(f"lost the queue (Redis) while relaying: {error}")
                 for subscription in {*fetches, *checks}:
                     subscription.fail(failure)
@@ -259,33 +265,80 @@ class ReplyReader:
         self, trims: dict[str, bytes], checks: list[Subscription], fetches: list[Subscription]
     ) -> None:
         """Trims what was relayed, drops what was finished, checks that Redis still
-        knows the quiet requests, and fetches what is new: one round trip for all."""
+        knows the quiet requests, and fetches what is new: one round trip for all. A
+        command Redis refuses fails only what it was for; a forget is retried."""
         forgets, self._to_forget = self._to_forget, {}
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream, relayed_id in trims.items():
-                    pipe.xtrim(stream, minid=_after(relayed_id), approximate=False)
-                for request_id, (cancelled, _) in forgets.items():
-                    if cancelled:
-                        pipe.set(queue.cancel_key(request_id), 1, ex=self.cancel_ttl_s)
-                    pipe.delete(queue.reply_stream(request_id), queue.request_key(request_id))
-                for subscription in checks:
-                    pipe.exists(queue.request_key(subscription.request_id))
-                if fetches:
-                    pipe.xread({s.stream: s.last_id for s in fetches}, count=FETCH_COUNT)
-                replies = await pipe.execute()
+            replies = await self._send(trims, forgets, checks, fetches)
+        except _ANY_REDIS_ERROR:
+            self._retry(forgets)
+            raise
         finally:
-            for _, done in forgets.values():  # a reply stream left behind expires on its own
+            for _, done in forgets.values():
                 if not done.done():
                     done.set_result(None)
-        fetched = replies.pop() if fetches else None
+        trimmed, replies = replies[: len(trims)], replies[len(trims) :]
+        if any(isinstance(reply, Exception) for reply in trimmed):
+            log.warning("Redis refused to trim relayed entries: %s", _first_error(trimmed))
+        self._forgotten(forgets, replies)
+        fetched = replies.pop() if fetches else []
+        if isinstance(fetched, Exception):
+            for subscription in fetches:
+                subscription.fail(BackendUnavailable(f"Redis refused a read: {fetched}"))
+            fetched = []
         self._checked(checks, replies[len(replies) - len(checks) :])
         self._deliver(fetches, fetched or [])
+
+    async def _send(self, trims, forgets, checks, fetches) -> list:
+        """The round trip's replies, in order; a refused command's reply is its error."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, relayed_id in trims.items():
+                pipe.xtrim(stream, minid=_after(relayed_id), approximate=False)
+            for request_id, (cancelled, _) in forgets.items():
+                if cancelled:
+                    pipe.set(queue.cancel_key(request_id), 1, ex=self.cancel_ttl_s)
+                pipe.delete(queue.reply_stream(request_id), queue.request_key(request_id))
+            for subscription in checks:
+                pipe.exists(queue.request_key(subscription.request_id))
+            if fetches:
+                pipe.xread({s.stream: s.last_id for s in fetches}, count=FETCH_COUNT)
+            return await pipe.execute(raise_on_error=False)
+
+    def _forgotten(self, forgets: dict[str, tuple[bool, asyncio.Future]], replies: list) -> None:
+        """Takes the forgets' replies off the front of `replies`; retries refused ones."""
+        refused = {}
+        for request_id, (cancelled, done) in forgets.items():
+            count = 2 if cancelled else 1
+            mine, replies[:count] = replies[:count], []
+            if any(isinstance(reply, Exception) for reply in mine):
+                refused[request_id] = (cancelled, done)
+                log.warning("Redis refused to drop request %s: %s", request_id, _first_error(mine))
+            else:
+                self._forget_attempts.pop(request_id, None)
+        self._retry(refused)
+
+    def _retry(self, forgets: dict[str, tuple[bool, asyncio.Future]]) -> None:
+        """Forgets again in a later round trip, up to `_FORGET_ATTEMPTS` times; then the
+        request's reply stream is left to expire."""
+        for request_id, (cancelled, _) in forgets.items():
+            attempts = self._forget_attempts.get(request_id, 0) + 1
+            if attempts > _FORGET_ATTEMPTS or self._closing:
+                self._forget_attempts.pop(request_id, None)
+                log.warning("gave up dropping request %s: its reply stream expires", request_id)
+                continue
+            self._forget_attempts[request_id] = attempts
+            if request_id not in self._to_forget:
+                future = asyncio.get_running_loop().create_future()
+                self._to_forget[request_id] = (cancelled, future)
+        if forgets and not self._closing:
+            asyncio.get_running_loop().call_later(_RETRY_S, self._work.set)
 
     @staticmethod
     def _checked(checks: list[Subscription], exists: list[int]) -> None:
         for subscription, known in zip(checks, exists, strict=True):
-            if not known:
+            if isinstance(known, Exception):
+                subscription.fail(BackendUnavailable(f"Redis refused a check: {known}"))
+            elif not known:
                 subscription.fail(
                     BackendUnavailable(
                         "the queue lost this request (Redis restarted or evicted it); "
@@ -299,6 +352,10 @@ class ReplyReader:
             subscription = by_stream[stream]
             if self._subscriptions.get(subscription.request_id) is subscription:
                 subscription.deliver(entries)
+
+
+def _first_error(replies: list) -> Exception | None:
+    return next((reply for reply in replies if isinstance(reply, Exception)), None)
 
 
 def _after(entry_id: bytes) -> str:

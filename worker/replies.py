@@ -48,16 +48,18 @@ Entry = tuple[qpb.QueueItem, bytes, bytes, bytes]
 # its frontend's news entry: the frontend reads it without a fetch of its own.
 INLINE_MAX_BYTES = 64 << 10
 
-# KEYS: n reply streams, their n requests' cancel keys, their n news streams (a request
-# whose frontend listens to none names its reply stream again), then the lanes to
-# acknowledge on. ARGV: n, TTL (s), group; for each request, its reply-stream entry count
-# and (field, value, piece) per entry (piece: queue.PIECE_FIELD's value, or "" for none),
-# then its inline entry count and (field, value) per inline entry; for each lane its id
-# count, then the ids. Each news stream gets one entry: the requests given reply-stream
-# entries, and every inline entry. Returns each reply stream's length after the write
-# (0 where nothing went to it), or -1 where the request was cancelled and nothing was
-# written.
+# KEYS: n reply streams, their n requests' cancel keys, their n request markers, their n
+# news streams (a request whose frontend listens to none names its reply stream again),
+# then the lanes to acknowledge on. ARGV: n, TTL (s), group; for each request, its
+# reply-stream entry count and (field, value, piece) per entry (piece: queue.PIECE_FIELD's
+# value, or "" for none), then its inline entry count and (field, value) per inline entry;
+# for each lane its id count, then the ids. Each news stream gets one entry: the requests
+# given reply-stream entries, and every inline entry. Returns each reply stream's length
+# after the write (0 where nothing went to it), or CANCELLED / UNKNOWN where nothing was
+# written: the request was cancelled, or Redis does not know it (it restarted, or the
+# request ended).
 PIECE = queue.PIECE_FIELD.decode()
+CANCELLED, UNKNOWN = -1, -2
 _WRITE_SCRIPT = f"""
 local n, ttl, group = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local at = 4
@@ -71,9 +73,11 @@ for i = 1, n do
   local count = tonumber(ARGV[at])
   local inline_at = at + 1 + 3 * count
   local inline_count = tonumber(ARGV[inline_at])
-  local listener = KEYS[2 * n + i]
+  local listener = KEYS[3 * n + i]
   if redis.call('EXISTS', KEYS[n + i]) == 1 then
-    lengths[i] = -1
+    lengths[i] = {CANCELLED}
+  elseif redis.call('EXISTS', KEYS[2 * n + i]) == 0 then
+    lengths[i] = {UNKNOWN}
   else
     for e = at + 1, at + 3 * count, 3 do
       if ARGV[e + 2] == '' then
@@ -107,7 +111,7 @@ for listener, new in pairs(news) do
   redis.call('XADD', listener, '*', unpack(fields))
   redis.call('EXPIRE', listener, ttl)
 end
-for lane = 3 * n + 1, #KEYS do
+for lane = 4 * n + 1, #KEYS do
   local count = tonumber(ARGV[at])
   local ids = {{unpack(ARGV, at + 1, at + count)}}
   redis.call('XACK', KEYS[lane], group, unpack(ids))
@@ -116,6 +120,18 @@ for lane = 3 * n + 1, #KEYS do
 end
 return lengths
 """
+
+
+_UNKNOWN_LOG = "dropped results of request %s: Redis does not know it (restarted, or it ended)"
+
+
+def _dropped(item: qpb.QueueItem, length: int) -> tuple[str, str]:
+    """Why an item's results were dropped, from the write script's verdict (CANCELLED or
+    UNKNOWN); its outcome counts as cancelled either way."""
+    if length == UNKNOWN:
+        log.info(_UNKNOWN_LOG, item.request_id, extra={"request_id": item.request_id})
+        return ("CANCELLED", "the queue (Redis) no longer knows the request")
+    return ("CANCELLED", "the request was cancelled")
 
 
 def item_key(item: qpb.QueueItem) -> tuple[str, int]:
@@ -187,7 +203,7 @@ class ReplyWriter:
         self._streamed.add(item_key(item))
         length = self._write(entries)[item.request_id]
         if length < 0:
-            self.abandoned[item_key(item)] = ("CANCELLED", "the request was cancelled")
+            self.abandoned[item_key(item)] = _dropped(item, length)
         elif length > self.max_reply_chunks:
             self._wait_for_reader(item, queue.reply_stream(item.request_id))
 
@@ -205,6 +221,9 @@ class ReplyWriter:
         if acks:
             self._streamed.difference_update(item_key(item) for item, *_ in self._buffer)
         self.discard()
+        for request_id, length in lengths.items():
+            if length == UNKNOWN:
+                log.info(_UNKNOWN_LOG, request_id, extra={"request_id": request_id})
         return {request_id for request_id, length in lengths.items() if length < 0}
 
     def _inline_items(self) -> set[tuple[str, int]]:
@@ -251,6 +270,7 @@ class ReplyWriter:
         keys = [
             *map(queue.reply_stream, streamed),
             *map(queue.cancel_key, streamed),
+            *map(queue.request_key, streamed),
             *(news[request_id] for request_id in streamed),
             *lanes,
         ]

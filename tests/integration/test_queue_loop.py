@@ -47,7 +47,8 @@ def enqueue(
     layers=(6,),
     age_s=0.0,
 ):
-    """Queues one item on its lane; `age_s` backdates it (entry id and enqueue time)."""
+    """Queues one item on its lane, with its request's marker as the broker sets it;
+    `age_s` backdates it (entry id and enqueue time)."""
     enqueued = time.time() - age_s
     item = qpb.QueueItem(
         request_id=request_id,
@@ -62,6 +63,7 @@ def enqueue(
     )
     entry_id = f"{int(enqueued * 1000)}-{next(_BACKDATED)}" if age_s else "*"
     fields = {queue.ITEM_FIELD: item.SerializeToString()}
+    redis_client.set(queue.request_key(request_id), 1, ex=600)
     return redis_client.xadd(lane_of(sequence), fields, id=entry_id)
 
 
@@ -165,6 +167,31 @@ def test_a_request_cancelled_while_it_runs_gets_nothing_written(redis_client, en
     worker.step()
     assert not redis_client.exists(queue.reply_stream("leaving"))
     assert queue_length(redis_client) == 0
+
+
+class RedisRestartsMidRun(Recording):
+    """Redis restarts without persistence while the model runs: a fresh, empty Redis."""
+
+    def __init__(self, engine, redis_client):
+        super().__init__(engine)
+        self.redis = redis_client
+
+    def run(self, items, emit):
+        self.redis.flushdb()
+        ensure_group(self.redis)  # as a restarted worker loop would
+        super().run(items, emit)
+
+
+def test_a_batch_begun_before_redis_restarted_writes_nothing_into_the_fresh_one(
+    redis_client, engine
+):
+    worker = make_worker(redis_client, RedisRestartsMidRun(engine, redis_client))
+    enqueue(redis_client, "before", 0, "MKV")
+    enqueue(redis_client, "before", 1, "MKV" * 100, include=(pb.INCLUDE_ATTENTIONS,))
+    worker.step()
+    # Nobody reads a request the fresh Redis does not know: no reply stream, and no
+    # news for its frontend.
+    assert redis_client.keys("*reply*") == [] and redis_client.keys("*news*") == []
 
 
 def test_undecodable_entries_are_dropped_without_stopping_the_worker(redis_client, engine):
