@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
+from redis.exceptions import RedisError
 
 from esm2_service import queue
 from esm2_service.server.broker import REDIS_ERRORS, queue_depths
@@ -54,6 +55,8 @@ class HealthMonitor:
             if self.metrics is not None:
                 self.metrics.workers_alive.set(0)  # none that this frontend can reach
             return f"Redis unreachable: {error}"
+        except RedisError as error:  # a refused command must not end the checks for good
+            return f"Redis refused a health check: {error}"
         return None if alive else "no live worker"
 
     async def run(self) -> None:
