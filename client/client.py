@@ -24,7 +24,7 @@ import grpc.experimental
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.metadata import AUTHORIZATION
-from esm2_service.validation import FieldViolation, encode_violations, predict_violations
+from esm2_service.validation import Violations, encode_violations, predict_violations
 from esm2_service.variants import score_violations
 
 from .params import (
@@ -43,7 +43,7 @@ from .results import (
     StreamAssembler,
     predict_result,
 )
-from .rich_errors import InvalidArgumentError, item_order, shift_variant
+from .rich_errors import InvalidArgumentError, shift_variant
 from .scores import ScoreAssembler, ScoreResult, merge_results, plan_requests, score_request
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -53,7 +53,7 @@ R = TypeVar("R")
 StartCall = Callable[[list[str]], Any]
 MakeResult = Callable[[CompletedItem, int], R]
 # The violations of a whole list of sequences, checked as one request of any length.
-CheckList = Callable[[list[str]], list[FieldViolation]]
+CheckList = Callable[[list[str]], Violations]
 Batch = tuple[int, list[str]]  # (offset of its first item in the caller's list, items)
 
 
@@ -173,12 +173,8 @@ class _Refusals:
     def raise_any(self) -> None:
         errors = [error for _, error in sorted(self._errors, key=lambda pair: pair[0])]
         if errors:
-            # A parameter's violation comes once from every request: keep one.
-            violations = dict.fromkeys(v for error in errors for v in error.violations)
-            raise InvalidArgumentError(
-                sorted(violations, key=item_order),
-                [rid for error in errors for rid in error.request_ids],
-            )
+            # A parameter's violation comes once from every request: merged keeps one.
+            raise InvalidArgumentError.merged(errors)
 
 
 def _planned_score_requests(

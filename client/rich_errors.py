@@ -18,6 +18,7 @@ from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_fa
 from google.protobuf.message import DecodeError
 
 from esm2_service import metadata
+from esm2_service.validation import FieldViolation, Violations, left_out_count
 
 _FIELD = descriptor_pb2.FieldDescriptorProto
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -117,10 +118,27 @@ class InvalidArgumentError(grpc.RpcError):
     def __init__(self, violations: Iterable[tuple[str, str]], request_ids: Iterable[str] = ()):
         self.violations = list(violations)
         self.request_ids = tuple(request_ids)
-        shown = "; ".join(f"{field}: {description}" for field, description in self.violations[:5])
-        more = f" (and {len(self.violations) - 5} more)" if len(self.violations) > 5 else ""
+        listed = [v for v in self.violations if not left_out_count(*v)]
+        rest = sum(left_out_count(*v) for v in self.violations) + len(listed[5:])
+        shown = "; ".join(f"{field}: {description}" for field, description in listed[:5])
+        more = f" (and {rest:,} more)" if rest else ""
         self._details = f"invalid request: {shown}{more}"
         super().__init__(self._details)
+
+    @classmethod
+    def merged(cls, errors: Iterable[InvalidArgumentError]) -> InvalidArgumentError:
+        """One error with the violations of all of `errors` in `item_order`, each one they
+        share once: at most as many listed as one server error lists, then one violation
+        counting the rest, the ones each error left out among them."""
+        errors = list(errors)
+        every = [v for error in errors for v in error.violations]
+        listed = dict.fromkeys(v for v in every if not left_out_count(*v))
+        found = Violations(FieldViolation(*v) for v in sorted(listed, key=item_order))
+        found.left_out += sum(left_out_count(*v) for v in every)
+        return cls(
+            ((v.field, v.description) for v in found),
+            [rid for error in errors for rid in error.request_ids],
+        )
 
     @classmethod
     def from_server(cls, error: grpc.RpcError, offset: int) -> InvalidArgumentError:

@@ -17,8 +17,10 @@ from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.validation import (
     FieldViolation,
     InvalidRequest,
+    Violations,
     check_decoded,
     check_sequence,
+    clip,
 )
 
 MAX_VARIANTS = 50_000  # a full scan of a 2,048-residue sequence is 38,912 (at most 40,960)
@@ -34,6 +36,8 @@ STRATEGY_NAMES: dict[int, str] = {
 DEFAULT_STRATEGY = pb.SCORING_STRATEGY_MASKED_MARGINAL
 NOTATION = "like A42G (wild-type residue, 1-based position, mutant residue; join several with ':')"
 _SUBSTITUTION = re.compile(r"([A-Z-])([0-9]+)([A-Z])")
+# Longer positions are outside any wild type; int() refuses past 4,300 digits.
+_MAX_POSITION_DIGITS = 9
 
 
 @dataclass(frozen=True)
@@ -70,26 +74,33 @@ def parse_variant(text: str, wild_type: str) -> tuple[tuple[Substitution, ...], 
     for part in text.split(":"):
         match = _SUBSTITUTION.fullmatch(part)
         if match is None:
-            problems.append(f"{part!r} is not a substitution {NOTATION}")
+            problems.append(f"{clip(part)!r} is not a substitution {NOTATION}")
             continue
-        wt, position, mutant = match.group(1), int(match.group(2)), match.group(3)
+        wt, digits, mutant = match.groups()
+        if len(digits) > _MAX_POSITION_DIGITS:
+            problems.append(
+                f"{clip(part)}: position {clip(digits)} is outside the wild type "
+                f"(1..{len(wild_type)})"
+            )
+            continue
+        position = int(digits)
         substitutions.append(Substitution(wt, position, mutant))
         if not 1 <= position <= len(wild_type):
             problems.append(
-                f"{part}: position {position} is outside the wild type (1..{len(wild_type)})"
+                f"{clip(part)}: position {position} is outside the wild type (1..{len(wild_type)})"
             )
         elif wild_type[position - 1] != wt:
             problems.append(
-                f"{part}: the wild type has {wild_type[position - 1]!r} at position {position}, "
-                f"not {wt!r}"
+                f"{clip(part)}: the wild type has {wild_type[position - 1]!r} at position "
+                f"{position}, not {wt!r}"
             )
         if mutant not in STANDARD_RESIDUES:
             problems.append(
-                f"{part}: mutant residue {mutant!r} is not one of the 20 amino acids "
+                f"{clip(part)}: mutant residue {mutant!r} is not one of the 20 amino acids "
                 f"{STANDARD_RESIDUES}"
             )
         if position in seen:
-            problems.append(f"{part}: position {position} is mutated twice")
+            problems.append(f"{clip(part)}: position {position} is mutated twice")
         seen.add(position)
     return tuple(substitutions), problems
 
@@ -105,28 +116,22 @@ def scan_variants(wild_type: str) -> tuple[tuple[str, ...], tuple[tuple[Substitu
     return tuple(mutants), tuple(variants)
 
 
-def score_violations(request: pb.ScoreRequest, limits: bool = True) -> list[FieldViolation]:
+def score_violations(request: pb.ScoreRequest, limits: bool = True) -> Violations:
     """Every rule `request` breaks (the variants' only once the wild type is valid).
 
     `limits=False` leaves out the per-request bound on the number of variants: the client
     checks a list of any length before splitting it into requests (`plan_requests`)."""
-    violations = check_sequence(request.wild_type, "wild_type", allow_mask=False)
-    violations += _check_strategies(request.strategies)
+    found = check_sequence(request.wild_type, "wild_type", allow_mask=False)
+    _check_strategies(found, request.strategies)
     if request.scan and request.variants:
-        violations.append(FieldViolation("scan", "give variants or set scan, not both"))
+        found.add("scan", "give variants or set scan, not both")
     elif not request.scan and not request.variants:
-        violations.append(
-            FieldViolation("variants", f"no variants; give 1 to {MAX_VARIANTS:,}, or set scan")
-        )
+        found.add("variants", f"no variants; give 1 to {MAX_VARIANTS:,}, or set scan")
     elif limits and len(request.variants) > MAX_VARIANTS:
-        violations.append(
-            FieldViolation(
-                "variants", f"{len(request.variants):,} variants; the limit is {MAX_VARIANTS:,}"
-            )
-        )
-    elif not violations and not request.scan:
-        violations += _variant_violations(request.variants, request.wild_type)
-    return violations
+        found.add("variants", f"{len(request.variants):,} variants; the limit is {MAX_VARIANTS:,}")
+    elif not found and not request.scan:
+        _check_variants(found, request.variants, request.wild_type)
+    return found
 
 
 def resolve_strategies(strategies) -> tuple[int, ...]:
@@ -177,28 +182,29 @@ def _too_many_passes(valid: ValidScoreRequest, passes: int) -> str:
     )
 
 
-def _check_strategies(strategies) -> list[FieldViolation]:
+def _check_strategies(found: Violations, strategies) -> None:
     valid = ", ".join(pb.ScoringStrategy.keys()[1:])
-    return [
-        FieldViolation(f"strategies[{i}]", f"unknown strategy {value}; valid: {valid}")
+    unknown = (
+        (i, value)
         for i, value in enumerate(strategies)
         if value != pb.SCORING_STRATEGY_UNSPECIFIED and value not in STRATEGY_NAMES
-    ]
+    )
+    found.add_each(
+        unknown,
+        lambda i, value: FieldViolation(
+            f"strategies[{i}]", f"unknown strategy {value}; valid: {valid}"
+        ),
+    )
 
 
-def _variant_violations(variants, wild_type: str) -> list[FieldViolation]:
-    violations = []
+def _check_variants(found: Violations, variants, wild_type: str) -> None:
     bad = 0
     for index, text in enumerate(variants):
         _, problems = parse_variant(text, wild_type)
         if problems:
             bad += 1
             if bad <= MAX_VARIANT_VIOLATIONS:
-                violations += [FieldViolation(f"variants[{index}]", p) for p in problems]
+                for problem in problems:
+                    found.add(f"variants[{index}]", problem)
     if bad > MAX_VARIANT_VIOLATIONS:
-        violations.append(
-            FieldViolation(
-                "variants", f"{bad - MAX_VARIANT_VIOLATIONS:,} more variants are invalid"
-            )
-        )
-    return violations
+        found.add("variants", f"{bad - MAX_VARIANT_VIOLATIONS:,} more variants are invalid")

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from esm2_service.validation import InvalidRequest
+from esm2_service.validation import FieldViolation, InvalidRequest, Violations, left_out_violation
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,14 @@ class ItemFailed(ServiceError):
 def to_rpc_status(error: Exception) -> grpc.Status:
     """The status (code, message, rich details) a client sees for `error`."""
     if isinstance(error, InvalidRequest):
-        details = _bad_request(error)
+        listed = _fitting_in_details(error.found)
         message = str(error)
-        if len(details.field_violations) < len(error.violations):
+        if len(listed) < error.found.total:
             message += (
-                f" [{len(error.violations)} violations; the first "
-                f"{len(details.field_violations)} are listed in the details]"
+                f" [{error.found.total:,} violations; the first {len(listed)} are listed in "
+                "the details]"
             )
-        return _status(grpc.StatusCode.INVALID_ARGUMENT, message, details)
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, message, _bad_request(listed, error.found))
     if isinstance(error, QueueFull):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_s * 1000))
@@ -102,12 +102,13 @@ HTTP_STATUS = {
 
 def to_http_error(error: Exception) -> tuple[int, dict, dict[str, str]]:
     """(HTTP status, JSON body, headers) for `error`, by the table gRPC uses: the body
-    names the gRPC code, and for invalid input lists every violation (HTTP has no
-    trailer limit); a full queue adds Retry-After."""
+    names the gRPC code, and for invalid input lists the violations as the error shows
+    them (HTTP has no trailer limit); a full queue adds Retry-After."""
     status = to_rpc_status(error)
     body: dict = {"detail": status.details, "code": status.code.name}
     headers = {}
     if isinstance(error, InvalidRequest):
+        body["detail"] = str(error)  # without the gRPC message's note on its trailer
         body["errors"] = [{"field": v.field, "msg": v.description} for v in error.violations]
     if isinstance(error, QueueFull):
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
@@ -115,31 +116,39 @@ def to_http_error(error: Exception) -> tuple[int, dict, dict[str, str]]:
     return http_status, body, headers
 
 
-def _bad_request(error: InvalidRequest) -> error_details_pb2.BadRequest:
-    """The violations, as many as fit in MAX_DETAILS_BYTES: they travel in a trailer,
-    and default gRPC clients refuse trailers over 8 KiB (base64 adds a third). Every
-    field's first violation comes before any field's second, so each broken field is
-    named; the order of the request is kept."""
+def _fitting_in_details(found: Violations) -> list[FieldViolation]:
+    """The listed violations that fit in MAX_DETAILS_BYTES beside the count of the rest:
+    they travel in a trailer, and default gRPC clients refuse trailers over 8 KiB (base64
+    adds a third). Every field's first violation comes before any field's second, so
+    each broken field listed is named; the order of the request is kept."""
     first_of_field = {}
-    for index, violation in enumerate(error.violations):
+    for index, violation in enumerate(found.listed):
         first_of_field.setdefault(violation.field, index)
     priority = sorted(
-        range(len(error.violations)),
-        key=lambda i: (i != first_of_field[error.violations[i].field], i),
+        range(len(found.listed)),
+        key=lambda i: (i != first_of_field[found.listed[i].field], i),
     )
-    chosen, size = [], 0
+    chosen, size = [], _size(left_out_violation(found.total))
     for index in priority:
-        violation = error.violations[index]
-        size += len(violation.field.encode()) + len(violation.description.encode()) + 8
+        size += _size(found.listed[index])
         if size > MAX_DETAILS_BYTES:
             break
         chosen.append(index)
+    return [found.listed[i] for i in sorted(chosen)]
+
+
+def _size(violation: FieldViolation) -> int:
+    return len(violation.field.encode()) + len(violation.description.encode()) + 8
+
+
+def _bad_request(listed: list[FieldViolation], found: Violations) -> error_details_pb2.BadRequest:
+    """`listed`, then, if it is not all of `found`, one violation giving the count of the rest."""
+    left_out = found.total - len(listed)
+    shown = listed + [left_out_violation(left_out)] if left_out else listed
     return error_details_pb2.BadRequest(
         field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(
-                field=error.violations[i].field, description=error.violations[i].description
-            )
-            for i in sorted(chosen)
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in shown
         ]
     )
 

@@ -17,10 +17,12 @@ import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import grpc
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -31,6 +33,7 @@ from esm2_service.server.broker import Broker, new_request_id
 from esm2_service.server.errors import (
     BackendUnavailable,
     PayloadTooLarge,
+    ServiceError,
     Unauthenticated,
     to_http_error,
 )
@@ -45,8 +48,12 @@ from esm2_service.server.http_results import (
 )
 from esm2_service.server.http_schema import API_PREFIX, DOCS_PAGE, openapi_document, request_schema
 from esm2_service.server.metrics import FrontendMetrics
+from esm2_service.validation import FieldViolation, InvalidRequest, clip
 
 log = logging.getLogger(__name__)
+
+# esm2_requests_total's code for a client that left before sending its whole body.
+CLIENT_DISCONNECTED = "CLIENT_DISCONNECTED"
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,14 @@ class HttpLimits:
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 256 * 1024 * 1024
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this
+
+
+class BodyTimeout(ServiceError):
+    """The request body did not arrive within the door's body timeout."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
 
 
 class FloatBudget:
@@ -128,9 +143,10 @@ class HttpDoor:
             log.info("http %s request_id=%s: the client went away", action, request_id)
             self._count(action, "CANCELLED", started)
             raise
+        except ClientDisconnect:
+            log.debug("http %s request_id=%s: the client left mid-body", action, request_id)
+            code, response = CLIENT_DISCONNECTED, Response(status_code=499)  # nobody reads it
         except Exception as error:  # one table turns every error into a status
-            status, body, headers = to_http_error(error)
-            code = body["code"]
             log.info(
                 "http %s request_id=%s failed: %s",
                 action,
@@ -138,8 +154,9 @@ class HttpDoor:
                 error,
                 extra={"request_id": request_id},
             )
-            body |= {"status_code": status, "request_id": request_id}
-            response = _json(body, status, {**headers, "X-Request-Id": request_id})
+            # After a body timeout the rest of the body may still come: not another request.
+            close = isinstance(error, BodyTimeout)
+            code, response = _error_response(error, request_id, close_connection=close)
         self._count(action, code, started)
         return response
 
@@ -158,12 +175,13 @@ class HttpDoor:
             raise PayloadTooLarge(
                 f"the request body is {int(declared):,} bytes; the limit is {limit:,}"
             )
-        raw = bytearray()
-        async for piece in request.stream():
-            raw += piece
-            if len(raw) > limit:
-                raise PayloadTooLarge(f"the request body is over the limit of {limit:,} bytes")
-        document = read_body(bytes(raw), request.headers.get("content-encoding", ""), limit)
+        timeout_s = self.limits.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await _read_stream(request, limit)
+        except TimeoutError:
+            raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+        document = read_body(raw, request.headers.get("content-encoding", ""), limit)
         return parse_request(action, document)
 
     async def _answer(self, request: Request, parsed: HttpRequest, request_id: str) -> Response:
@@ -210,6 +228,27 @@ class HttpDoor:
     def _count(self, action: str, code: str, started: float) -> None:
         seconds = time.perf_counter() - started
         self.metrics.observe_request(f"POST {API_PREFIX}/{action}/", code, seconds)
+
+
+async def _read_stream(request: Request, limit: int) -> bytes:
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit:,} bytes")
+    return bytes(raw)
+
+
+def _error_response(
+    error: Exception, request_id: str, close_connection: bool = False
+) -> tuple[str, Response]:
+    """The code (for the metrics) and the JSON error response of `error`."""
+    status, body, headers = to_http_error(error)
+    body |= {"status_code": status, "request_id": request_id}
+    headers = {**headers, "X-Request-Id": request_id}
+    if close_connection:
+        headers["Connection"] = "close"
+    return body["code"], _json(body, status, headers)
 
 
 def _body(parsed: HttpRequest, items: list) -> Iterator[bytes]:
@@ -272,8 +311,12 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> Respons
 async def _schema(request: Request) -> Response:
     action = request.path_params["action"]
     if action not in ACTIONS:
-        raise HTTPException(404, f"no action {action!r}; actions: {', '.join(ACTIONS)}")
+        raise _no_action(action)
     return JSONResponse(request_schema(action))
+
+
+def _no_action(action: str) -> HTTPException:
+    return HTTPException(404, f"no action {clip(action)!r}; actions: {', '.join(ACTIONS)}")
 
 
 async def _healthz(_: Request) -> Response:
@@ -292,12 +335,35 @@ async def _unexpected(_: Request, error: Exception) -> Response:
     )
 
 
+class RefuseAmbiguousFraming:
+    """Refuses a request with both Content-Length and Transfer-Encoding (400, then the
+    connection closes). h11 frames it by Transfer-Encoding, a proxy in front may frame it
+    by Content-Length: the bytes between the two would pass the proxy as a request of
+    their own (request smuggling). RFC 9112 6.1 lets a server refuse it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        names = {name for name, _ in scope.get("headers", ())}
+        if scope["type"] == "http" and {b"content-length", b"transfer-encoding"} <= names:
+            request_id = new_request_id()
+            log.info("refused request_id=%s: Content-Length and Transfer-Encoding", request_id)
+            violation = FieldViolation(
+                "headers", "Content-Length and Transfer-Encoding together; send one of them"
+            )
+            _, response = _error_response(
+                InvalidRequest([violation]), request_id, close_connection=True
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def build_app(door: HttpDoor) -> Starlette:
     async def action(request: Request) -> Response:
         if request.path_params["action"] not in ACTIONS:
-            raise HTTPException(
-                404, f"no action {request.path_params['action']!r}; actions: {', '.join(ACTIONS)}"
-            )
+            raise _no_action(request.path_params["action"])
         return await door.action(request)
 
     async def readyz(_: Request) -> Response:
@@ -325,5 +391,6 @@ def build_app(door: HttpDoor) -> Starlette:
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
+        middleware=[Middleware(RefuseAmbiguousFraming)],
         lifespan=lifespan,
     )

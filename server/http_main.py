@@ -22,6 +22,13 @@ from esm2_service.server.auth import load_tokens
 from esm2_service.server.broker import Broker, BrokerSettings, connect
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.http_app import HttpDoor, HttpLimits, build_app
+from esm2_service.server.http_bounds import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    bounded_h11_protocol,
+    fit_to_open_file_limit,
+    rate_limit_logs,
+)
 from esm2_service.server.metrics import FrontendMetrics
 from esm2_service.server.settings import ServerSettings
 
@@ -83,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
         "largest JSON response (MiB), estimated before any work; past it: 413",
         kind=int,
     )
+    add_setting(
+        parser,
+        "--header-timeout-s",
+        DEFAULT_HEADER_TIMEOUT_S,
+        "a connection that has not sent a request's whole headers this long after opening "
+        "(or after its last response) is closed",
+        kind=float,
+    )
+    add_setting(
+        parser,
+        "--body-timeout-s",
+        limits.body_timeout_s,
+        "a request body must arrive in full within this; past it: 408, and the connection closes",
+        kind=float,
+    )
+    add_setting(
+        parser,
+        "--max-connections",
+        DEFAULT_MAX_CONNECTIONS,
+        "connections open at once: with this many open a request gets 503, and a further "
+        "connection is closed on accept (lowered to fit the open-file limit)",
+        kind=int,
+    )
     parser.add_argument(
         "--auth-tokens-file",
         default=env_or("ESM2_AUTH_TOKENS_FILE"),
@@ -116,12 +146,17 @@ async def serve(
         max_request_bytes=args.max_request_bytes,
         max_response_bytes=args.max_response_mb * 2**20,
         request_timeout_s=args.request_timeout_s,
+        body_timeout_s=args.body_timeout_s,
     )
     door = HttpDoor(broker, monitor, limits, tokens, metrics)
+    max_connections = fit_to_open_file_limit(args.max_connections)
     config = uvicorn.Config(
         build_app(door),
         host=args.host.strip("[]"),
         port=args.port,
+        http=bounded_h11_protocol(args.header_timeout_s, args.body_timeout_s, max_connections),
+        ws="none",
+        limit_concurrency=max_connections,  # uvicorn's 503, its own connection counted
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=ServerSettings.grace_s,
@@ -160,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esm2 http: {error}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, args.log_format)
+    rate_limit_logs()
     log.info("token authentication %s", f"on: {len(tokens)} token(s)" if tokens else "off")
     metrics = FrontendMetrics()
     try:

@@ -113,6 +113,14 @@ def _param_problems(method: str, params) -> set[str]:
     return fields
 
 
+# The last violation of an error that lists only some: the count of those it left out.
+LEFT_OUT = re.compile(r"and \d{1,3}(,\d{3})* more violations, not listed")
+
+
+def is_left_out_count(field: str, description: str) -> bool:
+    return field == "request" and LEFT_OUT.fullmatch(description) is not None
+
+
 def field_is_legal(name: str, method: str, request=None) -> bool:
     """Whether `name` is a legal field path whose index exists in `request` (if given)."""
     match = LEGAL_FIELD.fullmatch(name)

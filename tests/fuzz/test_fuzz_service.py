@@ -473,7 +473,10 @@ def problems(case: Case, answer: Answer) -> list[str]:
 def violation_problems(case: Case, answer: Answer) -> list[str]:
     if not answer.violations:
         return [f"INVALID_ARGUMENT without a BadRequest violation: {answer.details[:200]}"]
-    named = {name for name, _ in answer.violations}
+    *listed, last = answer.violations
+    if not spec.is_left_out_count(*last):
+        listed.append(last)
+    named = {name for name, _ in listed}
     out = [
         f"illegal field {name!r}"
         for name in sorted(named)
@@ -487,7 +490,7 @@ def violation_problems(case: Case, answer: Answer) -> list[str]:
         shown = (repr(token), token) if token == spec.MASK else (repr(token),)
         if name in named and not any(
             field == name and f"position {position}" in text and any(s in text for s in shown)
-            for field, text in answer.violations
+            for field, text in listed
         ):
             out.append(f"{name}: no violation names position {position} and {token!r}")
     return out

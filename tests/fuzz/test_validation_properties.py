@@ -7,23 +7,35 @@ them from the issue. Runs are derandomized, so a failure reproduces exactly.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Callable
+from unittest import mock
+
 import pytest
 from fuzz import spec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from esm2_service import validation
+from esm2_service.client.params import INCLUDE_NAMES
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.handlers import _decoder
+from esm2_service.server.http_requests import ACTIONS, parse_request
 from esm2_service.validation import (
     MAX_CHARACTER_VIOLATIONS,
+    MAX_REPORTED_VIOLATIONS,
+    FieldViolation,
     InvalidRequest,
     Undecodable,
     ValidRequest,
+    left_out_violation,
     resolve_layers,
     validate_encode,
     validate_predict,
 )
+from esm2_service.variants import validate_score
 
 PROPERTIES = settings(
     deadline=None,
@@ -101,8 +113,17 @@ def outcome(method: str, request) -> ValidRequest | InvalidRequest:
     return valid
 
 
+@contextlib.contextmanager
+def unbounded():
+    """Validation that lists every violation, to compare the bounded lists with."""
+    with mock.patch.object(validation, "MAX_REPORTED_VIOLATIONS", sys.maxsize):
+        yield
+
+
 def check_against_rules(method: str, request) -> None:
-    result = outcome(method, request)
+    with unbounded():
+        result = outcome(method, request)
+    check_the_bound(lambda: outcome(method, request))
     want = spec.expected(method, request)
     if want.valid:
         assert isinstance(result, ValidRequest), f"valid request refused: {result}"
@@ -165,6 +186,124 @@ def test_encode_validation_follows_the_rules(message):
 @given(predict_requests())
 def test_predict_validation_follows_the_rules(message):
     check_against_rules("Predict", message)
+
+
+def reported(check: Callable) -> list[FieldViolation]:
+    """The violations of the InvalidRequest `check()` raises or returns; [] for none."""
+    try:
+        result = check()
+    except InvalidRequest as error:
+        result = error
+    return result.violations if isinstance(result, InvalidRequest) else []
+
+
+def check_the_bound(check: Callable) -> None:
+    """At most MAX_REPORTED_VIOLATIONS are listed, then one violation with the exact count
+    of the rest: each broken field's first (of as many fields as fit), then the earliest
+    others, in request order."""
+    listed = reported(check)
+    with unbounded():
+        every = reported(check)
+    assert len(listed) <= MAX_REPORTED_VIOLATIONS + 1
+    event("past the bound" if len(every) > MAX_REPORTED_VIOLATIONS else "within the bound")
+    if len(every) <= MAX_REPORTED_VIOLATIONS:
+        assert listed == every
+    else:
+        rest = left_out_violation(len(every) - MAX_REPORTED_VIOLATIONS)
+        assert listed == first_of_each_field_then_earliest(every) + [rest]
+
+
+def first_of_each_field_then_earliest(every: list[FieldViolation]) -> list[FieldViolation]:
+    first_of_field: dict[str, int] = {}
+    for index, violation in enumerate(every):
+        first_of_field.setdefault(violation.field, index)
+    firsts = set(first_of_field.values())
+    keep = set(sorted(firsts)[:MAX_REPORTED_VIOLATIONS])
+    repeats = [i for i in range(len(every)) if i not in firsts]
+    keep |= set(repeats[: MAX_REPORTED_VIOLATIONS - len(keep)])
+    return [every[i] for i in sorted(keep)]
+
+
+def few_or_many(element, many: int = 250) -> st.SearchStrategy[list]:
+    """A short list of `element`s, or one drawn element repeated up to `many` times: most
+    requests built from these break a rule more often than MAX_REPORTED_VIOLATIONS."""
+    repeated = st.builds(lambda value, count: [value] * count, element, st.integers(1, many))
+    return st.one_of(st.lists(element, max_size=10), repeated)
+
+
+bad_runs = st.text(st.sampled_from("ab!1 <>"), min_size=1, max_size=30)
+many_items = few_or_many(st.one_of(sequences, bad_runs), many=40)
+many_layers = few_or_many(st.one_of(st.integers(-9, 8), INT32))
+many_includes = few_or_many(st.one_of(st.integers(-1, 8), INT32))
+many_variants = few_or_many(st.one_of(st.just("M1A"), bad_runs, st.text(max_size=12)))
+
+
+@st.composite
+def large_requests(draw) -> tuple[Callable, object]:
+    method = draw(st.sampled_from(["Encode", "Predict", "Score"]))
+    if method == "Score":
+        request = pb.ScoreRequest(
+            wild_type=draw(st.one_of(residues, bad_runs)),
+            variants=draw(many_variants),
+            strategies=draw(few_or_many(st.integers(-1, 5))),
+        )
+        return validate_score, request
+    items = [pb.Item(sequence=s) for s in draw(many_items)]
+    if method == "Predict":
+        return validate_predict, pb.PredictRequest(items=items)
+    params = pb.EncodeParams(
+        repr_layers=draw(many_layers), include=draw(many_includes), dtype=draw(dtypes)
+    )
+    return validate_encode, pb.EncodeRequest(items=items, params=params)
+
+
+@settings(PROPERTIES, max_examples=200)
+@given(large_requests())
+def test_no_request_gets_more_violations_than_the_bound_plus_the_count(validate_and_request):
+    validate, request = validate_and_request
+    check_the_bound(lambda: validate(request))
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(), st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+extra_keys = st.one_of(
+    st.just({}),
+    st.dictionaries(st.text(max_size=60), json_scalars, max_size=4),
+    st.builds(lambda count: {f"k{i}": i for i in range(count)}, st.integers(1, 250)),
+)
+json_items = few_or_many(
+    st.one_of(
+        json_values,
+        st.builds(lambda sequence, extra: {**extra, "sequence": sequence}, sequences, extra_keys),
+        st.builds(lambda sequence: {"sequence": sequence}, bad_runs),
+    ),
+    many=40,
+)
+json_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "repr_layers": few_or_many(st.one_of(st.integers(-9, 8), json_scalars)),
+        "include": few_or_many(st.one_of(st.sampled_from([*INCLUDE_NAMES, "x"]), json_scalars)),
+    },
+)
+json_documents = st.builds(
+    lambda items, params, extra: {**extra, "items": items, "params": params},
+    json_items,
+    st.one_of(json_params, json_values),
+    st.one_of(st.just({}), extra_keys),
+)
+
+
+@settings(PROPERTIES, max_examples=200)
+@given(st.sampled_from(ACTIONS), st.one_of(json_documents, json_values))
+def test_no_http_body_gets_more_violations_than_the_bound_plus_the_count(action, document):
+    check_the_bound(lambda: parse_request(action, document))
 
 
 @st.composite

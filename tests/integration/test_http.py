@@ -1,6 +1,7 @@
 """The HTTP/JSON door against real processes: BioLM's own examples and SDK with only
 the base URL changed, every output against fair-esm, gzip, tokens, each error
-status, the OpenAPI document, and a fuzz run of malformed bodies."""
+status, the OpenAPI document, a fuzz run of malformed bodies, and the door's bounds
+on slow, departing and ambiguous clients (raw sockets)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,13 +23,15 @@ import requests
 from conftest import ServiceProcesses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from queue_helpers import ConnectionCounter, sequence_number
 from support import assert_close, fair_esm_outputs, read_fasta_records
 
 from esm2_service import queue
 from esm2_service.alphabet import VOCAB_TOKENS, split_tokens
+from esm2_service.server.embedded_redis import free_port
 from esm2_service.server.http_results import AMINO_ACID_COLUMNS
-from esm2_service.validation import InvalidRequest, validate_encode
+from esm2_service.validation import MAX_REPORTED_VIOLATIONS, InvalidRequest, validate_encode
 
 TOKEN = "http-door-token-0123"
 AUTH = {"Authorization": f"Token {TOKEN}"}
@@ -38,11 +42,12 @@ REAL = read_fasta_records("few_proteins.fasta")[0][1]
 class HttpDoorProcess:
     """`esm2 http` as a child process on a free port."""
 
-    def __init__(self, redis_url: str, *args: str, env: dict | None = None):
+    def __init__(self, redis_url: str, *args: str, env: dict | None = None, stderr=None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "esm2_service.server.http_main", "--port", "0", *args],
             env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
         line = self.process.stdout.readline()
@@ -343,6 +348,49 @@ def test_invalid_input_lists_every_violation_as_grpc_does(door):
     assert [e["field"] for e in alone.json()["errors"]] == ["params.include[0]"]
 
 
+def post_compact(door, action: str, body) -> requests.Response:
+    """`body` as compact JSON (as BioLM's SDK sends it), so more fits in the size limit."""
+    data = json.dumps(body, separators=(",", ":"))
+    return requests.post(f"{door.api}/{action}/", data=data, headers=AUTH, timeout=120)
+
+
+def test_error_bodies_list_at_most_the_bound_and_count_the_rest(door):
+    many = post_compact(door, "encode", {"items": [{"sequence": "MK" + "!" * 11}] * 10_000})
+    assert many.status_code == 400
+    errors = many.json()["errors"]
+    assert len(errors) == MAX_REPORTED_VIOLATIONS + 1
+    assert errors[0] == {"field": "items", "msg": "10000 items; the limit is 8"}
+    total = 1 + 10_000 * 11  # the item count, then 11 bad characters in each item
+    assert errors[-1] == {
+        "field": "request",
+        "msg": f"and {total - MAX_REPORTED_VIOLATIONS:,} more violations, not listed",
+    }
+    assert len(many.content) < 64 * 1024
+
+    body = {"items": [{"sequence": "MKV"}], "params": {"include": [0] * 500_000}}
+    outputs = post_compact(door, "encode", body)
+    assert outputs.status_code == 400
+    errors = outputs.json()["errors"]
+    assert len(errors) == MAX_REPORTED_VIOLATIONS + 1
+    assert errors[0]["field"] == "params.include[0]"
+    assert errors[-1]["msg"] == "and 499,900 more violations, not listed"
+    assert len(outputs.content) < 64 * 1024
+
+
+def test_a_huge_unknown_field_name_is_cut_in_the_body(door):
+    name = "x" * 1_000_000
+    response = post_compact(door, "encode", {"items": [{"sequence": "MKV"}], name: 1})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["errors"] == [
+        {
+            "field": "x" * 40 + "…(1,000,000 characters)",
+            "msg": "unknown field; expected items, params",
+        }
+    ]
+    assert len(response.content) < 1_000
+
+
 def test_too_large_bodies_and_responses_get_413(door):
     huge = {"items": [{"sequence": "M" * (2 * 1024 * 1024)}]}
     assert post(door, "encode", huge).status_code == 413
@@ -559,3 +607,207 @@ def test_256_concurrent_requests_are_all_answered_over_a_bounded_pool(door, redi
         answers = list(pool.map(one, range(256)))
     assert answers == [(200, 1)] * 256
     assert 1 <= connections.peak <= MAX_REDIS_CONNECTIONS + 1
+
+
+# ---------------------------------------------------------------------------------
+# Bounds: slow, departing and ambiguous clients, over raw sockets
+
+ENCODE_PATH = "/api/v3/esm2-8m/encode/"
+ENCODE_METHOD = f"POST {ENCODE_PATH}"
+MKV = b'{"items": [{"sequence": "MKV"}]}'
+
+
+@pytest.fixture(scope="module")
+def bounded_door(redis_server, tmp_path_factory):
+    """A door with 1 s header and body timeouts, its metrics on a port of its own and
+    DEBUG logs in a file. No worker: bodies are read and checked before readiness is."""
+    log_path = tmp_path_factory.mktemp("logs") / "http-door.log"
+    metrics_port = free_port()
+    with open(log_path, "w") as log:
+        http = HttpDoorProcess(
+            fresh_db(redis_server, 12),
+            *("--header-timeout-s", "1", "--body-timeout-s", "1"),
+            *("--metrics-port", str(metrics_port), "--log-level", "DEBUG"),
+            stderr=log,
+        )
+    http.log_path, http.metrics_port = log_path, metrics_port
+    yield http
+    http.stop()
+
+
+def open_socket(door: HttpDoorProcess, timeout_s: float = 5.0) -> socket.socket:
+    port = int(door.base.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes; a timeout (the socket's) if it never does."""
+    received = bytearray()
+    while chunk := sock.recv(65536):
+        received += chunk
+    return bytes(received)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response with a Content-Length: (status, lowercase headers, body)."""
+    received = bytearray()
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a whole response: {bytes(received)!r}"
+        received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536)
+    return int(status_line.split()[1]), headers, body
+
+
+def raw_request(door, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request on a connection of its own."""
+    with open_socket(door) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        return read_response(sock)
+
+
+def request_counts(door) -> dict[str, float]:
+    """esm2_requests_total of the encode action, by code, from the door's /metrics."""
+    text = requests.get(f"http://127.0.0.1:{door.metrics_port}/metrics", timeout=10).text
+    return {
+        sample.labels["code"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "esm2_requests_total" and sample.labels["method"] == ENCODE_METHOD
+    }
+
+
+def test_a_connection_stalled_in_its_headers_is_closed_after_the_header_timeout(bounded_door):
+    with open_socket(bounded_door) as fresh:
+        fresh.sendall(b"POST " + ENCODE_PATH.encode() + b" HTTP/1.1\r\nHost: t\r\nContent-")
+        started = time.monotonic()
+        assert read_until_closed(fresh) == b""
+        assert 0.5 < time.monotonic() - started < 3.5  # 1 s; uvicorn's keep-alive is 5 s
+    # The next request on a kept-alive connection has a deadline of its own.
+    with open_socket(bounded_door) as reused:
+        reused.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(reused)[0] == 200
+        reused.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        started = time.monotonic()
+        assert read_until_closed(reused) == b""
+        assert time.monotonic() - started < 3.5
+
+
+def test_a_stalled_body_gets_408_and_the_connection_closes(bounded_door):
+    head = b"POST " + ENCODE_PATH.encode() + b" HTTP/1.1\r\nHost: t\r\nContent-Length: 100"
+    with open_socket(bounded_door) as sock:
+        sock.sendall(head + b"\r\n\r\n" + MKV[:10])
+        started = time.monotonic()
+        status, headers, body = read_response(sock)
+        assert 0.5 < time.monotonic() - started < 3.5
+        assert (status, headers["connection"]) == (408, "close"), body
+        error = json.loads(body)
+        assert error["code"] == "DEADLINE_EXCEEDED"
+        assert error["detail"] == "the request body did not arrive within 1 s"
+        assert read_until_closed(sock) == b""
+
+
+def test_a_body_still_trickling_in_after_its_response_is_cut_off(bounded_door):
+    # /healthz answers without reading the body; the client keeps sending it slowly.
+    with open_socket(bounded_door, timeout_s=0.3) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nx")
+        assert read_response(sock)[0] == 200
+        deadline = time.monotonic() + 3.5  # the body timeout is 1 s
+        closed = False
+        while not closed:
+            assert time.monotonic() < deadline, "a trickling body kept its connection open"
+            try:
+                sock.sendall(b"x")
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+
+
+def test_a_client_leaving_mid_body_is_counted_as_such_and_logged_at_debug(bounded_door):
+    before = request_counts(bounded_door)
+    head = b"POST " + ENCODE_PATH.encode() + b" HTTP/1.1\r\nHost: t\r\nContent-Length: 100"
+    with open_socket(bounded_door) as sock:
+        sock.sendall(head + b"\r\n\r\n" + MKV[:10])
+        time.sleep(0.2)  # the door is reading the body
+    deadline = time.monotonic() + 5
+    while (counts := request_counts(bounded_door)) == before:
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.1)
+    assert counts.get("CLIENT_DISCONNECTED", 0) == before.get("CLIENT_DISCONNECTED", 0) + 1
+    assert counts.get("INTERNAL", 0) == before.get("INTERNAL", 0)
+    log = bounded_door.log_path.read_text()
+    assert "the client left mid-body" in log
+    assert " ERROR " not in log and "Traceback" not in log
+
+
+def test_content_length_with_transfer_encoding_gets_400_and_a_closed_connection(bounded_door):
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(MKV), MKV)
+    head = b"POST " + ENCODE_PATH.encode() + b" HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+    with open_socket(bounded_door) as sock:
+        sock.sendall(head + b"\r\nContent-Length: 4\r\n\r\n" + chunked)
+        status, headers, body = read_response(sock)
+        assert (status, headers["connection"]) == (400, "close"), body
+        error = json.loads(body)
+        assert error["code"] == "INVALID_ARGUMENT" and len(error["request_id"]) == 32
+        assert [e["field"] for e in error["errors"]] == ["headers"]
+        assert "Content-Length and Transfer-Encoding" in error["detail"]
+        assert read_until_closed(sock) == b""
+    # Chunked alone is read as ever: the body parses, and the door, with no worker, says so.
+    status, _, body = raw_request(bounded_door, head, chunked)
+    assert (status, json.loads(body)["code"]) == (503, "UNAVAILABLE")
+
+
+def test_a_gzip_body_is_every_member_and_nothing_else(bounded_door):
+    def post_gzip(data: bytes) -> requests.Response:
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return requests.post(f"{bounded_door.base}{ENCODE_PATH}", data=data, headers=headers)
+
+    members = post_gzip(gzip.compress(MKV[:9]) + gzip.compress(MKV[9:]))
+    assert members.json()["code"] == "UNAVAILABLE"  # parsed; no worker to run it
+    for trailer in (b"garbage", b"\0" * 8, gzip.compress(b" ")[:-2]):
+        response = post_gzip(gzip.compress(MKV) + trailer)
+        assert response.status_code == 400, (trailer, response.text)
+        ((field, message),) = [(e["field"], e["msg"]) for e in response.json()["errors"]]
+        assert field == "body" and "gzip data" in message
+
+
+def test_past_max_connections_a_request_gets_503_and_a_connection_is_closed(redis_server, tmp_path):
+    """uvicorn's limit_concurrency answers 503 to a request that arrives while
+    --max-connections connections are open, its own counted; the door closes a
+    connection past that many as soon as it accepts it."""
+    log_path = tmp_path / "http-door.log"
+    with open(log_path, "w") as log:
+        http = HttpDoorProcess(fresh_db(redis_server, 13), "--max-connections", "4", stderr=log)
+    idle: list[socket.socket] = []
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close"
+    try:
+        idle += [open_socket(http), open_socket(http)]
+        assert raw_request(http, healthz)[0] == 200  # 3 open
+        idle.append(open_socket(http))
+        status, headers, body = raw_request(http, healthz)  # 4 open
+        assert (status, headers["connection"], body) == (503, "close", b"Service Unavailable")
+        idle.append(open_socket(http))
+        started = time.monotonic()
+        with open_socket(http) as fifth:
+            assert read_until_closed(fifth) == b""
+        assert time.monotonic() - started < 2  # on accept, not at the 10 s header timeout
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while raw_request(http, healthz)[0] != 200:
+            assert time.monotonic() < deadline, "the door never took connections again"
+            time.sleep(0.1)
+    finally:
+        for sock in idle:
+            sock.close()
+        http.stop()
+    assert "refused a connection: 4 are open (--max-connections 4)" in log_path.read_text()

@@ -121,7 +121,7 @@ def test_scores_stream_as_their_positions_complete(service):
 
 def test_a_wild_type_mismatch_is_named_by_variant_before_anything_is_sent(client):
     with pytest.raises(InvalidArgumentError) as raised:
-        client.score(WILD_TYPE, ["A4G", "G4A", "K2P:K2A", "A999G", "A4Z", "4G"])
+        client.score(WILD_TYPE, ["A4G", "G4A", "K2P:K2A", "A999G", "A4Z", "4G", f"A{'9' * 5000}G"])
 
     assert raised.value.violations == [
         ("variants[1]", "G4A: the wild type has 'A' at position 4, not 'G'"),
@@ -135,6 +135,11 @@ def test_a_wild_type_mismatch_is_named_by_variant_before_anything_is_sent(client
             "variants[5]",
             "'4G' is not a substitution like A42G (wild-type residue, 1-based position, "
             "mutant residue; join several with ':')",
+        ),
+        (
+            "variants[6]",
+            f"A{'9' * 39}…(5,002 characters): position {'9' * 40}…(5,000 characters) "
+            f"is outside the wild type (1..{len(WILD_TYPE)})",
         ),
     ]
 

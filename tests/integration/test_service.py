@@ -214,6 +214,38 @@ def test_undecodable_request_bytes_get_invalid_argument_and_the_service_keeps_se
     assert result.embeddings[6].shape == (32,)
 
 
+@pytest.mark.parametrize(
+    ("request_", "total"),
+    [
+        # The item count, then 11 bad characters in each of 10,000 items.
+        (pb.EncodeRequest(items=[pb.Item(sequence="MK" + "!" * 11)] * 10_000), 1 + 110_000),
+        (
+            pb.EncodeRequest(
+                items=[pb.Item(sequence="MKV")], params=pb.EncodeParams(include=[0] * 200_000)
+            ),
+            200_000,  # 200 KB: a frontend takes messages of up to 256 KiB
+        ),
+    ],
+    ids=["bad-items", "bad-outputs"],
+)
+def test_bad_request_details_list_at_most_the_bound_and_count_the_rest(service, request_, total):
+    from esm2_service.client import InvalidArgumentError, field_violations
+    from esm2_service.validation import MAX_REPORTED_VIOLATIONS
+
+    with grpc.insecure_channel(service.target) as channel, pytest.raises(grpc.RpcError) as raised:
+        list(esm2_pb2_grpc.Esm2ServiceStub(channel).Encode(request_, timeout=60))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    *listed, rest = bad_request_fields(raised.value)
+    assert 0 < len(listed) <= MAX_REPORTED_VIOLATIONS
+    assert rest == ("request", f"and {total - len(listed):,} more violations, not listed")
+    assert f"[{total:,} violations; the first {len(listed)} are listed" in raised.value.details()
+    assert len(raised.value.details()) < 2_000
+    # The Python client keeps the count beside the items it renumbers.
+    shifted = InvalidArgumentError.from_server(raised.value, offset=16)
+    assert field_violations(shifted)[-1] == rest
+    assert shifted.details().endswith(f"(and {total - 5:,} more)")
+
+
 def test_the_client_decodes_field_violations_without_googleapis(service, client):
     from esm2_service.client import field_violations
 

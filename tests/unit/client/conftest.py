@@ -22,6 +22,7 @@ from esm2_service.alphabet import TOKEN_INDEX, VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.tensors import chunk_messages, resolve_dtype, to_wire_bytes
+from esm2_service.validation import left_out_violation
 
 LAYERED = (pb.INCLUDE_MEAN, pb.INCLUDE_PER_TOKEN, pb.INCLUDE_BOS)
 # A rule only this server has, as a server of another version might: the client's own
@@ -69,6 +70,7 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
         self.delay_s = 0.0
         self.drop_last_complete = False
         self.random_weights = False
+        self.left_out = 0  # a refusal's count of violations it does not list
         self.requests: list[list[str]] = []
         self.max_in_flight = 0
         self._in_flight = 0
@@ -127,7 +129,8 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
         refused = [i for i, sequence in enumerate(sequences) if REFUSED_MOTIF in sequence]
         if refused:
             time.sleep(self.delay_s)
-            context.abort_with_status(rpc_status.to_status(bad_request_status(refused)))
+            status = bad_request_status(refused, self.left_out)
+            context.abort_with_status(rpc_status.to_status(status))
         with self._lock:
             self.requests.append(sequences)
             self._in_flight += 1
@@ -156,14 +159,22 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
             yield response(sequence_index=index, complete=complete)
 
 
-def bad_request_status(indices: list[int]) -> status_pb2.Status:
-    """INVALID_ARGUMENT with a BadRequest field violation for each of `indices`."""
+def bad_request_status(indices: list[int], left_out: int = 0) -> status_pb2.Status:
+    """INVALID_ARGUMENT with a BadRequest field violation for each of `indices`, then, if
+    `left_out`, the service's count of the violations it did not list."""
     violations = [
         error_details_pb2.BadRequest.FieldViolation(
             field=f"items[{i}].sequence", description=f"holds {REFUSED_MOTIF}"
         )
         for i in indices
     ]
+    if left_out:
+        rest = left_out_violation(left_out)
+        violations.append(
+            error_details_pb2.BadRequest.FieldViolation(
+                field=rest.field, description=rest.description
+            )
+        )
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
     return status_pb2.Status(

@@ -143,6 +143,24 @@ def test_server_refusals_of_every_request_are_merged_in_the_callers_numbering(fa
     assert servicer.requests == [sequences[8:16]]  # the valid request ran
 
 
+def test_a_servers_count_of_unlisted_violations_survives_renumbering_and_merging(fake_server):
+    target, servicer = fake_server
+    servicer.delay_s = 0.3  # the three requests are all in flight before any refusal
+    servicer.left_out = 250  # each refusal says it lists only some of its violations
+    sequences = [f"MK{'A' * i}" for i in range(20)]
+    sequences[3] += "QQQQ"
+    sequences[17] += "QQQQ"
+    with Esm2Client(target) as client, pytest.raises(InvalidArgumentError) as caught:
+        client.encode(sequences)
+
+    assert caught.value.violations == [
+        ("items[3].sequence", "holds QQQQ"),
+        ("items[17].sequence", "holds QQQQ"),
+        ("request", "and 500 more violations, not listed"),
+    ]
+    assert caught.value.details().endswith("holds QQQQ (and 500 more)")
+
+
 def test_stream_without_an_items_complete_raises(fake_server):
     target, servicer = fake_server
     servicer.drop_last_complete = True

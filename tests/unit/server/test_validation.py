@@ -5,7 +5,13 @@ import pytest
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.validation import (
+    MAX_ECHOED_CHARACTERS,
+    MAX_REPORTED_VIOLATIONS,
+    FieldViolation,
     InvalidRequest,
+    Violations,
+    clip,
+    left_out_count,
     resolve_layers,
     validate_encode,
     validate_predict,
@@ -119,3 +125,50 @@ def test_a_long_run_of_bad_characters_is_summarised():
 def test_error_message_names_fields():
     with pytest.raises(InvalidRequest, match=r"items\[0\].sequence: character 'x' at position 1"):
         validate_encode(encode("x"))
+
+
+def test_clip_keeps_short_text_and_cuts_long_text_to_a_prefix_and_its_length():
+    assert clip("") == ""
+    assert clip("x" * MAX_ECHOED_CHARACTERS) == "x" * MAX_ECHOED_CHARACTERS
+    long = "ab" * 500_000
+    assert clip(long) == long[:MAX_ECHOED_CHARACTERS] + "…(1,000,000 characters)"
+    assert len(clip(long)) < 2 * MAX_ECHOED_CHARACTERS
+
+
+def test_past_the_bound_violations_are_counted_not_described():
+    described = []
+
+    def describe(index: int) -> FieldViolation:
+        described.append(index)
+        return FieldViolation(f"params.include[{index}]", "unknown")
+
+    found = Violations()
+    found.add("items", "too many")
+    found.add_each(((i,) for i in range(500_000)), describe)
+    assert len(described) == MAX_REPORTED_VIOLATIONS - 1
+    assert (len(found.listed), found.left_out, found.total) == (100, 500_001 - 100, 500_001)
+    *listed, last = found
+    assert listed == found.listed
+    assert (last.field, last.description) == ("request", "and 499,901 more violations, not listed")
+    assert left_out_count(last.field, last.description) == 499_901
+    assert left_out_count("items", "too many") == 0
+
+
+def test_an_invalid_request_lists_each_fields_first_violation_and_counts_the_rest():
+    request = encode(*["MK" + "!" * 11] * 10, include=[0] * 1_000)
+    with pytest.raises(InvalidRequest) as raised:
+        validate_encode(request)
+    error = raised.value
+    total = 1 + 10 * 11 + 1_000  # 10 items, 11 bad characters each, 1,000 unknown outputs
+    assert error.found.total == total
+    assert len(error.violations) == MAX_REPORTED_VIOLATIONS + 1
+    assert error.violations[0] == FieldViolation("items", "10 items; the limit is 8")
+    # Each broken field's first violation is listed before any field's second.
+    fields = [v.field for v in error.violations[:-1]]
+    assert fields == ["items", *(f"items[{i}].sequence" for i in range(10))] + [
+        f"params.include[{i}]" for i in range(89)
+    ]
+    assert error.violations[-1] == FieldViolation(
+        "request", f"and {total - MAX_REPORTED_VIOLATIONS:,} more violations, not listed"
+    )
+    assert str(error).endswith(f"(and {total - 5:,} more)")
