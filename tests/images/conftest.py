@@ -54,3 +54,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(
             f"{info['tag']:28} built in {info['seconds']:6.1f} s, {info['bytes'] / 1e9:5.2f} GB"
         )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test against the deployment shows its containers' latest logs."""
+    report = yield
+    deployment = getattr(item, "funcargs", {}).get("deployment")
+    if report.failed and deployment is not None:
+        logs = deployment.compose("logs", "--no-color", "--timestamps", "--tail", "60", timeout=60)
+        report.sections.append(("compose logs", logs.stdout[-16000:]))
+    return report
