@@ -16,8 +16,9 @@ import grpc
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.handlers import add_esm2_service
-from esm2_service.server.main import SERVER_OPTIONS
+from esm2_service.server.main import server_options
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
+from esm2_service.server.settings import ServerSettings
 
 EMBED_DIM = 320
 
@@ -54,9 +55,8 @@ class CannedService(esm2_pb2_grpc.Esm2ServiceServicer):
 
 
 async def serve(port: int, residues: int) -> None:
-    server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(FrontendMetrics())], options=SERVER_OPTIONS
-    )
+    interceptors = [MetricsInterceptor(FrontendMetrics())]
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(ServerSettings()))
     add_esm2_service(CannedService(residues), server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

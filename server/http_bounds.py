@@ -4,27 +4,24 @@ uvicorn reads request headers without a deadline, and accepts connections until 
 process runs out of file descriptors, when asyncio logs every failed accept() (up to
 the backlog, 2,048, per wake-up). Here: a deadline on each request's headers and on a
 body still arriving after its response went out (the app puts its own deadline on the
-body it reads); a cap on open connections, fitted to the open-file limit; and log
-records rate-limited per kind.
+body it reads); a cap on open connections (fitted to the open-file limit by
+`connection_limit`); and log records rate-limited per kind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from esm2_service.server.connection_limit import DEFAULT_MAX_CONNECTIONS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_MAX_CONNECTIONS = 1000
-# Descriptors the door needs besides its clients': stdio, the listener, the event loop,
-# Redis connections, the metrics server's clients.
-FD_RESERVE = 64
 LOG_INTERVAL_S = 10.0
 # The loggers a flood of clients can fill: asyncio's (accept() failures), uvicorn's
 # (one warning per request past the connection cap, per malformed request), this one.
@@ -115,43 +112,6 @@ def bounded_h11_protocol(
         "max_connections": max_connections,
     }
     return type("BoundedH11Protocol", (BoundedH11Protocol,), settings)
-
-
-def fit_to_open_file_limit(max_connections: int) -> int:
-    """`max_connections` if the open-file limit allows that many connections besides
-    FD_RESERVE, raising the soft limit toward the hard one if need be; otherwise as
-    many as the limit allows, with a warning."""
-    needed = max_connections + FD_RESERVE
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or needed <= soft:
-        return max_connections
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as error:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
-        else:
-            log.info(
-                "raised the open-file limit from %d to %d for --max-connections %d",
-                soft,
-                target,
-                max_connections,
-            )
-            soft = target
-    if needed <= soft:
-        return max_connections
-    fitted = max(1, soft - FD_RESERVE)
-    log.warning(
-        "--max-connections %d needs %d open files, over the limit of %d (hard limit %s): "
-        "serving at most %d connections",
-        max_connections,
-        needed,
-        soft,
-        "unlimited" if hard == resource.RLIM_INFINITY else hard,
-        fitted,
-    )
-    return fitted
 
 
 class RateLimitedLogs(logging.Filter):

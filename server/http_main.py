@@ -20,13 +20,12 @@ from esm2_service.config import (
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import load_tokens
 from esm2_service.server.broker import Broker, BrokerSettings, connect
+from esm2_service.server.connection_limit import DEFAULT_MAX_CONNECTIONS, fit_to_open_file_limit
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.http_app import HttpDoor, HttpLimits, build_app
 from esm2_service.server.http_bounds import (
     DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_MAX_CONNECTIONS,
     bounded_h11_protocol,
-    fit_to_open_file_limit,
     rate_limit_logs,
 )
 from esm2_service.server.metrics import FrontendMetrics

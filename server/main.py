@@ -16,6 +16,7 @@ from esm2_service.config import check_redis_address, env_or
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import TokenAuthInterceptor
 from esm2_service.server.broker import Broker, BrokerSettings, connect
+from esm2_service.server.connection_limit import fit_to_open_file_limit
 from esm2_service.server.handlers import SERVICE_NAME, add_esm2_service
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
@@ -36,12 +37,27 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # off: with it, a client that starts a new stream as soon as one ends had some refused
 # (UNAVAILABLE, RST_STREAM REFUSED_STREAM). Measured with bench.plumbing at 2,048 in flight.
 MAX_STREAMS_PER_CONNECTION = 256
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-    ("grpc.http.overload_protection", 0),
-]
+# Idle connections go after this long (GOAWAY: a client reconnects when it next calls);
+# a peer that answers no keepalive ping within the timeout is dropped with its streams.
+MAX_CONNECTION_IDLE_S = 300
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 60, 20
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core's bounds on messages, streams and connections (README, Security)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.http.overload_protection", 0),
+        ("grpc.max_allowed_incoming_connections", fit_to_open_file_limit(settings.max_connections)),
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_S * 1000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ]
+
+
 # On stdout, after "esm2 server listening on port N": health first reported SERVING (Redis
 # answers and a worker is alive), so requests are taken. `esm2 serve` waits for it.
 READY_LINE = "esm2 server ready"
@@ -84,7 +100,7 @@ async def serve(
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor(settings.auth_tokens))
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     add_esm2_service(Esm2Service(broker, settings.worker_timeout_s), server)
     health_pb2_grpc.add_HealthServicer_to_server(monitor.servicer, server)
     reflection.enable_server_reflection(

@@ -29,6 +29,8 @@ class ServerSettings:
     result_ttl_s: int = 600
     worker_timeout_s: float = 10.0
     health_interval_s: float = 1.0
+    max_connections: int = 1000  # open client connections; past it, closed as accepted
+    handshake_timeout_s: float = 10.0  # to send HTTP/2's preface and settings, or be closed
     grace_s: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
@@ -51,7 +53,14 @@ class ServerSettings:
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for name in ("max_queue_items", "request_timeout_s", "result_ttl_s", "worker_timeout_s"):
+        for name in (
+            "max_queue_items",
+            "request_timeout_s",
+            "result_ttl_s",
+            "worker_timeout_s",
+            "max_connections",
+            "handshake_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -113,6 +122,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a worker is alive if it sent a heartbeat this recently",
         kind=float,
     )
+    add_setting(
+        parser,
+        "--max-connections",
+        d.max_connections,
+        "open client connections; one past it is closed as it is accepted",
+        kind=int,
+    )
+    add_setting(
+        parser,
+        "--handshake-timeout-s",
+        d.handshake_timeout_s,
+        "a connection that has not sent HTTP/2's preface and settings this soon is closed",
+        kind=float,
+    )
     parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
     add_observability_arguments(
         parser, metrics_port=d.metrics_port, metrics_help="default 9090, 0 disables"
@@ -152,6 +175,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         request_timeout_s=args.request_timeout_s,
         result_ttl_s=args.result_ttl_s,
         worker_timeout_s=args.worker_timeout_s,
+        max_connections=args.max_connections,
+        handshake_timeout_s=args.handshake_timeout_s,
         log_level=args.log_level,
         log_format=args.log_format,
         metrics_port=args.metrics_port,

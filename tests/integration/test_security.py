@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -445,3 +446,45 @@ def test_a_wrong_redis_password_is_reported_without_either_password(
     assert "health: NOT_SERVING (Redis unreachable" in text
     assert wrong not in text and wrong not in details
     assert REDIS_PASSWORD not in text
+
+
+# ---------------------------------------------------------------- the gRPC port's bounds
+
+
+def _closed_within(connection: socket.socket, seconds: float) -> bool:
+    """True once the server closes `connection` (whatever it sent first, such as a
+    GOAWAY), False if it is still open after `seconds`."""
+    connection.settimeout(seconds)
+    try:
+        while connection.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True  # reset
+    return True
+
+
+def test_the_grpc_port_closes_silent_connections_and_those_past_its_bound(
+    redis_server, tiny_checkpoint
+):
+    processes = ServiceProcesses(
+        _flushed_url(redis_server, 5),
+        tiny_checkpoint,
+        server_args=["--max-connections", "4", "--handshake-timeout-s", "1"],
+    )
+    connections: list[socket.socket] = []
+    try:
+        processes.wait_serving()  # its channel closed: none of the 4 is taken
+        for _ in range(5):
+            connections.append(socket.create_connection(("127.0.0.1", processes.port)))
+        *silent, past_the_bound = connections
+        assert _closed_within(past_the_bound, 0.5)  # refused as accepted
+        assert all(_closed_within(connection, 5.0) for connection in silent)  # no preface in 1 s
+        with Esm2Client(processes.target, timeout_s=30) as client:
+            (result,) = client.encode(["MKTAYIAK"])
+        assert result.sequence_index == 0 and len(result.embeddings) == 1
+    finally:
+        for connection in connections:
+            connection.close()
+        processes.stop()

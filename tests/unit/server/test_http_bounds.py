@@ -10,8 +10,9 @@ import resource
 
 import pytest
 
-from esm2_service.server import http_bounds
-from esm2_service.server.http_bounds import FD_RESERVE, RateLimitedLogs, fit_to_open_file_limit
+from esm2_service.server import connection_limit
+from esm2_service.server.connection_limit import FD_RESERVE, fit_to_open_file_limit
+from esm2_service.server.http_bounds import RateLimitedLogs
 
 ACCEPT_FAILED = "socket.accept() out of system resource"
 
@@ -72,8 +73,8 @@ def fake_limits(monkeypatch, soft: int, hard: int, settable: bool = True) -> lis
             raise ValueError("not allowed")
         calls.append(limits)
 
-    monkeypatch.setattr(http_bounds.resource, "getrlimit", lambda which: (soft, hard))
-    monkeypatch.setattr(http_bounds.resource, "setrlimit", setrlimit)
+    monkeypatch.setattr(connection_limit.resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(connection_limit.resource, "setrlimit", setrlimit)
     return calls
 
 
@@ -86,7 +87,7 @@ def test_a_bound_within_the_open_file_limit_stands(monkeypatch):
 @pytest.mark.parametrize("hard", [4096, resource.RLIM_INFINITY])
 def test_the_soft_limit_is_raised_toward_the_hard_one(monkeypatch, caplog, hard):
     calls = fake_limits(monkeypatch, 1024, hard)
-    with caplog.at_level(logging.INFO, logger=http_bounds.__name__):
+    with caplog.at_level(logging.INFO, logger=connection_limit.__name__):
         assert fit_to_open_file_limit(2000) == 2000
     assert calls == [(2000 + FD_RESERVE, hard)]
     assert "raised the open-file limit from 1024 to 2064" in caplog.text
@@ -94,7 +95,7 @@ def test_the_soft_limit_is_raised_toward_the_hard_one(monkeypatch, caplog, hard)
 
 def test_past_the_hard_limit_the_bound_is_lowered_and_logged(monkeypatch, caplog):
     calls = fake_limits(monkeypatch, 256, 1024)
-    with caplog.at_level(logging.INFO, logger=http_bounds.__name__):
+    with caplog.at_level(logging.INFO, logger=connection_limit.__name__):
         assert fit_to_open_file_limit(5000) == 1024 - FD_RESERVE
     assert calls == [(1024, 1024)]
     assert "serving at most 960 connections" in caplog.text
@@ -102,6 +103,6 @@ def test_past_the_hard_limit_the_bound_is_lowered_and_logged(monkeypatch, caplog
 
 def test_a_soft_limit_that_cannot_be_raised_lowers_the_bound(monkeypatch, caplog):
     fake_limits(monkeypatch, 256, 1024, settable=False)
-    with caplog.at_level(logging.INFO, logger=http_bounds.__name__):
+    with caplog.at_level(logging.INFO, logger=connection_limit.__name__):
         assert fit_to_open_file_limit(1000) == 256 - FD_RESERVE
     assert "cannot raise the open-file limit from 256 to 1024" in caplog.text
