@@ -4,8 +4,10 @@ The same computation as fair-esm's `ESM2.forward` (rotary attention, token-dropo
 scaling, pre-norm layers, final layer norm), arranged for serving:
 
 - Sequences are packed end to end, `(N, E)` with N the total token count, so no
-  work is spent on padding: every matrix product runs over real tokens only, and
-  attention runs per sequence.
+  work is spent on padding: every matrix product runs over real tokens only. On a
+  GPU in half precision, attention over the whole batch is one variable-length
+  flash-attention call per layer (`torch.nn.attention.varlen`), with no per-shape
+  set-up; elsewhere it runs per sequence.
 - Attention uses fused scaled-dot-product attention unless a caller needs the
   maps; then they are computed a few heads at a time and handed to an observer,
   so memory stays bounded at any length.
@@ -28,6 +30,11 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # torch 2.10 and later; FlashAttention 2 kernels, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
 
 from esm2_service.alphabet import MASK_INDEX, PAD_INDEX, VOCAB_TOKENS
 from esm2_service.worker.checkpoint import Checkpoint
@@ -80,6 +87,12 @@ class PackedBatch:
         flat = [token for tokens in token_lists for token in tokens]
         tokens = torch.tensor(flat, dtype=torch.long, device=device)
         return cls(tokens=tokens, lengths=[len(tokens) for tokens in token_lists])
+
+    @cached_property
+    def cumulative_lengths(self) -> torch.Tensor:
+        """(sequences + 1,) int32: where each sequence starts, then the total (cu_seqlens)."""
+        bounds = [*self.offsets, self.tokens.numel()]
+        return torch.tensor(bounds, dtype=torch.int32, device=self.tokens.device)
 
     def rows(self, sequence: int) -> slice:
         start = self.offsets[sequence]
@@ -175,20 +188,29 @@ class EncoderLayer(nn.Module):
         n, e = x.shape
         q, k, v = attention_inputs(x, self.attention_norm, self.qkv, *rotary, self.heads)
         dtype = self.out_proj.weight.dtype  # the compute precision
-        context = torch.empty((n, self.heads, self.head_dim), dtype=dtype, device=x.device)
-        for sequence in range(len(batch.lengths)):
+        context = packed_attention(q, k, v, batch, dtype)
+        if context is None:
+            context = torch.empty((n, self.heads, self.head_dim), dtype=dtype, device=x.device)
+            for sequence in range(len(batch.lengths)):
+                if sequence not in map_sequences:
+                    rows = batch.rows(sequence)
+                    context[rows] = self._attention(q[rows], k[rows], v[rows], dtype)
+        for sequence in map_sequences:  # maps are outputs: q and k stay float32
             rows = batch.rows(sequence)
-            # (T, H, D) => (1, H, T, D): 4-D inputs reach the fused CPU and GPU kernels
-            qs, ks, vs = (t[rows].to(dtype).unsqueeze(0).transpose(1, 2) for t in (q, k, v))
-            if sequence in map_sequences:  # maps are outputs: q and k stay float32
-                qf, kf = (t[rows].transpose(0, 1) for t in (q, k))
-                out = self._attention_with_maps(
-                    qf, kf, vs[0], lambda h, p, s=sequence: on_maps(s, h, p)
-                )
-            else:
-                out = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)[0]
+            qf, kf, vs = q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].to(dtype)
+            out = self._attention_with_maps(
+                qf, kf, vs.transpose(0, 1), lambda h, p, s=sequence: on_maps(s, h, p)
+            )
             context[rows] = out.transpose(0, 1)
-        return feed_forward(x, context.view(n, e), self.out_proj, self.ffn_norm, self.fc1, self.fc2)
+        return feed_forward(
+            x, context.reshape(n, e), self.out_proj, self.ffn_norm, self.fc1, self.fc2
+        )
+
+    def _attention(self, q, k, v, dtype) -> torch.Tensor:
+        """One sequence's fused attention: (T, H, D) each => (T, H, D)."""
+        # (T, H, D) => (1, H, T, D): 4-D inputs reach the fused CPU and GPU kernels
+        qs, ks, vs = (t.to(dtype).unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)[0].transpose(0, 1)
 
     def _attention_with_maps(self, q, k, v, on_maps):
         """Explicit softmax attention, a block of heads at a time; each block's
@@ -204,6 +226,22 @@ class EncoderLayer(nn.Module):
             outputs.append(torch.matmul(probs.to(v.dtype), v[heads]))
             on_maps(first, probs)
         return torch.cat(outputs, dim=0)
+
+
+def can_pack_attention(q: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `packed_attention` runs: FlashAttention's kernels are CUDA, half precision."""
+    return varlen_attn is not None and q.is_cuda and dtype in (torch.float16, torch.bfloat16)
+
+
+def packed_attention(q, k, v, batch: PackedBatch, dtype: torch.dtype) -> torch.Tensor | None:
+    """Attention of every sequence of `batch` in one variable-length flash-attention call,
+    (N, H, D) each => (N, H, D) in `dtype`; None where that kernel cannot run (CPU,
+    float32, torch before 2.10), and the caller attends per sequence. Its scale is
+    1/sqrt(D), ESM-2's."""
+    if not can_pack_attention(q, dtype):
+        return None
+    bounds, longest = batch.cumulative_lengths, max(batch.lengths)
+    return varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), bounds, bounds, longest, longest)
 
 
 class LanguageModelHead(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -229,3 +231,49 @@ def test_cuda_engines_keep_attention_off_cudnn():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def segment_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k):
+    """What FlashAttention's variable-length kernel computes, per segment, on a CPU."""
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    bounds = cu_seq_q.tolist()
+    segments = list(itertools.pairwise(bounds))
+    assert max_q == max_k == max(end - start for start, end in segments)
+    assert bounds[-1] == q.shape[0] and q.dtype == k.dtype == v.dtype
+    out = torch.empty_like(q)
+    for start, end in segments:
+        heads_first = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(*heads_first).transpose(
+            0, 1
+        )
+    return out
+
+
+def test_packed_attention_is_one_call_per_layer_and_matches_per_sequence(
+    tiny_checkpoint, monkeypatch
+):
+    """On a GPU in half precision, each layer attends the whole batch in one
+    variable-length call. The CUDA kernel cannot run here: a CPU one computing the same
+    stands in for it, so what is checked is the packing (bounds, longest length, dtype)
+    and the maps' path beside it, against the per-sequence engine in the same precision."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    engine = Engine(Esm2.from_checkpoint(loaded), "cpu", torch.bfloat16)
+    items = [work_item(s, dtype=pb.DTYPE_FLOAT32) for s in MIXED]
+    items[2] = work_item(MIXED[2], include=[pb.INCLUDE_CONTACTS, pb.INCLUDE_MEAN], layers=(6,))
+    per_sequence, _ = run(engine, items)
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return segment_attention(*args)
+
+    monkeypatch.setattr(model_module, "varlen_attn", counted)
+    monkeypatch.setattr(model_module, "can_pack_attention", lambda q, dtype: True)
+    packed, _ = run(engine, items)
+    tokens = sum(len(item.token_ids) for item in items)
+    model = engine.model
+    head_dim = model.embed_dim // model.attention_heads
+    assert calls == [(tokens, model.attention_heads, head_dim)] * model.num_layers
+    assert packed.keys() == per_sequence.keys()
+    for key, value in per_sequence.items():
+        np.testing.assert_allclose(packed[key], value, rtol=0, atol=1e-2, err_msg=str(key))
