@@ -91,6 +91,19 @@ class Deployment:
         serving = health_pb2.HealthCheckResponse.SERVING
         wait_until(lambda: self.health() == serving, 180, "the frontend never reported SERVING")
 
+    def http_ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.ports['http']}/readyz"
+            return requests.get(url, timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self) -> None:
+        """Both doors take requests: gRPC health SERVING and the HTTP door's /readyz."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        wait_until(lambda: self.health() == serving, 180, "the frontend never reported SERVING")
+        wait_until(self.http_ready, 60, "the HTTP door never reported ready")
+
     def wait_healthy(self, container: str) -> None:
         wait_until(
             lambda: inspect(container)["State"].get("Health", {}).get("Status") == "healthy",
@@ -118,7 +131,7 @@ def deployment(images, tmp_path_factory, full_checkpoint):
     deployed.env["CHECKPOINT"] = full_checkpoint.name
     try:
         deployed.compose("up", "-d", "--no-build", "--scale", "worker=2", timeout=600)
-        deployed.wait_serving()
+        deployed.wait_ready()
         yield deployed
     finally:
         logs = deployed.compose("logs", "--no-color", "--tail", "40", timeout=60)
@@ -170,6 +183,8 @@ def test_tokens_come_from_the_secret_and_both_doors_answer(deployment):
     ):
         anonymous.encode(["MKTAYIAK"])
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # CI once got 503 "no live worker" here, cause unknown: a failure now prints the logs.
+    deployment.wait_ready()
     answer = requests.post(
         f"http://127.0.0.1:{deployment.ports['http']}/api/v3/esm2-8m/encode/",
         json={"items": [{"sequence": "MKTAYIAK"}]},
