@@ -33,13 +33,15 @@ from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.batching import plan_batches
 from esm2_service.worker.metrics import WorkerMetrics, abandoned_outcome
 from esm2_service.worker.replies import EntryRef, ReplyWriter, group_by_stream, item_key
-from esm2_service.worker.settings import WorkerSettings
+from esm2_service.worker.settings import READ_SIZE, WorkerSettings
 from esm2_service.worker.work import Runner, WorkItem
 
 log = logging.getLogger(__name__)
 
 _CLAIM_EVERY_S = 1.0
 _LANE_OF_STREAM = {name.encode(): lane for lane, name in enumerate(queue.QUEUE_LANES)}
+# The fewest tokens an item of each lane has: what a read adds at least to a pass.
+_LANE_FLOOR_TOKENS = (1, *(limit + 1 for limit in queue.LANE_MAX_TOKENS))
 # Items queued at least this long are checked for cancellation before they run. Fresher
 # ones run without the round trip (a client that left within a second of asking); the
 # write step drops a cancelled request's results either way.
@@ -199,8 +201,21 @@ class QueueWorker:
         return oldest.lane if oldest.waited_s() > self.settings.lane_max_wait_s else None
 
     def _take_new(self, room: int) -> list[tuple[int, bytes, dict]]:
-        """New entries, shortest lane first (a lane that waited too long first, when
-        allowed), without blocking."""
+        """New entries, up to `room`, in reads of at most READ_SIZE (shortest lane first;
+        a lane that waited too long first, when allowed), without blocking. Reading stops
+        early when a read comes back short or the entries fill a pass's tokens."""
+        entries: list[tuple[int, bytes, dict]] = []
+        tokens = 0
+        while room > 0 and tokens < self.settings.max_batch_tokens:
+            read = self._read_new(min(room, READ_SIZE))
+            entries += read
+            room -= len(read)
+            tokens += sum(_LANE_FLOOR_TOKENS[lane] for lane, _, _ in read)
+            if len(read) < READ_SIZE:
+                break
+        return entries
+
+    def _read_new(self, room: int) -> list[tuple[int, bytes, dict]]:
         taken = self._take(
             keys=queue.QUEUE_LANES,
             args=[
@@ -223,7 +238,7 @@ class QueueWorker:
             queue.WORKER_GROUP,
             self.settings.worker_id,
             dict.fromkeys(queue.QUEUE_LANES, ">"),
-            count=room,
+            count=min(room, READ_SIZE),
             block=self.settings.block_ms,
         )
         return [

@@ -307,6 +307,38 @@ def test_a_short_item_overtakes_a_deep_backlog_of_long_ones(redis_client, engine
     assert len(worker.held) == 7 and queue_length(redis_client) == 32  # 40 + 1 - 9 done
 
 
+def test_a_pass_packs_several_reads_of_at_most_8_entries(redis_client, engine):
+    """A GPU worker's pass holds up to `batch_size` entries (64 by default), taken from
+    the queue 8 at a time, so what one worker holds beyond its pass stays small."""
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner, batch_size=20)
+    for index in range(20):
+        enqueue(redis_client, f"r{index // 8}", index % 8, "A" * (30 + index))  # lane to128
+    reads = []
+    take = worker._take
+
+    def counted(keys, args):
+        reads.append(args[2])  # the read's count
+        return take(keys=keys, args=args)
+
+    worker._take = counted
+    worker.step()
+    assert reads == [8, 8, 4]
+    assert runner.batches == [[30 + index for index in range(20)]]
+    assert queue_length(redis_client) == 0
+
+
+def test_reads_stop_once_the_entries_fill_a_pass(redis_client, engine):
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner, batch_size=64, max_batch_tokens=2000)
+    for index in range(24):
+        enqueue(redis_client, f"r{index // 8}", index % 8, "A" * 300)  # lane to512: 257+ each
+    worker.step()
+    assert runner.batches == [[300] * 6]  # 6 x 302 tokens fit 2,000
+    assert len(worker.held) == 2  # one read of 8 (8 x 257 > 2,000): the rest stay queued
+    assert queue_length(redis_client) == 24 - 6
+
+
 def test_a_read_spanning_lanes_runs_shortest_lane_first_in_separate_batches(redis_client, engine):
     runner = Recording(engine)
     worker = make_worker(redis_client, runner)
