@@ -110,7 +110,7 @@ def _hf_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return hf
 
 
-def _padded(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_tokens(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids, attention mask), both (batch, longest + 2), padded with <pad>."""
     token_lists = [encode_tokens(split_tokens(sequence)) for sequence in sequences]
     width = max(len(tokens) for tokens in token_lists)
@@ -128,7 +128,7 @@ def hf_contender(checkpoint: Checkpoint, corpus: Corpus, device: str = "cpu") ->
     batches = chunked(sorted(corpus.sequences, key=len))
 
     def run_batch(batch):
-        ids, mask = _padded(batch)
+        ids, mask = padded_tokens(batch)
         states = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(batch)]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.baselines import _padded, chunked, hf_esm_model
+from bench.baselines import chunked, hf_esm_model, padded_tokens
 from bench.corpus import Corpus
 from bench.timing import Contender
 from esm2_service.worker.checkpoint import Checkpoint
@@ -44,7 +44,7 @@ class LastHiddenState(torch.nn.Module):
 
 
 def _example() -> tuple[torch.Tensor, torch.Tensor]:
-    return _padded(["MKTAYIAKQRQISFVKSHFSRQ", "MKVLA"])
+    return padded_tokens(["MKTAYIAKQRQISFVKSHFSRQ", "MKVLA"])
 
 
 def openvino_model(checkpoint: Checkpoint, precision: str, threads: int):
@@ -96,7 +96,7 @@ def onnx_session(checkpoint: Checkpoint, threads: int):
 def mean_embeddings(run, sequences: list[str]) -> list[np.ndarray]:
     """Last-layer mean embedding of each of `sequences` (a padded batch) through `run`,
     which maps (ids, mask) int64 arrays to (batch, tokens, E) hidden states."""
-    ids, mask = _padded(sequences)
+    ids, mask = padded_tokens(sequences)
     states = run(ids.numpy(), mask.numpy())
     return [states[i, 1 : len(s) + 1].mean(0) for i, s in enumerate(sequences)]
 

@@ -47,6 +47,7 @@ PACKAGE_DIRS = {
 }
 SEQUENCE_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"
 START_TIMEOUT_S = 60.0
+WORKER_START_TIMEOUT_S = 300.0  # a real worker loads torch and the model, and warms up
 FLOOR = "gRPC floor"
 
 
@@ -199,9 +200,11 @@ class Plumbing:
         pythonpath: str | None,
         log_dir: Path,
         canned: int = 0,
+        worker_args: tuple | None = None,
     ):
         """`canned`: run `bench.canned_frontend` (sequences of that many residues) as the
-        frontends and no workers: the gRPC floor."""
+        frontends and no workers: the gRPC floor. `worker_args`: run real workers
+        (`esm2 worker` with these arguments) instead of instant ones."""
         from esm2_service.server.embedded_redis import EmbeddedRedis
 
         self.env = {**os.environ, "ESM2_METRICS_PORT": "0", "ESM2_LOG_LEVEL": "WARNING"}
@@ -226,12 +229,13 @@ class Plumbing:
                 self.frontends.append(frontend)
             self.target = f"127.0.0.1:{port}"
             for index in range(0 if canned else workers):
-                worker = self._spawn(
-                    f"worker{index}",
-                    "bench.instant_worker",
-                    *("--redis-url", self.redis.url, "--worker-id", f"instant-{index}"),
-                )
-                _expect(worker, "ready")
+                if worker_args is None:
+                    module, args = "bench.instant_worker", ("--redis-url", self.redis.url)
+                    worker_id = f"instant-{index}"
+                else:
+                    module, args, worker_id = "esm2_service.worker", worker_args, f"real-{index}"
+                worker = self._spawn(f"worker{index}", module, *args, "--worker-id", worker_id)
+                _expect(worker, "ready", WORKER_START_TIMEOUT_S)
                 self.workers.append(worker)
         except BaseException:
             self.stop()

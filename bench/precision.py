@@ -84,10 +84,10 @@ def fair_esm_outputs(model, sequence: str) -> dict[tuple[str, int], np.ndarray]:
     return found
 
 
-def runners(checkpoint):
-    """(row name, runner, output kinds it serves): the torch engine in each precision,
-    then OpenVINO in fp32 and bf16 as CPU workers run it (embeddings and logits:
-    contacts and attentions are the engine's)."""
+def runners(checkpoint, device: str = "cpu"):
+    """(row name, runner, output kinds it serves): the torch engine in each precision
+    on `device`, then, on a CPU, OpenVINO in fp32 and bf16 as CPU workers run it
+    (embeddings and logits: contacts and attentions are the engine's)."""
     from esm2_service.worker.openvino_backend import (
         PRECISION_HINTS,
         OpenVinoRunner,
@@ -95,8 +95,8 @@ def runners(checkpoint):
     )
 
     for name, dtype in PRECISIONS.items():
-        yield name, Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype), frozenset(KINDS)
-    if not openvino_available():
+        yield name, Engine(Esm2.from_checkpoint(checkpoint), device, dtype), frozenset(KINDS)
+    if device != "cpu" or not openvino_available():
         return
     served = frozenset(KINDS) - {pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS}
     for name, dtype in PRECISIONS.items():
@@ -105,13 +105,16 @@ def runners(checkpoint):
             yield f"{name}, OpenVINO", OpenVinoRunner.for_engine(engine, dtype, 2), served
 
 
-def errors(checkpoint_path: Path, sequences: list[str]) -> dict[str, dict[str, dict]]:
-    """precision => kind => {max_abs, max_relative}: the worst over items and layers."""
+def errors(
+    checkpoint_path: Path, sequences: list[str], device: str = "cpu"
+) -> dict[str, dict[str, dict]]:
+    """precision => kind => {max_abs, max_relative}: the worst over items and layers of
+    our engine on `device` against fair-esm fp32 on the CPU."""
     checkpoint = load_checkpoint(checkpoint_path)
     reference = build_fair_esm_model(checkpoint).eval()
     expected = [fair_esm_outputs(reference, s) for s in sequences]
     table: dict[str, dict[str, dict]] = {}
-    for name, runner, kinds in runners(checkpoint):
+    for name, runner, kinds in runners(checkpoint, device):
         got = engine_outputs(runner, sequences, kinds)
         rows: dict[str, dict] = {}
         for (item, kind, layer), actual in got.items():
