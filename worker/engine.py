@@ -8,6 +8,7 @@ no output is held longer than it must be.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -30,10 +31,7 @@ _TORCH_WIRE_DTYPE = {
 
 def wire_bytes(tensor: torch.Tensor, dtype: int) -> bytes:
     """A tensor as little-endian C-order bytes of `dtype` (bfloat16 as raw bits)."""
-    converted = tensor.detach().to(_TORCH_WIRE_DTYPE[resolve_dtype(dtype)]).contiguous()
-    if converted.dtype == torch.bfloat16:
-        converted = converted.view(torch.int16)
-    return converted.cpu().numpy().tobytes()
+    return _on_wire(tensor, dtype).cpu().numpy().tobytes()
 
 
 def avoid_cudnn_attention() -> None:
@@ -96,9 +94,13 @@ class Engine:
     def emit_outputs(self, items, batch: PackedBatch, final, hidden, emit: Emit) -> None:
         """Embeddings and logits of `items` from a forward pass's packed hidden states
         (`final`: the last layer's, after the final norm; `hidden`: by layer)."""
-        for index, item in enumerate(items):
-            self._emit_embeddings(index, item, batch, hidden, emit)
-        self._emit_logits(items, batch, final, emit)
+        outputs = [
+            output
+            for index, item in enumerate(items)
+            for output in self._embeddings(index, item, batch, hidden)
+        ]
+        outputs += self._logits(items, batch, final)
+        ship(outputs, items, emit)
 
     def _attention_maps(self, items: Sequence[WorkItem]) -> dict[int, frozenset[int]]:
         last = self.model.num_layers
@@ -112,8 +114,9 @@ class Engine:
         return {layer: frozenset(sequences) for layer, sequences in maps.items()}
 
     @staticmethod
-    def _emit_embeddings(index, item, batch, hidden, emit) -> None:
-        start = batch.offsets[index]
+    def _embeddings(index, item, batch, hidden) -> list[tuple[int, int, int, torch.Tensor]]:
+        """(item, kind, layer, tensor) of `item`'s embeddings, on the model's device."""
+        start, found = batch.offsets[index], []
         for layer in embedding_layers(item):
             states = hidden[layer]
             residues = states[start + 1 : start + 1 + item.residues]  # (L, E)
@@ -124,23 +127,46 @@ class Engine:
             }
             for kind in EMBEDDING_KINDS:
                 if kind in item.include:
-                    tensor = tensors[kind]()
-                    data = wire_bytes(tensor, item.dtype)
-                    emit(TensorOutput(index, kind, layer, tuple(tensor.shape), data))
+                    found.append((index, kind, layer, tensors[kind]()))
+        return found
 
-    def _emit_logits(self, items, batch, final, emit) -> None:
+    def _logits(self, items, batch, final) -> list[tuple[int, int, int, torch.Tensor]]:
         """One LM-head pass over every row any item needs, then sliced per item."""
         wanted = [(index, _logit_rows(item, batch, index)) for index, item in enumerate(items)]
         wanted = [(index, rows) for index, rows in wanted if rows is not None]
         if not wanted:
-            return
+            return []
         logits = self.model.logits(final[torch.cat([rows for _, rows in wanted])])
-        start = 0
+        found, start = [], 0
         for index, rows in wanted:
-            part = logits[start : start + rows.numel()]
+            found.append((index, pb.INCLUDE_LOGITS, 0, logits[start : start + rows.numel()]))
             start += rows.numel()
-            data = wire_bytes(part, items[index].dtype)
-            emit(TensorOutput(index, pb.INCLUDE_LOGITS, 0, tuple(part.shape), data))
+        return found
+
+
+def ship(outputs: list[tuple[int, int, int, torch.Tensor]], items, emit: Emit) -> None:
+    """Emits each (item, kind, layer, tensor) as wire bytes. From a GPU, every tensor
+    comes to the host in one copy (one synchronisation per batch, not one per output)."""
+    wire = [_on_wire(tensor, items[index].dtype) for index, _, _, tensor in outputs]
+    if outputs and outputs[0][3].is_cuda:
+        data = bytes_in_one_copy(wire)
+    else:
+        data = [part.numpy().tobytes() for part in wire]
+    for (index, kind, layer, tensor), payload in zip(outputs, data, strict=True):
+        emit(TensorOutput(index, kind, layer, tuple(tensor.shape), payload))
+
+
+def bytes_in_one_copy(parts: list[torch.Tensor]) -> list[bytes]:
+    """Each flat uint8 tensor of `parts` as bytes, through one copy to the host."""
+    host = memoryview(torch.cat(parts).cpu().numpy())
+    bounds = itertools.accumulate((part.numel() for part in parts), initial=0)
+    return [bytes(host[start:end]) for start, end in itertools.pairwise(bounds)]
+
+
+def _on_wire(tensor: torch.Tensor, dtype: int) -> torch.Tensor:
+    """A tensor's wire bytes as a flat uint8 tensor on its device."""
+    converted = tensor.detach().to(_TORCH_WIRE_DTYPE[resolve_dtype(dtype)]).contiguous()
+    return converted.view(-1).view(torch.uint8)
 
 
 def embedding_layers(item: WorkItem) -> tuple[int, ...]:

@@ -277,3 +277,21 @@ def test_packed_attention_is_one_call_per_layer_and_matches_per_sequence(
     assert packed.keys() == per_sequence.keys()
     for key, value in per_sequence.items():
         np.testing.assert_allclose(packed[key], value, rtol=0, atol=1e-2, err_msg=str(key))
+
+
+def test_a_batch_of_outputs_comes_to_the_host_in_one_copy_with_each_output_intact():
+    """What a GPU engine does with a batch's outputs (here on CPU tensors): one
+    concatenation, one copy, then each output's bytes sliced back out."""
+    from esm2_service.worker.engine import _on_wire, bytes_in_one_copy, wire_bytes
+
+    tensors = [
+        (torch.randn(320), pb.DTYPE_FLOAT32),
+        (torch.randn(7, 320), pb.DTYPE_FLOAT16),
+        (torch.randn(5, 33), pb.DTYPE_BFLOAT16),
+        (torch.randn(0, 320), pb.DTYPE_FLOAT32),
+    ]
+    parts = [_on_wire(tensor, dtype) for tensor, dtype in tensors]
+    copied = bytes_in_one_copy(parts)
+    assert copied == [wire_bytes(tensor, dtype) for tensor, dtype in tensors]
+    assert copied[1] == tensors[1][0].numpy().astype("<f2").tobytes()
+    assert len(copied[2]) == 5 * 33 * 2 and copied[3] == b""
