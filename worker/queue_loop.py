@@ -34,7 +34,8 @@ from esm2_service.worker.batching import plan_batches
 from esm2_service.worker.metrics import WorkerMetrics, abandoned_outcome
 from esm2_service.worker.replies import EntryRef, ReplyWriter, group_by_stream, item_key
 from esm2_service.worker.settings import READ_SIZE, WorkerSettings
-from esm2_service.worker.work import Runner, WorkItem
+from esm2_service.worker.work import Runner, TensorOutput, WorkItem
+from esm2_service.worker.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,11 @@ class QueueWorker:
         self.runner = runner
         self.settings = settings
         self.model = model
-        self.replies = ReplyWriter(
-            client,
-            model,
-            result_ttl_s=settings.result_ttl_s,
-            max_reply_chunks=settings.max_reply_chunks,
-            reader_stall_s=settings.reader_stall_s,
-        )
+        self.replies = self._reply_writer()
+        # GPU workers: batches' replies are written while the next batch computes, by a
+        # writer of their own (this one writes for the loop: skipped items, failures).
+        self.write_behind = WriteBehind() if settings.writes_behind else None
+        self.behind_replies = self._reply_writer() if settings.writes_behind else None
         self.in_flight: set[EntryRef] = set()
         self.held: list[Job] = []
         self.progress_at = time.monotonic()  # the loop's last sign of life
@@ -142,6 +141,15 @@ class QueueWorker:
         self._take = client.register_script(_TAKE_SCRIPT)
         self._may_promote = True  # False right after a batch of a lane that waited too long
         self.stats = {"items": 0, "batches": 0}
+
+    def _reply_writer(self) -> ReplyWriter:
+        return ReplyWriter(
+            self.redis,
+            self.model,
+            result_ttl_s=self.settings.result_ttl_s,
+            max_reply_chunks=self.settings.max_reply_chunks,
+            reader_stall_s=self.settings.reader_stall_s,
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Serves the queue until `stop` is set; the batch in hand is finished first."""
@@ -158,6 +166,8 @@ class QueueWorker:
             except redis.RedisError as error:
                 log.warning("Redis error in the queue loop, retrying in 1 s: %s", error)
                 stop.wait(1.0)
+        if self.write_behind is not None:
+            self.write_behind.close()
         self._hand_back(self.held)
         heartbeat.join(timeout=self.settings.heartbeat_s + 1)
         self._sign_off()
@@ -328,12 +338,15 @@ class QueueWorker:
         return False
 
     def _run_batch(self, jobs: Sequence[Job]) -> None:
+        """Computes `jobs` as one batch, then writes their replies and acknowledges
+        them: here, or while the next batch computes (write-behind, for batches
+        without attention maps, whose outputs stream out as they are computed)."""
         started = time.perf_counter()
+        behind = self.write_behind is not None and not any(map(_needs_maps, jobs))
+        outputs: list[TensorOutput] = []
+        emit = outputs.append if behind else lambda output: self._emit(self.replies, jobs, output)
         try:
-            self.runner.run(
-                [job.work for job in jobs],
-                lambda output: self._emit(jobs[output.item].item, output),
-            )
+            self.runner.run([job.work for job in jobs], emit)
         except Exception:
             self.replies.discard()
             if len(jobs) > 1:
@@ -352,12 +365,36 @@ class QueueWorker:
             self._ack([jobs[0].ref])
             self.metrics.items("failed")
             return
-        outcomes = []
-        for job in jobs:
-            abandoned = self.replies.abandoned.get(item_key(job.item))
-            outcomes.append(abandoned_outcome(abandoned[0]) if abandoned else "completed")
-            self.replies.complete(job.item, job.work.predict)
-        cancelled = self._ack([job.ref for job in jobs])
+        if behind:
+            replies = self.behind_replies
+            self.write_behind.submit(lambda: self._finish(jobs, started, replies, outputs))
+        else:
+            self._finish(jobs, started, self.replies)
+
+    def _finish(self, jobs, started: float, replies: ReplyWriter, outputs=()) -> None:
+        """Writes a computed batch's `outputs` (the rest were written as computed) and
+        completions, and acknowledges its entries. If Redis fails that, the entries
+        leave `in_flight`: no heartbeat keeps them, so they run again once claimed."""
+        refs = [job.ref for job in jobs]
+        try:
+            for output in outputs:
+                self._emit(replies, jobs, output)
+            outcomes = []
+            for job in jobs:
+                abandoned = replies.abandoned.get(item_key(job.item))
+                outcomes.append(abandoned_outcome(abandoned[0]) if abandoned else "completed")
+                replies.complete(job.item, job.work.predict)
+            cancelled = self._ack(refs, replies)
+        except redis.RedisError as error:
+            replies.discard()
+            self.in_flight.difference_update(refs)
+            log.warning(
+                "writing the results of a batch of %d failed; they run again once claimed "
+                "(--claim-idle-s): %s",
+                len(jobs),
+                error,
+            )
+            return
         for job, outcome in zip(jobs, outcomes, strict=True):
             self.metrics.items("cancelled" if job.item.request_id in cancelled else outcome)
         self.stats["items"] += len(jobs)
@@ -366,16 +403,16 @@ class QueueWorker:
         self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
         log.debug("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
-    def _ack(self, refs: list[EntryRef]) -> set[str]:
+    def _ack(self, refs: list[EntryRef], replies: ReplyWriter | None = None) -> set[str]:
         """Writes the replies buffered so far, then acknowledges the entries. Returns
         the ids of requests found cancelled (their replies were dropped)."""
-        cancelled = self.replies.flush(acks=refs)
+        cancelled = (replies or self.replies).flush(acks=refs)
         self.in_flight.difference_update(refs)
         return cancelled
 
-    def _emit(self, item: qpb.QueueItem, output) -> None:
+    def _emit(self, replies: ReplyWriter, jobs: Sequence[Job], output: TensorOutput) -> None:
         self.progress_at = time.monotonic()
-        self.replies.emit(item, output)
+        replies.emit(jobs[output.item].item, output)
 
     def _hand_back(self, jobs: Sequence[Job]) -> None:
         """Returns held jobs to the queue at once (at its tail), so a worker that stops
@@ -463,4 +500,12 @@ def _work_item(item: qpb.QueueItem) -> WorkItem:
         repr_layers=tuple(item.repr_layers),
         dtype=item.dtype,
         predict=item.task == qpb.TASK_PREDICT,
+    )
+
+
+def _needs_maps(job: Job) -> bool:
+    """Whether the job asks for attention maps (contacts, attentions): outputs streamed
+    while the batch computes, never held for a write-behind."""
+    return not job.work.predict and bool(
+        job.work.include & {pb.INCLUDE_CONTACTS, pb.INCLUDE_ATTENTIONS}
     )

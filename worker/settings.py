@@ -70,6 +70,9 @@ class WorkerSettings:
     # CPU batches that ask only for embeddings and logits run on OpenVINO (where installed):
     # "on", or "off" for the torch engine only.
     openvino: str = "on"
+    # Write a batch's replies while the next batch computes: "on", "off", or "auto" (on
+    # for GPUs, whose computing leaves the CPU idle; a CPU worker's cores compute).
+    write_behind: str = "auto"
     lane_max_wait_s: float = 10.0  # a queue lane waiting this long gets every other batch
     block_ms: int = 1000  # one blocking read of the queue
     claim_idle_s: float = 30.0  # entries pending this long with a silent worker are claimed
@@ -98,6 +101,8 @@ class WorkerSettings:
             raise ValueError(f"threads must be 0 (auto) or positive, got {self.threads}")
         if self.openvino not in ("on", "off"):
             raise ValueError(f"openvino must be on or off, got {self.openvino!r}")
+        if self.write_behind not in ("auto", "on", "off"):
+            raise ValueError(f"write_behind must be auto, on or off, got {self.write_behind!r}")
         if self.max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, got {self.max_deliveries}")
         if self.claim_idle_s <= 2 * self.heartbeat_s:
@@ -116,6 +121,11 @@ class WorkerSettings:
             raise ValueError(f"batch_size {self.batch_size} is outside 1..{MAX_BATCH_SIZE}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+
+    @property
+    def writes_behind(self) -> bool:
+        """Whether batches' replies are written while the next batch computes."""
+        return self.write_behind == "on" or (self.write_behind == "auto" and self.device != "cpu")
 
     def describe(self) -> str:
         return f"{self!r} redis_url={redact_url(self.redis_url)}"
@@ -201,6 +211,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         help="CPU batches asking for no contacts or attentions run on OpenVINO, if installed "
         "(ESM2_OPENVINO, default on): faster at every length; off: the torch engine only",
     )
+    parser.add_argument(
+        "--write-behind",
+        choices=("auto", "on", "off"),
+        default=env_or("ESM2_WRITE_BEHIND", d.write_behind),
+        help="write a batch's results while the next batch computes (ESM2_WRITE_BEHIND, "
+        "default auto: on for GPUs, off for CPUs)",
+    )
     add_setting(
         parser,
         "--claim-idle-s",
@@ -237,6 +254,7 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> WorkerSettings:
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
         openvino=args.openvino,
+        write_behind=args.write_behind,
         claim_idle_s=args.claim_idle_s,
         max_deliveries=args.max_deliveries,
         result_ttl_s=args.result_ttl_s,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import pytest
+import redis
 from queue_helpers import lane_of, pending_count, queue_length
 
 from esm2_service import queue
@@ -438,3 +440,65 @@ def test_a_worker_stuck_in_a_batch_stops_heartbeating_so_others_take_over(redis_
     worker.step()  # progress again
     worker.heartbeat()
     assert redis_client.zscore(queue.HEARTBEATS, "stuck") > first
+
+
+def test_write_behind_computes_the_next_batch_while_the_last_one_is_written(redis_client, engine):
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner, write_behind="on", batch_size=2)
+    for index in range(4):
+        enqueue(redis_client, "wb", index, "A" * (20 + index))
+    gate, flush = threading.Event(), worker.behind_replies.flush
+
+    def held_flush(*args, **kwargs):
+        assert gate.wait(30), "the test never released the write"
+        return flush(*args, **kwargs)
+
+    worker.behind_replies.flush = held_flush
+    worker.step()  # computes the first batch; its write waits for the gate
+    second = threading.Thread(target=worker.step)
+    second.start()  # computes the second batch, then waits to hand it over
+    deadline = time.monotonic() + 30
+    while len(runner.batches) < 2:
+        assert time.monotonic() < deadline, "the second batch never computed"
+        time.sleep(0.01)
+    assert replies(redis_client, "wb") == []  # nothing written yet: both computed first
+    gate.set()
+    second.join(30)
+    worker.write_behind.drain()
+    completed = [m.sequence_index for m in replies(redis_client, "wb") if m.HasField("complete")]
+    assert sorted(completed) == [0, 1, 2, 3]
+    assert queue_length(redis_client) == 0 and worker.in_flight == set()
+
+
+@pytest.mark.parametrize("write_behind", ["on", "off"])
+def test_a_batch_whose_results_redis_refuses_runs_again_once_claimed(
+    redis_client, engine, write_behind
+):
+    """Its entries leave the worker's in-flight set, so no heartbeat keeps them from
+    being claimed: they run again, and nothing is lost."""
+    worker = make_worker(redis_client, engine, write_behind=write_behind, claim_idle_s=2.5)
+    for index in range(2):
+        enqueue(redis_client, "refused", index, "MKTAYIAK"[: 4 + index])
+    writer = worker.behind_replies if write_behind == "on" else worker.replies
+    script, calls = writer._write_script, []
+
+    def refused_once(keys, args):
+        calls.append(keys)
+        if len(calls) == 1:
+            raise redis.ConnectionError("refused by the test")
+        return script(keys=keys, args=args)
+
+    writer._write_script = refused_once
+    worker.step()
+    if worker.write_behind is not None:
+        worker.write_behind.drain()
+    assert worker.in_flight == set() and pending_count(redis_client) == 2
+    assert replies(redis_client, "refused") == []
+    deadline = time.monotonic() + 30
+    while queue_length(redis_client):
+        assert time.monotonic() < deadline, "the refused batch never ran again"
+        worker.step()
+        if worker.write_behind is not None:
+            worker.write_behind.drain()
+    messages = replies(redis_client, "refused")
+    assert sorted(m.sequence_index for m in messages if m.HasField("complete")) == [0, 1]
