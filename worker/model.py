@@ -70,7 +70,9 @@ class PackedBatch:
         """(N,) which sequence each row belongs to."""
         device = self.tokens.device
         lengths = torch.tensor(self.lengths, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+        sequences = torch.arange(len(self.lengths), device=device)
+        # output_size: without it, a GPU waits for the queued work to learn the total
+        return torch.repeat_interleave(sequences, lengths, output_size=self.tokens.numel())
 
     @cached_property
     def positions(self) -> torch.Tensor:
