@@ -44,7 +44,7 @@ KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 60, 20
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """gRPC core's bounds on messages, streams and connections (README, Security)."""
+    """gRPC core's bounds on messages, streams and connections (docs/operations.md, Security)."""
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),

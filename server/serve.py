@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esm2 serve",
         description="Run Redis (embedded unless REDIS_URL is set), the gRPC frontend and "
         "workers. Logs 'esm2 serve: ready to take requests on HOST:PORT' once a worker is "
-        "ready. Auth and TLS: set ESM2_AUTH_TOKENS_FILE, ESM2_TLS_CERT, ... (see README).",
+        "ready. Auth and TLS: set ESM2_AUTH_TOKENS_FILE, ESM2_TLS_CERT, ... "
+        "(see docs/operations.md).",
     )
     parser.add_argument(
         "--host",
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--frontends",
         1,
         "gRPC frontend processes, sharing the port (the kernel spreads connections over "
-        "them); more for many clients on many cores (see README Performance)",
+        "them); more for many clients on many cores (see docs/performance.md)",
         kind=int,
     )
     parser.add_argument(
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=env_or("ESM2_PRECISION", "fp32"),
-        help="compute precision of every worker (ESM2_PRECISION, default fp32; see README)",
+        help="compute precision of every worker (ESM2_PRECISION, default fp32; "
+        "see docs/precision.md)",
     )
     add_setting(
         parser,

@@ -4,7 +4,7 @@ OpenVINO compiles ESM-2 into fused CPU kernels (its bf16 ones use AVX512-BF16 fa
 better than torch's) that beat our torch engine at every length measured. Padding
 would cost it the packed engine's advantage, so each sequence runs alone, unpadded,
 and needs no attention mask; a batch's sequences are spread over single-threaded
-streams, one per thread (README, Performance).
+streams, one per thread (docs/performance.md).
 
 What it serves: batches asking for mean, per-token and BOS embeddings of any layers,
 logits, or Predict. Contacts and attention maps need the attention probabilities,
@@ -134,8 +134,8 @@ class OpenVinoRunner:
     Every sequence runs alone, so no product or attention runs on padding (the packed
     engine's advantage, kept). A batch of one sequence runs on all threads; a larger one
     is spread over one single-threaded stream per thread, longest sequences first, which
-    measured 1.2 to 1.5x faster than all threads on one sequence at a time (README,
-    Performance).
+    measured 1.2 to 1.5x faster than all threads on one sequence at a time
+    (docs/performance.md).
     """
 
     def __init__(self, engine: Engine, latency_model, parallel_model):

@@ -1,4 +1,4 @@
-"""The hand-written attention of `python -m bench.attention16` against torch's SDPA, and
+"""The hand-written attention of `python -m bench.experiments.attention16` against torch's SDPA, and
 in OpenVINO's graph against OpenVINO's own attention (where g++ and AVX512-BF16 are)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from support import ROOT
 
 sys.path.insert(0, str(ROOT))
-from bench import attention16  # noqa: E402
+from bench.experiments import attention16  # noqa: E402
 
 sys.path.pop(0)
 

@@ -1,13 +1,14 @@
-"""`python -m bench.attention16`: a hand-written attention for 16-wide heads, inside OpenVINO.
+"""`python -m bench.experiments.attention16`: a hand-written attention for 16-wide heads,
+inside OpenVINO.
 
 The one lead issue 12 left for bf16 throughput: OpenVINO's fused attention subgraphs
 spend a third of a sequence's time at 302 residues on a small share of its arithmetic.
-This compiles `bench/attention16.cpp` (g++, AVX512-BF16; refused elsewhere), puts it in
+This compiles `bench/experiments/attention16.cpp` (g++, AVX512-BF16; refused elsewhere), puts it in
 place of each of the six attentions of the worker's exported graph (`SequenceEsm2`) as an
 OpenVINO custom operation, checks that graph's hidden states against OpenVINO's own, and
 times the two on one thread, in alternated calls: alone per layer, whole sequences of
 several lengths, and the lognormal corpus one sequence at a time. Over the corpus it
-gained a few percent here, so the worker does not use it (README, Performance). Writes
+gained a few percent here, so the worker does not use it (docs/performance.md). Writes
 bench/results/attention16-PRECISION.{md,json}.
 """
 
@@ -44,7 +45,7 @@ class KernelUnavailable(RuntimeError):
 def build_kernel(cache_dir: Path = CACHE_DIR) -> ctypes.CDLL:
     """The kernel, compiled once per source change into `cache_dir`."""
     if shutil.which("g++") is None:
-        raise KernelUnavailable("python -m bench.attention16 needs g++")
+        raise KernelUnavailable("python -m bench.experiments.attention16 needs g++")
     library = cache_dir / f"attention16-{int(SOURCE.stat().st_mtime)}.so"
     if not library.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,9 @@ def build_kernel(cache_dir: Path = CACHE_DIR) -> ctypes.CDLL:
         ctypes.c_int,
     ]
     if not kernel.esm_attention_supported():
-        raise KernelUnavailable("python -m bench.attention16 needs a CPU with AVX512-BF16")
+        raise KernelUnavailable(
+            "python -m bench.experiments.attention16 needs a CPU with AVX512-BF16"
+        )
     return kernel
 
 
@@ -124,7 +127,9 @@ def median_ms(calls: dict, inputs, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.attention16", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.experiments.attention16", description=__doc__
+    )
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args(argv)
