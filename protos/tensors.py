@@ -74,6 +74,58 @@ def chunk_messages(
             return
 
 
+def serialized_chunk_responses(
+    sequence_index: int,
+    kind: int,
+    layer: int,
+    shape: tuple[int, ...],
+    dtype: int,
+    data: bytes,
+    offset: int = 0,
+) -> Iterator[tuple[int, bytes]]:
+    """(offset, serialized response) for each chunk of `data`: the bytes of
+    `EncodeResponse(sequence_index=..., chunk=chunk).SerializeToString()` for each of
+    `chunk_messages(...)` (PredictResponse has the same fields), built around the tensor
+    bytes with one copy of them, where the message would copy them twice."""
+    tensor_head = pb.Tensor(dtype=resolve_dtype(dtype), shape=shape).SerializeToString()
+    chunk_head = pb.TensorChunk(kind=kind, layer=layer).SerializeToString()
+    index_field = pb.EncodeResponse(sequence_index=sequence_index).SerializeToString()
+    view = memoryview(data)
+    start = 0
+    while True:
+        part = view[start : start + MAX_CHUNK_BYTES]
+        data_field = _length_delimited(_TENSOR_DATA, len(part)) if len(part) else b""
+        tensor_size = len(tensor_head) + len(data_field) + len(part)
+        chunk_tail = pb.TensorChunk(offset=offset + start).SerializeToString()
+        tensor_field = _length_delimited(_CHUNK_TENSOR, tensor_size)
+        chunk_size = len(chunk_head) + len(tensor_field) + tensor_size + len(chunk_tail)
+        head = b"".join(
+            (index_field, _length_delimited(_RESPONSE_CHUNK, chunk_size), chunk_head, tensor_field)
+        )
+        yield offset + start, b"".join((head, tensor_head, data_field, part, chunk_tail))
+        start += len(part)
+        if start >= len(data):
+            return
+
+
+# Field numbers of the length-delimited fields around the tensor bytes (esm2.proto).
+_TENSOR_DATA, _CHUNK_TENSOR, _RESPONSE_CHUNK = 3, 3, 2
+
+
+def _length_delimited(field: int, size: int) -> bytes:
+    """A length-delimited field's tag and length, as protobuf writes them."""
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 class TensorAssembler:
     """Rebuilds one tensor from its chunks, which may arrive in any order."""
 

@@ -25,7 +25,7 @@ from esm2_service import queue
 from esm2_service.alphabet import VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
-from esm2_service.tensors import chunk_messages
+from esm2_service.tensors import serialized_chunk_responses
 from esm2_service.worker.work import TensorOutput
 
 log = logging.getLogger(__name__)
@@ -184,13 +184,17 @@ class ReplyWriter:
             (
                 item,
                 queue.CHUNK_FIELD,
-                response_type(item.task)(
-                    sequence_index=item.sequence_index, chunk=chunk
-                ).SerializeToString(),
-                queue.chunk_piece(item.sequence_index, chunk.kind, chunk.layer, chunk.offset),
+                message,  # an EncodeResponse, or a PredictResponse: the same bytes
+                queue.chunk_piece(item.sequence_index, output.kind, output.layer, chunk_offset),
             )
-            for chunk in chunk_messages(
-                output.kind, output.layer, output.shape, item.dtype, output.data, output.offset
+            for chunk_offset, message in serialized_chunk_responses(
+                item.sequence_index,
+                output.kind,
+                output.layer,
+                output.shape,
+                item.dtype,
+                output.data,
+                output.offset,
             )
         ]
         if len(output.data) < WRITE_AT_ONCE_BYTES:

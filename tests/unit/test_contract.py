@@ -99,6 +99,36 @@ def test_codec_splits_large_tensors_under_the_default_grpc_limit():
     np.testing.assert_array_equal(assembler.array(), array)
 
 
+@pytest.mark.parametrize(
+    ("shape", "dtype", "sequence_index", "offset"),
+    [
+        ((342, 320), pb.DTYPE_FLOAT32, 5, 0),
+        ((320,), pb.DTYPE_UNSPECIFIED, 0, 0),  # index 0 and dtype 0: fields left out
+        ((1024, 2048), pb.DTYPE_FLOAT16, 7, 123_456),  # 4 MiB: two chunks
+        ((0, 320), pb.DTYPE_FLOAT32, 1, 0),  # no bytes: no data field
+        ((3, 3), pb.DTYPE_BFLOAT16, 300, 2**40),  # multi-byte varints
+    ],
+)
+def test_serialized_chunk_responses_are_protobufs_own_bytes(shape, dtype, sequence_index, offset):
+    """The worker writes responses built around the tensor bytes (one copy of them):
+    byte for byte what protobuf serializes, and what either response type parses."""
+    size = int(np.prod(shape)) * tensors.element_size(dtype)
+    data = np.random.default_rng(0).bytes(size)
+    expected = [
+        (chunk.offset, pb.EncodeResponse(sequence_index=sequence_index, chunk=chunk))
+        for chunk in tensors.chunk_messages(pb.INCLUDE_PER_TOKEN, 6, shape, dtype, data, offset)
+    ]
+    built = list(
+        tensors.serialized_chunk_responses(
+            sequence_index, pb.INCLUDE_PER_TOKEN, 6, shape, dtype, data, offset
+        )
+    )
+    assert built == [(at, message.SerializeToString()) for at, message in expected]
+    for _, message in built:
+        predict = pb.PredictResponse.FromString(message)
+        assert predict.sequence_index == sequence_index and predict.chunk.layer == 6
+
+
 def test_assembler_refuses_incomplete_or_foreign_chunks():
     data = tensors.to_wire_bytes(np.ones((2, 2), np.float32), pb.DTYPE_FLOAT32)
     (first,) = tensors.chunk_messages(pb.INCLUDE_CONTACTS, 0, (2, 2), pb.DTYPE_FLOAT32, data[:8])
