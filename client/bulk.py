@@ -4,13 +4,14 @@ The file is read record by record; each accepted record becomes one piece, or, w
 long sequences split into windows, several. Pieces go out in requests of up to 8,
 with at most `concurrency` requests in flight (a thread each), so memory holds only
 those and the records not yet in a shard (see h5store.py), whatever the file's size.
-Results are written as records complete, in any order: the file is keyed by id.
+Results are written as records complete, in any order: the file is keyed by each
+record's key (its id, or its accession: bulk_records.RECORD_KEYS).
 """
 
 from __future__ import annotations
 
 import sys
-import time
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .client import Esm2Client
 from .h5store import JobMismatch, ShardedStore
 from .output import record_arrays
 from .results import EncodeResult
-from .rich_errors import InvalidArgumentError
+from .rich_errors import InvalidArgumentError, ServiceUnreachableError
 
 REQUEST_ITEMS = 8
 # A request the service could not take now (queue full, restarting) is retried after
@@ -45,6 +46,7 @@ class BulkSettings:
     long: str  # "reject" or "windows"
     window: int
     overlap: int
+    key: str = "id"  # see bulk_records.RECORD_KEYS
 
     def job(self) -> dict:
         settings = {
@@ -52,6 +54,7 @@ class BulkSettings:
             "layers": list(self.layers),
             "dtype": self.dtype,
             "long": self.long,
+            "key": self.key,
         }
         if self.long == "windows":
             settings |= {"window": self.window, "overlap": self.overlap}
@@ -103,6 +106,9 @@ class BulkEncoder:
         self._pending: dict[str, _Pending] = {}
         self._batches: dict[bool, list[Piece]] = {False: [], True: []}
         self._in_flight: dict[Future, tuple[bool, list[Piece]]] = {}
+        self._stopping = threading.Event()  # ends the pauses between retries
+        self._outage_reported = False
+        self._outage_lock = threading.Lock()
 
     def run(self, screened: Iterable[Accepted | Reject], done: dict[str, int]) -> Summary:
         """Encodes every accepted record not in `done` (id -> checksum); collects rejects."""
@@ -122,6 +128,7 @@ class BulkEncoder:
             while self._in_flight:
                 self._collect()
         finally:
+            self._stopping.set()
             pool.shutdown(wait=False, cancel_futures=True)
             self._save_finished()
             self.store.flush()
@@ -170,14 +177,35 @@ class BulkEncoder:
     def _encode_with_retries(self, sequences: list[str], include) -> list[EncodeResult]:
         for pause in (*RETRY_PAUSES_S, None):
             try:
-                return self.client.encode(
+                results = self.client.encode(
                     sequences, include, self.settings.layers, self.settings.dtype
                 )
+                self._outage_reported = False
+                return results
             except grpc.RpcError as error:
                 if pause is None or error.code() not in _RETRIED:
                     raise
-                time.sleep(pause)
+                self._report_outage(error)
+                if self._stopping.wait(pause):
+                    raise
         raise AssertionError("unreachable")
+
+    def _report_outage(self, error: grpc.RpcError) -> None:
+        """Says at once, and once per outage, that the service is not answering: the
+        retries can take a minute."""
+        with self._outage_lock:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or self._outage_reported:
+                return
+            self._outage_reported = True
+        if isinstance(error, ServiceUnreachableError):
+            problem = str(error)  # names the address and what to check
+        else:
+            problem = f"the service is unavailable ({error.details()})"
+        self.progress.write(
+            f"esm2 encode: {problem}; retrying for up to {sum(RETRY_PAUSES_S):g} s "
+            "(Ctrl-C stops; the same command continues later)",
+            file=sys.stderr,
+        )
 
     def _collect(self) -> None:
         finished, _ = wait(list(self._in_flight), return_when=FIRST_COMPLETED)

@@ -5,22 +5,25 @@ Rules, in order (README "Bulk encode" states them for users):
 - one trailing `*` (a stop codon) is dropped;
 - rejected, with the reason: a header without an id, sequence text before the first
   header, an empty sequence, a character the service does not accept (a `*` inside
-  the sequence, digits, J, ...), an id seen before in the file (the first is kept),
+  the sequence, digits, J, ...), a key seen before in the file (the first is kept),
   and a sequence over 2,048 residues unless long sequences are split into windows.
+
+Each record is stored under its key: its id (the header's first word), or with
+`--key accession`, the accession in a `db|ACCESSION|NAME` id.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from esm2_service.alphabet import ACCEPTED_CHARACTERS
+from esm2_service.alphabet import ACCEPTED_CHARACTERS, uppercase_residues
 from esm2_service.validation import MAX_TOKENS
 
-from .fasta import FastaProblem, FastaRecord
+from .fasta import FastaProblem, FastaRecord, accession
 
 # Windows of 1,022 residues are 1,024 tokens with <cls> and <eos>: the crops ESM-2 was
 # trained on.
@@ -28,16 +31,24 @@ DEFAULT_WINDOW = 1022
 DEFAULT_OVERLAP = 256
 
 
+def _header_id(record_id: str) -> str:
+    return record_id
+
+
+# --key: what each record is stored under, made from its id.
+RECORD_KEYS: dict[str, Callable[[str], str]] = {"id": _header_id, "accession": accession}
+
+
 @dataclass(frozen=True)
 class Reject:
-    id: str  # "" where the text had no id
+    id: str  # the FASTA id (not the key); "" where the text had no id
     line: int
     reason: str
 
 
 @dataclass(frozen=True)
 class Accepted:
-    id: str
+    id: str  # the key the record is stored under (see RECORD_KEYS)
     sequence: str  # as the service receives it: uppercase, no trailing '*'
     line: int
     index: int  # the record's place among the file's records, from 0
@@ -49,30 +60,36 @@ class Accepted:
 
 
 def screen(
-    entries: Iterable[FastaRecord | FastaProblem], allow_long: bool
+    entries: Iterable[FastaRecord | FastaProblem], allow_long: bool, key: str = "id"
 ) -> Iterator[Accepted | Reject]:
-    """Each FASTA entry, accepted (cleaned) or rejected, in file order."""
-    first_line: dict[str, int] = {}  # id -> line of its first record
+    """Each FASTA entry, accepted (cleaned) or rejected, in file order; `key` names
+    the RECORD_KEYS rule that makes each record's key from its id."""
+    key_of = RECORD_KEYS[key]
+    first_line: dict[str, int] = {}  # key -> line of its first record
     index = -1
     for entry in entries:
         if isinstance(entry, FastaProblem):
             yield Reject("", entry.line, entry.description)
             continue
         index += 1
-        if entry.id in first_line:
-            yield Reject(
-                entry.id, entry.line, f"duplicate id (first at line {first_line[entry.id]})"
-            )
+        record_key = key_of(entry.id)
+        if record_key in first_line:
+            yield Reject(entry.id, entry.line, _duplicate(key, record_key, first_line))
             continue
-        first_line[entry.id] = entry.line
-        sequence = entry.sequence.upper()
+        first_line[record_key] = entry.line
+        sequence = uppercase_residues(entry.sequence)
         if sequence.endswith("*"):
             sequence = sequence[:-1]
         problem = _problem(sequence, allow_long)
         if problem:
             yield Reject(entry.id, entry.line, problem)
         else:
-            yield Accepted(entry.id, sequence, entry.line, index)
+            yield Accepted(record_key, sequence, entry.line, index)
+
+
+def _duplicate(key: str, record_key: str, first_line: dict[str, int]) -> str:
+    first = f"first at line {first_line[record_key]}"
+    return f"duplicate id ({first})" if key == "id" else f"duplicate {key} {record_key} ({first})"
 
 
 def _problem(sequence: str, allow_long: bool) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,18 @@ import grpc
 from tqdm import tqdm
 
 from esm2_service.alphabet import VOCAB_TOKENS
+from esm2_service.cli_help import CLIENT_EXIT_CODES, HelpFormatter, epilog
 from esm2_service.validation import MAX_TOKENS, encode_violations
 
 from .bulk import BulkEncoder, BulkSettings, count_residues, print_summary
-from .bulk_records import DEFAULT_OVERLAP, DEFAULT_WINDOW, Reject, screen
+from .bulk_records import (
+    DEFAULT_OVERLAP,
+    DEFAULT_WINDOW,
+    RECORD_KEYS,
+    Accepted,
+    Reject,
+    screen,
+)
 from .cli_options import (
     UsageError,
     add_connection_options,
@@ -41,12 +50,19 @@ def add_encode_command(commands: Any) -> None:
         "encode",
         help="embeddings and other tensors of a FASTA file of any size, to HDF5",
         description="Encodes every record of a FASTA file into an HDF5 file keyed by record "
-        "id, streaming, with a bounded number of requests in flight. Interrupted (Ctrl-C, a "
-        "crash, a lost connection), the same command continues where it stopped; it refuses "
-        "to if the settings changed. Bad records are listed in OUT.rejects.tsv and the rest "
-        "is encoded; the exit code is then 3.",
-        epilog=H5_LAYOUT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "id (or accession: --key), streaming, with a bounded number of requests in flight. "
+        "Interrupted (Ctrl-C, a crash, a lost connection), the same command continues where "
+        "it stopped; it refuses to if the settings changed. Bad records are listed in "
+        "OUT.rejects.tsv and the rest is encoded; the exit code is then 3.",
+        epilog=epilog(
+            "esm2 encode proteins.fasta -o embeddings.h5 --include mean,contacts",
+            {
+                **CLIENT_EXIT_CODES,
+                EXIT_REJECTS: "done, but some records rejected (OUT.rejects.tsv)",
+            },
+            H5_LAYOUT,
+        ),
+        formatter_class=HelpFormatter,
     )
     encode.add_argument("fasta", help="input FASTA file")
     encode.add_argument("-o", "--output", required=True, help="output HDF5 file (.h5)")
@@ -83,6 +99,14 @@ def add_encode_command(commands: Any) -> None:
         default=DEFAULT_OVERLAP,
         help=f"residues shared by neighbouring windows (default: {DEFAULT_OVERLAP})",
     )
+    encode.add_argument(
+        "--key",
+        choices=list(RECORD_KEYS),
+        default="id",
+        help="what names each record in the output: id, the first word of its header line "
+        "after '>' (default); or accession, the middle field of a db|ACCESSION|NAME id "
+        "(>sp|P00698|LYSC_CHICK: P00698), else the id",
+    )
     add_connection_options(encode)
     encode.add_argument(
         "--concurrency",
@@ -114,8 +138,7 @@ def run_encode(args: argparse.Namespace) -> int:
         done = store.open()
     except JobMismatch as error:
         raise UsageError(str(error)) from None
-    allow_long = settings.long == "windows"
-    entries, total = count_residues(screen(iter_fasta(args.fasta), allow_long))
+    entries, total = count_residues(_screened(args.fasta, settings))
     if not entries:
         raise UsageError(f"{args.fasta}: no FASTA records")
     rejects_path = f"{args.output}.rejects.tsv"
@@ -126,15 +149,11 @@ def run_encode(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="res", unit_scale=True, desc="encode", disable=disable) as bar:
             encoder = BulkEncoder(client, settings, store, concurrency, bar)
             try:
-                summary = encoder.run(screen(iter_fasta(args.fasta), allow_long), done)
+                summary = encoder.run(_screened(args.fasta, settings), done)
             except JobMismatch as error:
                 raise UsageError(str(error)) from None
             except BaseException:
-                print(
-                    f"\nesm2 encode: stopped; the records written so far are kept in "
-                    f"{store.folder}: run the same command again to continue",
-                    file=sys.stderr,
-                )
+                print(f"\nesm2 encode: {_stopped(store)}", file=sys.stderr)
                 raise
             finally:
                 write_rejects(rejects_path, encoder.summary.rejects)
@@ -142,6 +161,19 @@ def run_encode(args: argparse.Namespace) -> int:
     print_summary(summary, args.output, rejects_path, time.monotonic() - started)
     warn_if_random(summary.random_weights)
     return EXIT_REJECTS if summary.rejects else 0
+
+
+def _screened(fasta: str, settings: BulkSettings) -> Iterator[Accepted | Reject]:
+    return screen(iter_fasta(fasta), settings.long == "windows", settings.key)
+
+
+def _stopped(store: ShardedStore) -> str:
+    if not store.holds_records():
+        return "stopped before any record was written"
+    return (
+        f"stopped; the records written so far are kept in {store.folder}: run the same "
+        "command again to continue"
+    )
 
 
 def _bulk_settings(args: argparse.Namespace) -> BulkSettings:
@@ -170,6 +202,7 @@ def _bulk_settings(args: argparse.Namespace) -> BulkSettings:
         long=args.long,
         window=args.window,
         overlap=args.overlap,
+        key=args.key,
     )
 
 

@@ -22,6 +22,13 @@ class FastaProblem(NamedTuple):
     description: str
 
 
+def accession(record_id: str) -> str:
+    """The middle field of a `db|ACCESSION|NAME` id, as UniProt writes them
+    (`sp|P00698|LYSC_CHICK` -> `P00698`); any other id as it is."""
+    fields = record_id.split("|")
+    return fields[1] if len(fields) == 3 and fields[1] else record_id
+
+
 def iter_fasta(path: PathLike) -> Iterator[FastaRecord | FastaProblem]:
     """The records of a FASTA file in file order, read line by line (memory holds one
     record at a time), and a FastaProblem where the text is not a record.

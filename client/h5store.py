@@ -7,7 +7,9 @@ service's checkpoint, the format) and shard files `shard-NNNNNN.h5` of up to
 temporary name and renamed into place once complete, so a crash, a Ctrl-C or a lost
 connection loses at most the records not yet in a shard, never a written one. When
 every record is done, the shards are merged into `OUT.tmp`, renamed to `OUT`, and
-the folder is removed.
+the folder is removed. The folder appears with the first shard: a job that wrote no
+record leaves nothing behind, and a folder without a shard (left by an older version)
+is discarded rather than resumed.
 
 The file's layout is H5_LAYOUT.
 """
@@ -26,20 +28,23 @@ import numpy as np
 
 FORMAT = "esm2-service encode v1"
 H5_LAYOUT = """\
-output HDF5 layout: one group per record, named by its id ("%" written "%25", "/" "%2F");
-L is a resolved layer 0-6:
+output HDF5 layout: one group per record, named by its key (--key: the FASTA id, or its
+accession), "%" written "%25", "/" "%2F"; L is a resolved layer 0-6:
   ID/mean/layerL        [320]           mean over residues     (--include mean)
   ID/per_token/layerL   [len, 320]      one row per residue    (--include per_token)
   ID/bos/layerL         [320]           the <cls> position     (--include bos)
   ID/contacts           [len, len]                             (--include contacts)
   ID/logits             [len, 33]       columns: vocab_tokens  (--include logits)
   ID/attentions         [20, len, len]  last layer             (--include attentions)
-  ID attributes: id, index (place among the FASTA's records), line, length, windows
+  ID attributes: id (its key), index (place among the FASTA's records), line, length, windows
   file attributes: job (settings, JSON), vocab_tokens, records
 arrays are float32, or float16 with --dtype float16.
-read with: f = h5py.File(OUT); f["P12345"]["mean/layer6"][:]"""
+read with: f = h5py.File(OUT); f["P12345"]["mean/layer6"][:]
+a UniProt record >sp|P12345|NAME is keyed sp|P12345|NAME; with --key accession, P12345"""
 SHARD_RECORDS = 1000
 SHARD_BYTES = 64 * 1024 * 1024
+# Settings added to the job after the format's first files: what a job without them had.
+IMPLIED_SETTINGS = {"key": "id"}
 
 
 class JobMismatch(Exception):
@@ -64,6 +69,7 @@ class ShardedStore:
         self.job = {"format": FORMAT, **job}
         self._buffer: list[tuple[dict, dict[str, np.ndarray]]] = []
         self._buffered_bytes = 0
+        self._job_saved = False
 
     def finished(self) -> bool:
         """The output exists and was made by this job's settings (else JobMismatch)."""
@@ -76,14 +82,13 @@ class ShardedStore:
 
     def open(self) -> dict[str, int]:
         """Starts or resumes the job: the ids already written, with their checksums."""
-        self.folder.mkdir(exist_ok=True)
-        job_file = self.folder / "job.json"
-        if job_file.exists():
-            self._check(json.loads(job_file.read_text()), f"{self.folder} holds a job")
-            # the checkpoint is recorded once the first result arrives
-            self.job = {**json.loads(job_file.read_text()), **self.job}
-        else:
-            job_file.write_text(json.dumps(self.job, indent=2))
+        if not self.holds_records():
+            self._discard_empty_folder()
+            return {}
+        written = json.loads((self.folder / "job.json").read_text())
+        self._check(written, f"{self.folder} holds a job")
+        self.job = {**written, **self.job}  # keeps the recorded checkpoint
+        self._job_saved = True
         for stale in self.folder.glob("*.tmp"):
             stale.unlink()
         done = {}
@@ -98,7 +103,7 @@ class ShardedStore:
         known = self.job.get("checkpoint_sha256")
         if known is None:
             self.job["checkpoint_sha256"] = checkpoint_sha256
-            (self.folder / "job.json").write_text(json.dumps(self.job, indent=2))
+            self._job_saved = False
         elif known != checkpoint_sha256:
             raise JobMismatch(
                 f"the service now runs other weights (checkpoint {checkpoint_sha256[:12]}, "
@@ -116,6 +121,9 @@ class ShardedStore:
         """Writes the buffered records as one new shard, atomically."""
         if not self._buffer:
             return
+        self.folder.mkdir(exist_ok=True)
+        if not self._job_saved:
+            self._save_job()
         number = len(list(self._shards()))
         final = self.folder / f"shard-{number:06d}.h5"
         temporary = final.with_suffix(".h5.tmp")
@@ -142,13 +150,34 @@ class ShardedStore:
             merged.attrs["records"] = records
         _fsync(temporary)
         os.replace(temporary, self.output)
-        shutil.rmtree(self.folder)
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
         return records
+
+    def holds_records(self) -> bool:
+        """Whether the folder holds a shard: records of this job or an earlier run's."""
+        return any(self._shards())
 
     def _shards(self) -> Iterator[Path]:
         return iter(sorted(self.folder.glob("shard-*.h5")))
 
+    def _save_job(self) -> None:
+        temporary = self.folder / "job.json.tmp"
+        temporary.write_text(json.dumps(self.job, indent=2))
+        os.replace(temporary, self.folder / "job.json")
+        self._job_saved = True
+
+    def _discard_empty_folder(self) -> None:
+        """Removes what a job that wrote no shard left; a folder with other files stays."""
+        if not self.folder.is_dir():
+            return
+        for leftover in [self.folder / "job.json", *self.folder.glob("*.tmp")]:
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
     def _check(self, written: dict, where: str) -> None:
+        written = {**IMPLIED_SETTINGS, **written}
         changed = [
             f"{key} was {written.get(key)!r}, now {value!r}"
             for key, value in self.job.items()

@@ -170,6 +170,7 @@ def test_resuming_with_other_settings_or_another_fasta_is_refused(service, tmp_p
     out = tmp_path / "few.h5"
     partial = tmp_path / "few.h5.partial"
     partial.mkdir()
+    h5py.File(partial / "shard-000000.h5", "w").close()  # a job without records is not kept
     (partial / "job.json").write_text(
         json.dumps(
             {"format": "esm2-service encode v1", "include": ["mean"], "layers": [-1],
@@ -185,6 +186,28 @@ def test_resuming_with_other_settings_or_another_fasta_is_refused(service, tmp_p
     fasta.write_text(fasta.read_text().replace(">r3\n", ">r3\nW"))
     again = encode(service, fasta, out)  # a finished job is not recomputed
     assert again.returncode == 0 and "is complete; nothing to do" in again.stderr
+
+
+def test_an_unreachable_service_is_named_at_once_and_ctrl_c_leaves_nothing(tmp_path):
+    from esm2_service.server.embedded_redis import free_port
+
+    fasta = tmp_path / "few.fasta"
+    many_records(fasta, 20)
+    target = f"127.0.0.1:{free_port()}"
+    argv = [*ESM2, "encode", fasta, "-o", tmp_path / "few.h5", "--target", target]
+    job = subprocess.Popen([*map(str, argv), "--no-progress"], stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    first_line = job.stderr.readline()
+    seconds = time.monotonic() - started
+    job.send_signal(signal.SIGINT)
+    err = job.communicate(timeout=30)[1]
+
+    assert f"cannot reach the service at {target}: nothing listens there" in first_line
+    assert "retrying for up to 60 s" in first_line
+    assert seconds < 20  # the interpreter's start, then the first refused connection
+    assert job.returncode == 130
+    assert "stopped before any record was written" in err and "kept" not in err
+    assert list(tmp_path.iterdir()) == [fasta]
 
 
 def test_a_changed_record_stops_a_resumed_job(service, tmp_path):

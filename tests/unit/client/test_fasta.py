@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from esm2_service.client.fasta import read_fasta
+from esm2_service.client.fasta import accession, read_fasta
 
 
 def write(tmp_path, text: str):
@@ -55,3 +55,17 @@ def test_text_before_the_first_header_names_its_line(tmp_path):
 def test_empty_records_and_headers_name_their_line(tmp_path, text, error):
     with pytest.raises(ValueError, match=error):
         read_fasta(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("record_id", "expected"),
+    [
+        ("sp|P00698|LYSC_CHICK", "P00698"),
+        ("tr|A0A023GPI8|A0A023GPI8_CANAW", "A0A023GPI8"),
+        ("P00698", "P00698"),
+        ("gi|12345|ref|NP_000509.1|", "gi|12345|ref|NP_000509.1|"),  # not db|ACCESSION|NAME
+        ("sp||NAME", "sp||NAME"),
+    ],
+)
+def test_the_accession_is_the_middle_field_of_a_db_accession_name_id(record_id, expected):
+    assert accession(record_id) == expected
