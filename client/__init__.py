@@ -11,7 +11,12 @@ from .results import (
     PredictResult,
     ResultStreamError,
 )
-from .rich_errors import InvalidArgumentError, field_violations, request_id
+from .rich_errors import (
+    InvalidArgumentError,
+    ServiceUnreachableError,
+    field_violations,
+    request_id,
+)
 from .scores import ScoreResult
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "PredictResult",
     "ResultStreamError",
     "ScoreResult",
+    "ServiceUnreachableError",
     "field_violations",
     "request_id",
     "tls_credentials",

@@ -4,8 +4,9 @@ Both check a list of sequences with the service's own rules, split it into
 requests of at most 8 items, run up to `max_concurrency` of them at once, and
 return one result per sequence in the caller's order. Invalid input raises
 `InvalidArgumentError` (a `grpc.RpcError`) naming every violation by its index in
-the caller's list; other server errors surface unchanged, as `grpc.RpcError`
-(sync) or `grpc.aio.AioRpcError` (async).
+the caller's list. A target where no gRPC connection can be made raises
+`ServiceUnreachableError` saying what to check; other server errors surface
+unchanged, as `grpc.RpcError` (sync) or `grpc.aio.AioRpcError` (async).
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ import grpc
 import grpc.aio
 import grpc.experimental
 
+from esm2_service.alphabet import uppercase_residues
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.metadata import AUTHORIZATION
-from esm2_service.validation import Violations, encode_violations, predict_violations
+from esm2_service.validation import (
+    FieldViolation,
+    Violations,
+    encode_violations,
+    predict_violations,
+)
 from esm2_service.variants import score_violations
 
 from .params import (
@@ -32,7 +39,7 @@ from .params import (
     EncodeSpec,
     check_batch_size,
     check_sequences,
-    dtype_value,
+    parse_dtype,
     predict_request,
     split_batches,
 )
@@ -43,7 +50,7 @@ from .results import (
     StreamAssembler,
     predict_result,
 )
-from .rich_errors import InvalidArgumentError, shift_variant
+from .rich_errors import InvalidArgumentError, shift_variant, unreachable
 from .scores import ScoreAssembler, ScoreResult, merge_results, plan_requests, score_request
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -130,21 +137,35 @@ class _ClientBase:
         self._batch_size = check_batch_size(batch_size)
 
     def _batches(self, sequences: Sequence[str], check_list: CheckList) -> list[Batch]:
-        """One batch per request; InvalidArgumentError, before any request is sent,
-        listing every violation in the whole list."""
+        """One batch per request, residues uppercased; InvalidArgumentError, before any
+        request is sent, listing every violation in the whole list."""
         sequences = check_sequences(sequences)
-        violations = check_list(sequences) if sequences else []
+        violations = check_list(sequences)
         if violations:
             raise InvalidArgumentError((v.field, v.description) for v in violations)
-        return split_batches(sequences, self._batch_size)
+        return split_batches(list(map(uppercase_residues, sequences)), self._batch_size)
 
 
 def _encode_check(spec: EncodeSpec) -> CheckList:
-    return lambda sequences: encode_violations(spec.request(sequences), max_items=None)
+    def check(sequences: list[str]) -> Violations:
+        found = Violations()
+        if sequences:
+            found = encode_violations(spec.request(sequences), max_items=None)
+        found.extend(Violations(spec.unknown_names))
+        return found
+
+    return check
 
 
-def _predict_check(dtype: int) -> CheckList:
-    return lambda sequences: predict_violations(predict_request(sequences, dtype), max_items=None)
+def _predict_check(dtype: int, unknown_dtype: tuple[FieldViolation, ...]) -> CheckList:
+    def check(sequences: list[str]) -> Violations:
+        found = Violations()
+        if sequences:
+            found = predict_violations(predict_request(sequences, dtype), max_items=None)
+        found.extend(Violations(unknown_dtype))
+        return found
+
+    return check
 
 
 class _Refusals:
@@ -186,14 +207,15 @@ def _planned_score_requests(
     violations = score_violations(request, limits=False)
     if violations:
         raise InvalidArgumentError((v.field, v.description) for v in violations)
+    request.wild_type = uppercase_residues(request.wild_type)
     return plan_requests(request)
 
 
-def _score_refusal(error: grpc.RpcError, offset: int) -> grpc.RpcError:
+def _score_refusal(error: grpc.RpcError, offset: int, target: str) -> grpc.RpcError:
     """A refusal of the request whose first variant is the caller's `offset`, its
-    variants renumbered in the caller's list; other errors as they are."""
+    variants renumbered in the caller's list; other errors as `unreachable` leaves them."""
     if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
-        return error
+        return unreachable(error, target)
     refused = InvalidArgumentError.from_server(error, 0)
     return InvalidArgumentError(
         [(shift_variant(field, offset), text) for field, text in refused.violations],
@@ -244,6 +266,7 @@ class Esm2Client(_ClientBase):
             max_concurrency=max_concurrency,
             batch_size=batch_size,
         )
+        self._target = target
         credentials = _channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=_SYNC_CHANNEL_OPTIONS)
@@ -271,17 +294,19 @@ class Esm2Client(_ClientBase):
         """Embeddings and other tensors of `sequences`, one result per sequence, in order.
 
         Args:
-            sequences: protein sequences (amino-acid letters); [] returns [] without a call.
+            sequences: protein sequences (amino-acid letters, either case); [] returns []
+                without a call.
             include: any of "mean", "per_token", "bos", "contacts", "logits", "attentions".
             repr_layers: layers 0 to 6 for mean, per_token and bos; -1 is the last.
             dtype: wire precision, "float32", "float16" or "bfloat16"; arrays come back
                 as float16 for "float16" and float32 otherwise.
 
         Raises:
-            ValueError: an unknown include or dtype name.
             InvalidArgumentError: a `grpc.RpcError` listing every invalid sequence or
-                parameter, sequences numbered in `sequences`; raised before any request
-                is sent, or when the server refuses one.
+                parameter (unknown names among them), sequences numbered in `sequences`;
+                raised before any request is sent, or when the server refuses one.
+            ServiceUnreachableError: a `grpc.RpcError` (UNAVAILABLE) saying which
+                address no gRPC connection could be made to, and what to check.
             grpc.RpcError: the server failed the request.
             ResultStreamError: the response stream was malformed or incomplete.
         """
@@ -297,9 +322,9 @@ class Esm2Client(_ClientBase):
 
         Each sequence needs at least one "<mask>". Raises as `encode` does.
         """
-        wire_dtype = dtype_value(dtype)
+        wire_dtype, unknown_dtype = parse_dtype(dtype)
         return self._run(
-            self._batches(sequences, _predict_check(wire_dtype)),
+            self._batches(sequences, _predict_check(wire_dtype, unknown_dtype)),
             lambda items: self._stub.Predict(
                 predict_request(items, wire_dtype), **self._call_options
             ),
@@ -344,7 +369,7 @@ class Esm2Client(_ClientBase):
                     if on_scores is not None and scored:
                         on_scores(scored)
             except grpc.RpcError as error:
-                raise _score_refusal(error, offset) from None
+                raise _score_refusal(error, offset, self._target) from None
             finally:
                 call.cancel()
             parts.append(assembler.finish())
@@ -352,7 +377,10 @@ class Esm2Client(_ClientBase):
 
     def status(self) -> pb.GetStatusResponse:
         """The service's workers, queue depth and whether any runs random weights."""
-        return self._stub.GetStatus(pb.GetStatusRequest(), **self._call_options)
+        try:
+            return self._stub.GetStatus(pb.GetStatusRequest(), **self._call_options)
+        except grpc.RpcError as error:
+            raise unreachable(error, self._target) from None
 
     def _run(
         self, batches: list[Batch], start_call: StartCall, make_result: MakeResult[R]
@@ -371,7 +399,7 @@ class Esm2Client(_ClientBase):
             except grpc.RpcError as error:
                 if refusals.keep(error, offset):
                     return []
-                raise
+                raise unreachable(error, self._target) from None
             finally:
                 call.cancel()  # a no-op once the stream has ended
             return _results(assembler.finish(), offset, make_result)
@@ -427,6 +455,7 @@ class AsyncEsm2Client(_ClientBase):
             max_concurrency=max_concurrency,
             batch_size=batch_size,
         )
+        self._target = target
         credentials = _channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target)
@@ -465,9 +494,9 @@ class AsyncEsm2Client(_ClientBase):
     ) -> list[PredictResult]:
         """See `Esm2Client.predict`; raises `grpc.aio.AioRpcError` for server errors
         other than INVALID_ARGUMENT."""
-        wire_dtype = dtype_value(dtype)
+        wire_dtype, unknown_dtype = parse_dtype(dtype)
         return await self._run(
-            self._batches(sequences, _predict_check(wire_dtype)),
+            self._batches(sequences, _predict_check(wire_dtype, unknown_dtype)),
             lambda items: self._stub.Predict(
                 predict_request(items, wire_dtype), **self._call_options
             ),
@@ -494,7 +523,7 @@ class AsyncEsm2Client(_ClientBase):
                     if on_scores is not None and scored:
                         on_scores(scored)
             except grpc.RpcError as error:
-                raise _score_refusal(error, offset) from None
+                raise _score_refusal(error, offset, self._target) from None
             finally:
                 call.cancel()
             parts.append(assembler.finish())
@@ -502,7 +531,10 @@ class AsyncEsm2Client(_ClientBase):
 
     async def status(self) -> pb.GetStatusResponse:
         """See `Esm2Client.status`."""
-        return await self._stub.GetStatus(pb.GetStatusRequest(), **self._call_options)
+        try:
+            return await self._stub.GetStatus(pb.GetStatusRequest(), **self._call_options)
+        except grpc.RpcError as error:
+            raise unreachable(error, self._target) from None
 
     async def _run(
         self, batches: list[Batch], start_call: StartCall, make_result: MakeResult[R]
@@ -522,7 +554,7 @@ class AsyncEsm2Client(_ClientBase):
                 except grpc.RpcError as error:
                     if refusals.keep(error, offset):
                         return []
-                    raise
+                    raise unreachable(error, self._target) from None
                 finally:
                     call.cancel()  # a no-op once the stream has ended
             return _results(assembler.finish(), offset, make_result)

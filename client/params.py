@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.validation import FieldViolation, clip
 
 from .results import CompletedItem, EncodeResult, encode_result
 
@@ -49,6 +50,23 @@ def dtype_value(name: str) -> int:
     return _lookup(DTYPE_NAMES, "dtype", name)
 
 
+def _unknown_name(field: str, what: str, name: object, table: dict[str, int]) -> FieldViolation:
+    """The violation of a name not in `table`, worded as the HTTP door words it."""
+    shown = repr(clip(name)) if isinstance(name, str) else clip(repr(name))
+    return FieldViolation(field, f"unknown {what} {shown}; valid: {', '.join(table)}")
+
+
+def _is_name_in(table: dict[str, int], name: object) -> bool:
+    return isinstance(name, str) and name in table
+
+
+def parse_dtype(name: str) -> tuple[int, tuple[FieldViolation, ...]]:
+    """(wire value, ()) of dtype `name`; (DTYPE_UNSPECIFIED, (its violation,)) if unknown."""
+    if _is_name_in(DTYPE_NAMES, name):
+        return DTYPE_NAMES[name], ()
+    return pb.DTYPE_UNSPECIFIED, (_unknown_name("params.dtype", "dtype", name, DTYPE_NAMES),)
+
+
 def check_sequences(sequences: Sequence[str]) -> list[str]:
     """The sequences as a list; a lone string is refused rather than split into letters."""
     if isinstance(sequences, str):
@@ -73,23 +91,36 @@ def check_batch_size(batch_size: int) -> int:
 
 @dataclass(frozen=True)
 class EncodeSpec:
-    """The validated parameters of one `encode` call."""
+    """The parameters of one `encode` call, the names already turned into wire values."""
 
     include: tuple[int, ...]  # pb.Include values
     layers: tuple[int, ...]  # as requested, may be negative
     dtype: int  # pb.Dtype value
+    # The names no wire value stands for (left out of the fields above), as violations
+    # of the request's fields, reported with the service's own checks of the rest.
+    unknown_names: tuple[FieldViolation, ...] = ()
 
     @classmethod
     def parse(
         cls, include: Iterable[str] | str, repr_layers: Iterable[int] | int, dtype: str
     ) -> EncodeSpec:
-        """Checks the names and layers; empty `include` means ("mean",), empty layers (-1,)."""
-        names = (include,) if isinstance(include, str) else tuple(include)
+        """Empty `include` means ("mean",), empty layers (-1,); unknown names are kept in
+        `unknown_names`, the layers' range is left to the service's rules."""
+        names = (include,) if isinstance(include, str) else tuple(include) or ("mean",)
         layers = (repr_layers,) if isinstance(repr_layers, int) else tuple(repr_layers)
+        unknown = tuple(
+            _unknown_name(f"params.include[{index}]", "output", name, INCLUDE_NAMES)
+            for index, name in enumerate(names)
+            if not _is_name_in(INCLUDE_NAMES, name)
+        )
+        wire_dtype, unknown_dtype = parse_dtype(dtype)
         return cls(
-            include=tuple(include_value(name) for name in names or ("mean",)),
+            include=tuple(
+                INCLUDE_NAMES[name] for name in names if _is_name_in(INCLUDE_NAMES, name)
+            ),
             layers=tuple(operator.index(layer) for layer in layers or (-1,)),
-            dtype=dtype_value(dtype),
+            dtype=wire_dtype,
+            unknown_names=unknown + unknown_dtype,
         )
 
     def request(self, sequences: list[str]) -> pb.EncodeRequest:

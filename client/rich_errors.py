@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
@@ -157,6 +158,51 @@ class InvalidArgumentError(grpc.RpcError):
 
     def trailing_metadata(self) -> tuple:
         return tuple((metadata.REQUEST_ID, rid) for rid in self.request_ids)
+
+
+class ServiceUnreachableError(grpc.aio.AioRpcError):
+    """UNAVAILABLE before any service answered: no gRPC connection could be made to
+    `target`. The message names the address and what to check. An `AioRpcError`, so
+    code catching `grpc.RpcError` (or, around the async client, `AioRpcError`) still
+    catches it; `cause` is the details gRPC gave."""
+
+    def __init__(self, target: str, hint: str, cause: str):
+        self.target = target
+        self.cause = cause
+        message = f"cannot reach the service at {target}: {hint} (gRPC said: {cause})"
+        super().__init__(grpc.StatusCode.UNAVAILABLE, details=message)
+
+    def __str__(self) -> str:
+        return self.details() or ""
+
+
+def unreachable(error: grpc.RpcError, target: str) -> grpc.RpcError:
+    """`error` as a ServiceUnreachableError if it says no connection to `target` could
+    be made; any other error unchanged."""
+    if not hasattr(error, "code") or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return error
+    cause = error.details() or ""
+    hint = _connection_hint(cause)
+    return error if hint is None else ServiceUnreachableError(target, hint, cause)
+
+
+def _connection_hint(cause: str) -> str | None:
+    """What to check, for the details gRPC gives a failed connection; None for other
+    UNAVAILABLE errors (a service that answered, e.g. with its queue down)."""
+    if "Failed parsing HTTP/2" in cause:
+        return (
+            "that port speaks HTTP/1, not gRPC (likely the HTTP door, `esm2 http`); "
+            "give the gRPC port (50051 by default)"
+        )
+    if cause.startswith(("errors resolving", "DNS resolution failed")):
+        return "its host name does not resolve; check the spelling"
+    if not cause.startswith("failed to connect to all addresses"):
+        return None
+    if "Connection refused" in cause:
+        return "nothing listens there; is `esm2 serve` (or `esm2 server`) running on that port?"
+    if "handshake" in cause.lower() or "ssl" in cause.lower():
+        return "the TLS handshake failed; does the server use TLS, with that CA?"
+    return "no connection could be made; is the service running there, reachable from here?"
 
 
 def shift_item(field: str, offset: int) -> str:

@@ -6,6 +6,7 @@ Mirrors `esm.data.Alphabet.from_architecture("ESM-1b")` (a test checks it).
 from __future__ import annotations
 
 import re
+import string
 
 VOCAB_TOKENS: tuple[str, ...] = (
     "<cls>", "<pad>", "<eos>", "<unk>",
@@ -28,6 +29,17 @@ GAP = "-"
 ACCEPTED_CHARACTERS = frozenset(STANDARD_RESIDUES + EXTENDED_RESIDUES + GAP)
 
 _TOKEN_PATTERN = re.compile(re.escape(MASK_TOKEN) + "|.", re.DOTALL)
+# ASCII only: str.upper() maps some other letters to ASCII ones ('ı' -> 'I') or to two
+# characters ('ß' -> 'SS'), which would accept them or shift every later position.
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def uppercase_residues(sequence: str) -> str:
+    """`sequence` with its ASCII letters uppercased and its `<mask>` tokens kept: residues
+    are accepted in either case. Every character keeps its position."""
+    if MASK_TOKEN not in sequence:
+        return sequence.translate(_ASCII_UPPER)
+    return MASK_TOKEN.join(part.translate(_ASCII_UPPER) for part in sequence.split(MASK_TOKEN))
 
 
 def token_count(sequence: str) -> int:

@@ -15,7 +15,13 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from esm2_service.alphabet import ACCEPTED_CHARACTERS, MASK_TOKEN, split_tokens, token_count
+from esm2_service.alphabet import (
+    ACCEPTED_CHARACTERS,
+    MASK_TOKEN,
+    split_tokens,
+    token_count,
+    uppercase_residues,
+)
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 
@@ -205,7 +211,7 @@ def validate_encode(request: pb.EncodeRequest | Undecodable) -> ValidRequest:
         raise InvalidRequest(violations)
     return ValidRequest(
         task=qpb.TASK_ENCODE,
-        sequences=tuple(item.sequence for item in request.items),
+        sequences=_uppercased(request.items),
         repr_layers=resolve_layers(request.params.repr_layers),
         include=tuple(sorted(set(request.params.include or [pb.INCLUDE_MEAN]))),
         dtype=request.params.dtype or pb.DTYPE_FLOAT32,
@@ -219,9 +225,13 @@ def validate_predict(request: pb.PredictRequest | Undecodable) -> ValidRequest:
         raise InvalidRequest(violations)
     return ValidRequest(
         task=qpb.TASK_PREDICT,
-        sequences=tuple(item.sequence for item in request.items),
+        sequences=_uppercased(request.items),
         dtype=request.params.dtype or pb.DTYPE_FLOAT32,
     )
+
+
+def _uppercased(items) -> tuple[str, ...]:
+    return tuple(uppercase_residues(item.sequence) for item in items)
 
 
 def resolve_layers(layers) -> tuple[int, ...]:
@@ -244,15 +254,17 @@ def check_sequence(
     sequence: str, field: str, allow_mask: bool, found: Violations | None = None
 ) -> Violations:
     """The violations of one sequence (length, characters, and masks for Predict), added
-    to `found` (new if None), which is returned."""
+    to `found` (new if None), which is returned. Residues count in either case
+    (`uppercase_residues`); a bad character is quoted as the caller wrote it."""
     found = Violations() if found is None else found
     if not sequence:
         found.add(field, f"empty; a sequence needs 1 to {MAX_TOKENS:,} tokens")
         return found
-    if _valid_at_a_glance(sequence, allow_mask):
+    uppercase = uppercase_residues(sequence)
+    if _valid_at_a_glance(uppercase, allow_mask):
         return found
-    tokens = split_tokens(sequence)
-    _check_characters(found, tokens, field, allow_mask)
+    tokens = split_tokens(uppercase)
+    _check_characters(found, tokens, field, allow_mask, sequence)
     if len(tokens) > MAX_TOKENS:
         found.add(field, f"{len(tokens):,} tokens; the limit is {MAX_TOKENS:,}")
     if allow_mask and MASK_TOKEN not in tokens:
@@ -271,7 +283,10 @@ def _valid_at_a_glance(sequence: str, allow_mask: bool) -> bool:
     )
 
 
-def _check_characters(found: Violations, tokens: list[str], field: str, allow_mask: bool) -> None:
+def _check_characters(
+    found: Violations, tokens: list[str], field: str, allow_mask: bool, written: str
+) -> None:
+    """`tokens`: of the uppercased sequence; `written`: the sequence as sent."""
     accepted = _ACCEPTED_DESCRIPTION + (", '<mask>'" if allow_mask else "")
 
     def describe(position: int, token: str) -> FieldViolation:
@@ -279,8 +294,9 @@ def _check_characters(found: Violations, tokens: list[str], field: str, allow_ma
             return FieldViolation(
                 field, f"<mask> at position {position}: only Predict accepts <mask>"
             )
+        character = written[position - 1]
         return FieldViolation(
-            field, f"character {token!r} at position {position} is not accepted ({accepted})"
+            field, f"character {character!r} at position {position} is not accepted ({accepted})"
         )
 
     bad = _bad_characters(tokens, allow_mask)

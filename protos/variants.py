@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from esm2_service.alphabet import STANDARD_RESIDUES
+from esm2_service.alphabet import STANDARD_RESIDUES, uppercase_residues
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.validation import (
     FieldViolation,
@@ -130,7 +130,7 @@ def score_violations(request: pb.ScoreRequest, limits: bool = True) -> Violation
     elif limits and len(request.variants) > MAX_VARIANTS:
         found.add("variants", f"{len(request.variants):,} variants; the limit is {MAX_VARIANTS:,}")
     elif not found and not request.scan:
-        _check_variants(found, request.variants, request.wild_type)
+        _check_variants(found, request.variants, uppercase_residues(request.wild_type))
     return found
 
 
@@ -157,13 +157,14 @@ def validate_score(request) -> ValidScoreRequest:
     violations = score_violations(request)
     if violations:
         raise InvalidRequest(violations)
+    wild_type = uppercase_residues(request.wild_type)
     if request.scan:
-        mutants, variants = scan_variants(request.wild_type)
+        mutants, variants = scan_variants(wild_type)
     else:
         mutants = tuple(request.variants)
-        variants = tuple(parse_variant(text, request.wild_type)[0] for text in mutants)
+        variants = tuple(parse_variant(text, wild_type)[0] for text in mutants)
     valid = ValidScoreRequest(
-        wild_type=request.wild_type,
+        wild_type=wild_type,
         mutants=mutants,
         variants=variants,
         strategies=resolve_strategies(request.strategies),

@@ -19,7 +19,7 @@ _LAYER = {"type": "integer", "minimum": 0, "maximum": NUM_LAYERS}
 
 
 def _items(allow_mask: bool) -> dict:
-    alphabet = "20 standard amino acids, X B U Z O and '-', uppercase" + (
+    alphabet = "20 standard amino acids, X B U Z O and '-', in either case" + (
         ", and <mask> (one token; at least one per sequence)" if allow_mask else ""
     )
     sequence = {

@@ -169,7 +169,7 @@ func TestPredictReturnsOneRowPerMask(t *testing.T) {
 
 func TestInvalidItemsOfEveryRequestAreNamedInTheCallersList(t *testing.T) {
 	client := live(t, os.Getenv("ESM2_TOKEN"))
-	sequences := []string{"MKV", "MKV", "MKV", "MKa", "MKV", "MKV", "MKV", "MKV", "MKV", "MKV", "MK<mask>V", "MKV"}
+	sequences := []string{"MKV", "MKV", "MKV", "MKJ", "MKV", "MKV", "MKV", "MKV", "MKV", "MKV", "MK<mask>V", "MKV"}
 	_, err := client.Encode(context.Background(), sequences, EncodeOptions{})
 	refusal, ok := err.(*Error)
 	if !ok || refusal.Code != codes.InvalidArgument {

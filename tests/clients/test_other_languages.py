@@ -94,7 +94,7 @@ REAL = read_fasta_records("few_proteins.fasta")[0][1]
 LONG = (REAL * 40)[:2048]  # its contacts [2048, 2048] span several chunks
 ALL = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
 BAD = ["MKV"] * 12
-BAD[3], BAD[10] = "MKa", "MK<mask>V"
+BAD[3], BAD[10] = "MKJ", "MK<mask>V"
 SPEC = [
     *(
         {

@@ -16,6 +16,9 @@ STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 EXTENDED = "XBUZO"
 GAP = "-"
 ACCEPTED = frozenset(STANDARD + EXTENDED + GAP)
+# Residues count in either case; only these 25 ASCII letters are lowercase residues.
+LOWERCASE = {letter.lower(): letter for letter in STANDARD + EXTENDED}
+ACCEPTED_ANY_CASE = ACCEPTED | frozenset(LOWERCASE)
 MAX_ITEMS = 8
 MAX_TOKENS = 2048
 LAYER_RANGE = range(-7, 7)  # -7..6
@@ -45,11 +48,16 @@ def tokens(sequence: str) -> list[str]:
     return out
 
 
+def uppercased(sequence: str) -> str:
+    """An accepted sequence as the service passes it on: lowercase residues uppercased."""
+    return "".join(LOWERCASE.get(token, token) for token in tokens(sequence))
+
+
 def bad_characters(sequence: str, allow_mask: bool) -> list[tuple[int, str]]:
     """(1-based character position, token) of every token the rules refuse."""
     bad, position = [], 1
     for token in tokens(sequence):
-        if (token == MASK and not allow_mask) or (token != MASK and token not in ACCEPTED):
+        if (token == MASK and not allow_mask) or (token != MASK and token not in ACCEPTED_ANY_CASE):
             bad.append((position, token))
         position += len(token)
     return bad

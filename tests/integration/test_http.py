@@ -224,7 +224,7 @@ out = {
 api = BioLMApi("esm2-8m")
 out["many"] = api.encode(items=spec["many"])
 out["log_prob"] = api.call("log_prob", spec["items"])
-out["invalid"] = api.encode(items=[{"sequence": "MKa"}])
+out["invalid"] = api.encode(items=[{"sequence": "MKJ"}])
 print(json.dumps(out))
 """
 
@@ -300,7 +300,7 @@ def test_tokens_are_required_except_for_health(door):
 
 
 def test_invalid_input_lists_every_violation_as_grpc_does(door):
-    items = [{"sequence": s} for s in ("MKV", "MKaV!", "MK<mask>", "")]
+    items = [{"sequence": s} for s in ("MKV", "MKJV!", "MK<mask>", "")]
     response = post(door, "encode", {"items": items, "params": {"repr_layers": [9, -1]}})
     assert response.status_code == 400
     body = response.json()

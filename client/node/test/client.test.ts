@@ -112,7 +112,7 @@ describe("against a live service", { skip: target ? false : "ESM2_TARGET is unse
 
   it("names the invalid items of every request in the caller's list", async () => {
     const sequences = Array(12).fill("MKV");
-    sequences[3] = "MKa";
+    sequences[3] = "MKJ";
     sequences[10] = "MK<mask>V";
     const c = client();
     try {

@@ -6,6 +6,7 @@ which sequence a result belongs to: use sequences of distinct lengths.
 
 from __future__ import annotations
 
+import http.server
 import threading
 import time
 from collections.abc import Iterator
@@ -192,3 +193,13 @@ def fake_server() -> Iterator[tuple[str, FakeEsm2]]:
     server.start()
     yield f"127.0.0.1:{port}", servicer
     server.stop(None)
+
+
+@pytest.fixture
+def http1_port() -> Iterator[int]:
+    """A port where an HTTP/1 server (as the HTTP door is) listens on 127.0.0.1."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_port
+    server.shutdown()
+    server.server_close()

@@ -13,8 +13,10 @@ from esm2_service.client import (
     Esm2Client,
     IncompleteResultError,
     InvalidArgumentError,
+    ServiceUnreachableError,
     field_violations,
 )
+from esm2_service.client.client import _planned_score_requests
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 
 ALL = ("mean", "per_token", "bos", "contacts", "logits", "attentions")
@@ -111,7 +113,7 @@ def test_a_lone_string_is_refused(fake_server):
 def test_invalid_input_anywhere_in_a_long_list_is_named_before_any_request(fake_server):
     target, servicer = fake_server
     sequences = ["MKV"] * 30
-    sequences[3], sequences[27] = "MKa", "MK<mask>"
+    sequences[3], sequences[27] = "MKj", "MK<mask>"
     with Esm2Client(target) as client, pytest.raises(grpc.RpcError) as caught:
         client.encode(sequences, repr_layers=[9])
 
@@ -123,8 +125,71 @@ def test_invalid_input_anywhere_in_a_long_list_is_named_before_any_request(fake_
         "items[27].sequence",
         "params.repr_layers[0]",
     ]
-    assert "items[3].sequence: character 'a' at position 3" in error.details()
+    assert "items[3].sequence: character 'j' at position 3" in error.details()
     assert servicer.requests == []
+
+
+def test_an_unknown_output_name_is_an_invalid_argument_beside_every_other_violation(fake_server):
+    target, servicer = fake_server
+    with Esm2Client(target) as client, pytest.raises(InvalidArgumentError) as caught:
+        client.encode(["MKV", "MK1"], include=["mean", "means"], repr_layers=[9], dtype="fp8")
+
+    # The fields and wording of the service (and of its HTTP door, for the names).
+    assert caught.value.violations == [
+        (
+            "items[1].sequence",
+            "character '1' at position 3 is not accepted (accepted: ACDEFGHIKLMNPQRSTVWY, "
+            "XBUZO, '-')",
+        ),
+        ("params.repr_layers[0]", "layer 9 is outside -7..6"),
+        (
+            "params.include[1]",
+            "unknown output 'means'; valid: mean, per_token, bos, contacts, logits, attentions",
+        ),
+        ("params.dtype", "unknown dtype 'fp8'; valid: float32, float16, bfloat16"),
+    ]
+    with Esm2Client(target) as client, pytest.raises(InvalidArgumentError) as caught:
+        client.predict([], dtype="float64")
+    assert [field for field, _ in caught.value.violations] == ["params.dtype"]
+    assert servicer.requests == []
+
+
+def test_lowercase_residues_are_accepted_and_sent_uppercased(fake_server):
+    target, servicer = fake_server
+    with Esm2Client(target) as client:
+        client.encode(["mktayiak"])
+        (predicted,) = client.predict(["mk<mask>ay"])
+
+    assert servicer.requests == [["MKTAYIAK"], ["MK<mask>AY"]]
+    assert predicted.sequence_tokens == ["M", "K", "<mask>", "A", "Y"]
+    ((_, request),) = _planned_score_requests("mktayiak", ["M1A", "K2G"], False, "wt_marginal")
+    assert request.wild_type == "MKTAYIAK"
+
+
+def test_a_target_where_nothing_listens_is_named_with_what_to_check():
+    with Esm2Client("127.0.0.1:1", timeout_s=10) as client:
+        for call in (client.status, lambda: client.encode(["MKV"])):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert isinstance(caught.value, ServiceUnreachableError)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert str(caught.value).startswith("cannot reach the service at 127.0.0.1:1: ")
+            assert "is `esm2 serve`" in str(caught.value)
+
+
+def test_an_http1_port_is_named_as_not_grpc(http1_port):
+    target = f"127.0.0.1:{http1_port}"
+    with (
+        Esm2Client(target, timeout_s=10) as client,
+        pytest.raises(ServiceUnreachableError, match="speaks HTTP/1, not gRPC"),
+    ):
+        client.predict(["M<mask>"])
+
+
+async def test_the_async_client_names_an_unreachable_target():
+    async with AsyncEsm2Client("127.0.0.1:1", timeout_s=10) as client:
+        with pytest.raises(grpc.aio.AioRpcError, match="cannot reach the service at 127.0.0.1:1"):
+            await client.encode(["MKV"])
 
 
 def test_server_refusals_of_every_request_are_merged_in_the_callers_numbering(fake_server):

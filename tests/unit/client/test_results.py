@@ -231,5 +231,12 @@ def test_encode_spec_defaults_and_names():
 def test_unknown_include_and_dtype_names_are_refused():
     with pytest.raises(ValueError, match=r"unknown include 'embeddings'; valid: mean, per_token"):
         include_value("embeddings")
-    with pytest.raises(ValueError, match=r"unknown dtype 'fp8'; valid: float32, float16, bfloat16"):
-        EncodeSpec.parse(["mean"], [-1], "fp8")
+    spec = EncodeSpec.parse(["mean", "means"], [-1], "fp8")
+    assert spec.include == (pb.INCLUDE_MEAN,)
+    assert [(v.field, v.description) for v in spec.unknown_names] == [
+        (
+            "params.include[1]",
+            "unknown output 'means'; valid: mean, per_token, bos, contacts, logits, attentions",
+        ),
+        ("params.dtype", "unknown dtype 'fp8'; valid: float32, float16, bfloat16"),
+    ]

@@ -30,7 +30,7 @@ def details_of(status: grpc.Status) -> status_pb2.Status:
 
 def test_huge_violation_lists_fit_a_default_clients_trailer_and_name_every_field():
     request = pb.EncodeRequest(
-        items=[pb.Item(sequence="mktayiakqrqisfvk")] * 8,
+        items=[pb.Item(sequence="j" * 16)] * 8,
         params=pb.EncodeParams(repr_layers=[99] * 300),
     )
     try:

@@ -4,6 +4,7 @@ import pytest
 
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.server.http_requests import parse_request
 from esm2_service.validation import (
     MAX_ECHOED_CHARACTERS,
     MAX_REPORTED_VIOLATIONS,
@@ -16,6 +17,7 @@ from esm2_service.validation import (
     validate_encode,
     validate_predict,
 )
+from esm2_service.variants import validate_score
 
 
 def encode(*sequences, **params) -> pb.EncodeRequest:
@@ -58,7 +60,7 @@ def test_layers_resolve_negative_indices_and_deduplicate():
 
 def test_every_violation_is_reported_at_once_with_field_and_position():
     request = encode(
-        "MKa", "", "M K", repr_layers=[7, -8, 3], include=[pb.INCLUDE_MEAN, 42], dtype=9
+        "MKj", "", "M K", repr_layers=[7, -8, 3], include=[pb.INCLUDE_MEAN, 42], dtype=9
     )
     found = violations(validate_encode, request)
     fields = [field for field, _ in found]
@@ -71,7 +73,7 @@ def test_every_violation_is_reported_at_once_with_field_and_position():
         "params.include[1]",
         "params.dtype",
     ]
-    assert "character 'a' at position 3" in found[0][1]
+    assert "character 'j' at position 3" in found[0][1]
     assert "empty" in found[1][1]
     assert "character ' ' at position 2" in found[2][1]
     assert found[3][1] == "layer 7 is outside -7..6"
@@ -80,7 +82,9 @@ def test_every_violation_is_reported_at_once_with_field_and_position():
     assert "unknown dtype 9" in found[6][1]
 
 
-@pytest.mark.parametrize("bad", ["a", "m", "1", " ", "\n", "*", ".", "<cls>", "<unk>", "J", "é"])
+@pytest.mark.parametrize(
+    "bad", ["j", "1", " ", "\n", "*", ".", "<cls>", "<unk>", "J", "é", "ı", "ß", "<MASK>"]
+)
 def test_characters_outside_the_alphabet_are_rejected_never_turned_into_unk(bad):
     found = violations(validate_encode, encode(f"MK{bad}A"))
     assert found[0][0] == "items[0].sequence"
@@ -116,15 +120,40 @@ def test_predict_needs_a_mask_in_every_item():
 
 
 def test_a_long_run_of_bad_characters_is_summarised():
-    found = violations(validate_encode, encode("M" + "z" * 50))
+    found = violations(validate_encode, encode("M" + "j" * 50))
     assert len(found) == 11
     assert found[-1] == ("items[0].sequence", "40 more characters not accepted")
     assert "position 11" in found[9][1]
 
 
 def test_error_message_names_fields():
-    with pytest.raises(InvalidRequest, match=r"items\[0\].sequence: character 'x' at position 1"):
-        validate_encode(encode("x"))
+    with pytest.raises(InvalidRequest, match=r"items\[0\].sequence: character '1' at position 1"):
+        validate_encode(encode("1"))
+
+
+def test_residues_are_accepted_in_either_case_and_sent_on_uppercased():
+    valid = validate_encode(encode("mktayiak", "MkTa-xbuzo"))
+    assert valid.sequences == ("MKTAYIAK", "MKTA-XBUZO")
+    assert validate_predict(predict("mk<mask>ay<mask>")).sequences == ("MK<mask>AY<mask>",)
+
+
+def test_score_and_the_http_door_take_lowercase_residues_too():
+    valid = validate_score(pb.ScoreRequest(wild_type="mktay", variants=["K2G", "T3A"]))
+    assert valid.wild_type == "MKTAY"
+    assert valid.mutated_sequence(valid.variants[0]) == "MGTAY"
+    parsed = parse_request("predict", {"items": [{"sequence": "mk<mask>ay"}]})
+    assert parsed.valid.sequences == ("MK<mask>AY",)
+
+
+def test_a_lowercase_character_outside_the_alphabet_is_quoted_as_written():
+    found = violations(validate_encode, encode("mkjay"))
+    assert found == [
+        (
+            "items[0].sequence",
+            "character 'j' at position 3 is not accepted "
+            "(accepted: ACDEFGHIKLMNPQRSTVWY, XBUZO, '-')",
+        )
+    ]
 
 
 def test_clip_keeps_short_text_and_cuts_long_text_to_a_prefix_and_its_length():
