@@ -1,7 +1,7 @@
 # Two commands on a fresh clone: `make serve` (or `make serve-random` with no model
-# hub) sets up and runs the service; `make test` sets up and runs every test, the
-# Node and Go clients' included (it installs Debian's protoc and Go packages, and the
-# Node client's npm packages).
+# hub) sets up (torch, the server and worker extras; no dev tools) and runs the service;
+# `make test` sets up and runs every test, the Node and Go clients' included (it installs
+# Debian's protoc and Go packages, and the Node client's npm packages).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -29,14 +29,27 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 BUF := $(NODE_DIR)/node_modules/.bin/buf
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup setup-dev serve serve-random test test-images lint protos bench clean
+.PHONY: setup setup-serve setup-dev serve serve-random test test-images lint protos bench clean
 
-$(BIN)/.installed: pyproject.toml
+# An editable install makes setuptools warn "Editable installation ... Please be careful
+# with folders in your working directory": nothing to act on here, so it is silenced.
+PIP_EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e
+SERVE_HINT := in another terminal: .venv/bin/esm2 status (or source .venv/bin/activate, then esm2 ...)
+
+# What `make serve` needs: torch, the server and the worker extras.
+$(BIN)/.installed-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_INDEX_OPTION) $(TORCH)
-	$(BIN)/pip install -q -e '.[server,worker,dev]'
+	$(PIP_EDITABLE) '.[server,worker]'
 	touch $@
+
+# Everything: the service and the dev extra (pytest, ruff, the tests' other tools).
+$(BIN)/.installed: $(BIN)/.installed-serve
+	$(PIP_EDITABLE) '.[server,worker,dev]'
+	touch $@
+
+setup-serve: $(BIN)/.installed-serve
 
 setup: $(BIN)/.installed
 
@@ -55,16 +68,18 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json | $(DEBIAN_STAMP)
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The service needs only `setup`; the tests also need these.
+# The service needs only `setup-serve`; the tests also need `setup` and these.
 setup-dev: setup $(DEBIAN_STAMP) $(NODE_STAMP)
 
-serve: setup
+serve: setup-serve
+	@echo "$(SERVE_HINT)"
 	$(BIN)/esm2 serve $(ARGS)
 
-$(RANDOM_WEIGHTS): | setup
+$(RANDOM_WEIGHTS): | setup-serve
 	$(BIN)/esm2 make-checkpoint --random $@
 
 serve-random: $(RANDOM_WEIGHTS)
+	@echo "$(SERVE_HINT)"
 	$(BIN)/esm2 serve --weights $(RANDOM_WEIGHTS) $(ARGS)
 
 lint: setup-dev

@@ -16,10 +16,12 @@ from google.protobuf import json_format
 from tqdm import tqdm
 
 from esm2_service import __version__
+from esm2_service.cli_help import HelpFormatter, epilog
 from esm2_service.validation import check_sequence
 
 from .cli_encode import add_encode_command
 from .cli_options import (
+    TARGET_ENV,
     UsageError,
     add_connection_options,
     add_dtype,
@@ -34,7 +36,13 @@ from .fasta import FastaRecord
 from .output import predict_document, predict_json
 from .params import MAX_ITEMS_PER_REQUEST
 from .results import ResultStreamError
-from .rich_errors import InvalidArgumentError, field_violations, request_id, shift_item
+from .rich_errors import (
+    InvalidArgumentError,
+    ServiceUnreachableError,
+    field_violations,
+    request_id,
+    shift_item,
+)
 
 # command -> (module whose main(argv) runs it, extras it needs, help)
 FORWARDED: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -63,7 +71,8 @@ Result = TypeVar("Result")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs `esm2 ARGS`; returns the exit code (0 ok, 1 server error, 2 usage error)."""
+    """Runs `esm2 ARGS`; returns the exit code (0 ok, 1 the service failed, 2 bad usage or
+    input, whether refused here or by the service)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         return forward(argv[0], argv[1:])
@@ -75,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except grpc.RpcError as error:
         print_rpc_error(error)
-        return 1
+        return 2 if error.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
     except ResultStreamError as error:
         print(f"error: malformed response: {error}", file=sys.stderr)
         return 1
@@ -105,18 +114,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esm2", description="ESM-2 8M gRPC service client.")
+    parser = argparse.ArgumentParser(
+        prog="esm2",
+        description="The ESM-2 8M protein language model as a service: encode, predict, "
+        "score and status are its client; serve runs the whole service on this machine, "
+        "server, http and worker run its parts. 'esm2 COMMAND --help' lists a command's options.",
+        epilog=epilog("esm2 predict --sequence 'MKTAYIAK<mask>RQISFVK'"),
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_encode_command(commands)
     _add_predict(commands)
     add_score_command(commands)
-    status = commands.add_parser("status", help="print the service's workers and queue as JSON")
-    add_connection_options(status)
-    status.set_defaults(handler=run_status)
+    _add_status(commands)
     for name, (_, _, help_text) in FORWARDED.items():
         commands.add_parser(name, help=f"{help_text} (see esm2 {name} --help)", add_help=False)
     return parser
+
+
+def _add_status(commands: Any) -> None:
+    status = commands.add_parser(
+        "status",
+        help="print the service's workers and queue as JSON",
+        description="Prints, as JSON, the service's live workers (each one's checkpoint, "
+        "device and precision) and the depth of its queue; warns on stderr when a worker "
+        "runs random weights.",
+        epilog=epilog("esm2 status --target localhost:50051"),
+        formatter_class=HelpFormatter,
+    )
+    add_connection_options(status)
+    status.set_defaults(handler=run_status)
 
 
 def _add_predict(commands: Any) -> None:
@@ -127,6 +155,8 @@ def _add_predict(commands: Any) -> None:
         "its id, sequence_tokens, mask_positions (indices into sequence_tokens), "
         "predicted_tokens (at each mask, the top-scoring of the 20 standard amino acids) and "
         "logits (one row per mask, all 33 vocabulary columns).",
+        epilog=epilog("esm2 predict --sequence 'MKTAYIAK<mask>RQISFVK' -o predicted.json"),
+        formatter_class=HelpFormatter,
     )
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("fasta", nargs="?", help="input FASTA file")
@@ -281,6 +311,8 @@ def print_rpc_error(error: grpc.RpcError) -> None:
     found = request_id(error)
     if found:
         print(f"request id: {found}", file=sys.stderr)
+    if isinstance(error, ServiceUnreachableError):
+        print(f"the service's address: --target HOST:PORT, or ${TARGET_ENV}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ class UsageError(Exception):
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dtype", choices=list(DTYPE_NAMES), default="float32", help="wire precision"
+        "--dtype",
+        choices=list(DTYPE_NAMES),
+        default="float32",
+        help="precision of the tensors sent back (default: float32)",
     )
 
 
@@ -34,7 +37,11 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         help=f"service host:port (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, help="deadline of each request, in seconds"
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline of each request, in seconds (default: none of its own; the service "
+        "ends a request after its --request-timeout-s, 600 s unless set otherwise)",
     )
     parser.add_argument(
         "--token",

@@ -9,6 +9,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from esm2_service.cli_help import HelpFormatter, epilog
+
 from .cli_options import (
     UsageError,
     add_connection_options,
@@ -40,6 +42,8 @@ def add_score_command(commands: Any) -> None:
         "CSV back with one column per strategy (other columns kept). Scores are log-odds "
         "log p(mutant) - log p(wild type) summed over a variant's positions; "
         "pseudo_log_likelihood is the PLL of the variant's whole sequence.",
+        epilog=epilog("esm2 score --wt MKTAYIAKQRQISFVK --scan --heatmap scan.png -o scan.csv"),
+        formatter_class=HelpFormatter,
     )
     wild_type = score.add_mutually_exclusive_group(required=True)
     wild_type.add_argument("--wt", metavar="SEQ", help="the wild-type sequence")

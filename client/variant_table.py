@@ -13,6 +13,8 @@ import numpy as np
 from .scores import ScoreResult
 
 MUTANT_COLUMN = "mutant"
+# Position labels on a heatmap's x axis; longer sequences label every k-th position.
+MAX_TICKS = 60
 
 
 @dataclass
@@ -94,12 +96,31 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 def draw_heatmap(result: ScoreResult, wild_type: str, path: str | Path) -> str:
     """Writes the landscape of log p(aa) - log p(wild type) at every scored position as
     an image; returns the strategy drawn. Needs matplotlib (the `plot` extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     strategy = next(iter(result.log_probs))
+    log_odds = _log_odds(result, strategy, wild_type).T  # [20, positions]
+    width = min(max(6.0, 4 + len(result.positions) / 12), 60)
+    figure = Figure(figsize=(width, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(log_odds, aspect="auto", cmap="RdBu", interpolation="nearest")
+    limit = np.nanmax(np.abs(log_odds)) or 1.0
+    image.set_clim(-limit, limit)
+    axes.set_yticks(range(len(result.amino_acids)), list(result.amino_acids))
+    ticks, labels = wild_type_ticks(result.positions, wild_type)
+    axes.set_xticks(ticks, labels, fontsize=7, rotation=90 if len(labels) > 20 else 0)
+    axes.set_xlabel("wild-type residue and position")
+    axes.set_ylabel("mutant residue")
+    axes.set_title(f"ESM-2 8M, {strategy}\nlog p(mutant) - log p(wild type)")
+    figure.colorbar(image, ax=axes, fraction=0.03)
+    figure.savefig(path, dpi=120)
+    return strategy
+
+
+def _log_odds(result: ScoreResult, strategy: str, wild_type: str) -> np.ndarray:
+    """[positions, 20]: each row's log p minus its wild-type residue's (NaN if none)."""
     table = result.log_probs[strategy]
     columns = {aa: i for i, aa in enumerate(result.amino_acids)}
     wild = np.array(
@@ -108,21 +129,10 @@ def draw_heatmap(result: ScoreResult, wild_type: str, path: str | Path) -> str:
             for row, p in enumerate(result.positions)
         ]
     )
-    log_odds = (table - wild[:, None]).T  # [20, positions]
-    width = min(4 + len(result.positions) / 12, 60)
-    figure, axes = pyplot.subplots(figsize=(width, 4.5))
-    image = axes.imshow(log_odds, aspect="auto", cmap="RdBu", interpolation="nearest")
-    limit = np.nanmax(np.abs(log_odds)) or 1.0
-    image.set_clim(-limit, limit)
-    axes.set_yticks(range(len(result.amino_acids)), list(result.amino_acids))
-    step = max(1, len(result.positions) // 40)
-    ticks = range(0, len(result.positions), step)
-    axes.set_xticks(ticks, [str(result.positions[i]) for i in ticks], fontsize=7)
-    axes.set_xlabel("position")
-    axes.set_ylabel("mutant residue")
-    axes.set_title(f"ESM-2 8M {strategy}: log p(mutant) - log p(wild type)")
-    figure.colorbar(image, ax=axes, fraction=0.03)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
-    return strategy
+    return table - wild[:, None]
+
+
+def wild_type_ticks(positions: list[int], wild_type: str) -> tuple[range, list[str]]:
+    """Tick indices and labels ("M1", "K2", ...), at most MAX_TICKS of them."""
+    ticks = range(0, len(positions), max(1, math.ceil(len(positions) / MAX_TICKS)))
+    return ticks, [f"{wild_type[positions[i] - 1]}{positions[i]}" for i in ticks]

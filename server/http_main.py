@@ -9,6 +9,7 @@ import sys
 
 import uvicorn
 
+from esm2_service.cli_help import SERVER_EXIT_CODES, HelpFormatter, epilog
 from esm2_service.config import (
     LOOPBACK,
     add_observability_arguments,
@@ -44,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esm2 http",
         description="BioLM's esm2-8m JSON API (POST /api/v3/esm2-8m/{encode,predict,log_prob}/), "
-        "served by the same queue and workers as the gRPC frontend.",
+        "served by the same queue and workers as the gRPC frontend. 'esm2 serve' runs it "
+        "on port 8000.",
+        epilog=epilog(
+            "esm2 http --redis-url redis://127.0.0.1:6379/0 --port 8000", SERVER_EXIT_CODES
+        ),
+        formatter_class=HelpFormatter,
     )
     d, limits = ServerSettings(), HttpLimits()
     parser.add_argument(
@@ -59,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"HTTP port; 0 picks a free one (ESM2_HTTP_PORT, default {DEFAULT_HTTP_PORT})",
     )
     parser.add_argument(
-        "--redis-url", default=env_or("REDIS_URL", d.redis_url), help="Redis URL (REDIS_URL)"
+        "--redis-url",
+        default=env_or("REDIS_URL", d.redis_url),
+        help=f"Redis URL (REDIS_URL, default {d.redis_url})",
     )
     add_setting(parser, "--max-queue-items", d.max_queue_items, "queued items before 429", kind=int)
     add_setting(
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=env_or("ESM2_LOG_LEVEL", "INFO"),
-        help="(ESM2_LOG_LEVEL, default INFO)",
+        help="DEBUG, INFO, WARNING or ERROR (ESM2_LOG_LEVEL, default INFO)",
     )
     add_observability_arguments(parser, metrics_port=0, metrics_help="default 0: none")
     return parser
@@ -200,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics.serve(args.metrics_host, args.metrics_port)
     except OSError as error:
-        log.error("cannot serve metrics on port %d: %s", args.metrics_port, error)
+        log.error(
+            "cannot serve metrics on port %d: %s; --metrics-port or ESM2_METRICS_PORT picks "
+            "another, 0 none",
+            args.metrics_port,
+            error,
+        )
         return 2
     asyncio.run(serve(args, tokens, metrics))
     return 0

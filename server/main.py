@@ -160,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics.serve(settings.metrics_host, settings.metrics_port)
     except OSError as error:
-        log.error("cannot serve metrics on port %d: %s", settings.metrics_port, error)
+        log.error(
+            "cannot serve metrics on port %d: %s; --metrics-port or ESM2_METRICS_PORT picks "
+            "another, 0 none",
+            settings.metrics_port,
+            error,
+        )
         return 2
     asyncio.run(serve(settings, credentials=credentials, metrics=metrics))
     return 0

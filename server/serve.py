@@ -9,9 +9,11 @@ finish their batch, then Redis goes.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from esm2_service.cli_help import SERVER_EXIT_CODES, HelpFormatter, epilog
 from esm2_service.config import LOOPBACK, add_setting, env_or, redact_url
 from esm2_service.logs import LOG_FORMATS, configure_logging
 from esm2_service.server import settings as server_settings
@@ -43,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "workers. Logs 'esm2 serve: ready to take requests on HOST:PORT' once a worker is "
         "ready. Auth and TLS: set ESM2_AUTH_TOKENS_FILE, ESM2_TLS_CERT, ... "
         "(see docs/operations.md).",
+        epilog=epilog(
+            "esm2 serve --weights .cache/random/esm2_t6_8M_UR50D.pt --workers 2",
+            {**SERVER_EXIT_CODES, 2: "bad usage or settings, or a port in use"},
+        ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--host",
@@ -370,8 +378,65 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    busy = busy_ports(args)
+    if busy:
+        print(busy_ports_message(busy), file=sys.stderr)
+        return 2
     configure_logging(args.log_level, args.log_format)
     return run(args)
+
+
+def busy_ports(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(port, flag) of each port this serve would listen on that something else holds;
+    a flag's further ports (--metrics-port's) are left out once one of them is busy."""
+    busy: dict[str, int] = {}
+    for host, port, flag in _ports_to_listen_on(args):
+        if flag not in busy and port_in_use(host, port):
+            busy[flag] = port
+    return [(port, flag) for flag, port in busy.items()]
+
+
+def _ports_to_listen_on(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(host, port, flag that sets it) of every listening port; 0s (none, or any) left out."""
+    ports = [(args.host, args.port, "--port"), (args.host, args.http_port, "--http-port")]
+    if args.metrics_port:
+        metrics = [frontend_metrics_port(args, k) for k in range(args.frontends)]
+        metrics += [args.metrics_port + 1 + i for i in range(args.workers)]
+        metrics += [args.metrics_port + 1 + args.workers] if args.http_port else []
+        ports += [(args.metrics_host, port, "--metrics-port") for port in metrics]
+    return [(host, port, flag) for host, port, flag in ports if port]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails because another socket holds it (any other
+    failure is left for the process that binds it to report)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM
+        )[0]
+    except socket.gaierror:
+        return False
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def busy_ports_message(busy: list[tuple[int, str]]) -> str:
+    ports = ", ".join(f"port {port} ({flag}, {_env_of(flag)})" for port, flag in busy)
+    return (
+        f"esm2 serve: already in use: {ports}. Is another esm2 serve running? Stop it, or "
+        'give this one other ports with these flags (make serve ARGS="--port 50061 '
+        '--http-port 8010 --metrics-port 9190") or variables; --http-port 0 and '
+        "--metrics-port 0 turn those off."
+    )
+
+
+def _env_of(flag: str) -> str:
+    return "ESM2_" + flag.removeprefix("--").replace("-", "_").upper()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from esm2_service.cli_help import SERVER_EXIT_CODES, HelpFormatter, epilog
 from esm2_service.config import (
     DEFAULT_REDIS_URL,
     LOOPBACK,
@@ -73,7 +74,16 @@ class ServerSettings:
 
 
 def build_parser(prog: str = "esm2 server") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="The ESM-2 gRPC frontend.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="The ESM-2 gRPC frontend: queues the items of Encode, Predict and Score "
+        "calls in Redis for the workers and streams their results back. 'esm2 serve' runs "
+        "it with a Redis and workers; run it alone to scale frontends and workers apart.",
+        epilog=epilog(
+            "esm2 server --redis-url redis://127.0.0.1:6379/0 --port 50051", SERVER_EXIT_CODES
+        ),
+        formatter_class=HelpFormatter,
+    )
     add_arguments(parser)
     return parser
 
@@ -91,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=env_or("REDIS_URL", d.redis_url),
         help="Redis URL, e.g. redis://:password@host:6379/0, rediss:// for TLS or "
-        "unix:///path/redis.sock (REDIS_URL)",
+        f"unix:///path/redis.sock (REDIS_URL, default {d.redis_url})",
     )
     add_setting(
         parser,
@@ -136,7 +146,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a connection that has not sent HTTP/2's preface and settings this soon is closed",
         kind=float,
     )
-    parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
+    parser.add_argument(
+        "--log-level",
+        default=env_or("ESM2_LOG_LEVEL", d.log_level),
+        help=f"DEBUG, INFO, WARNING or ERROR (ESM2_LOG_LEVEL, default {d.log_level})",
+    )
     add_observability_arguments(
         parser, metrics_port=d.metrics_port, metrics_help="default 9090, 0 disables"
     )

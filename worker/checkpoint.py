@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from esm2_service.cli_help import HelpFormatter, epilog
+
 log = logging.getLogger(__name__)
 
 HUB_MODEL_NAME = "esm2_t6_8M_UR50D"
@@ -188,12 +190,17 @@ def _perturb(model: torch.nn.Module) -> None:
             parameter.normal_(0.0, 0.2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     """`esm2 make-checkpoint --random OUT.pt [--tiny] [--seed N]`."""
     parser = argparse.ArgumentParser(
         prog="esm2 make-checkpoint",
         description="Write a random-weights ESM-2 checkpoint and its -contact-regression.pt "
         "in fair-esm's file format. Outputs are meaningless: for tests and benchmarks only.",
+        epilog=epilog(
+            "esm2 make-checkpoint --random ckpt/esm2_t6_8M_UR50D.pt",
+            {0: "written", 1: "failed to write", 2: "bad usage"},
+        ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("out", type=Path, help="the .pt file to write")
     parser.add_argument(
@@ -207,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="6 layers, 32 dims, 4 heads instead of ESM-2 8M's 320 dims, 20 heads",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out.suffix != ".pt":
         parser.error(f"{args.out} must end in .pt (fair-esm derives the regression file's name)")

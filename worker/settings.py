@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esm2_service.cli_help import SERVER_EXIT_CODES, HelpFormatter, epilog
 from esm2_service.config import (
     DEFAULT_REDIS_URL,
     LOOPBACK,
@@ -151,7 +152,17 @@ _TUNING_FLAGS = (
 
 
 def build_parser(prog: str = "esm2 worker") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="An ESM-2 model worker.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="An ESM-2 model worker: takes items from the Redis queue in packed "
+        "batches, runs the model on them and writes the results back for the frontends. "
+        "'esm2 serve' runs workers for you; run more on other machines against one Redis.",
+        epilog=epilog(
+            "esm2 worker --redis-url redis://queue-host:6379/0 --device cuda --precision fp16",
+            SERVER_EXIT_CODES,
+        ),
+        formatter_class=HelpFormatter,
+    )
     add_arguments(parser)
     return parser
 
@@ -160,7 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
     d = WorkerSettings()
     if include_redis:
         parser.add_argument(
-            "--redis-url", default=env_or("REDIS_URL", d.redis_url), help="Redis URL (REDIS_URL)"
+            "--redis-url",
+            default=env_or("REDIS_URL", d.redis_url),
+            help=f"Redis URL (REDIS_URL, default {d.redis_url})",
         )
     parser.add_argument(
         "--weights",
@@ -171,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
     parser.add_argument(
         "--device",
         default=env_or("ESM2_DEVICE", d.device),
-        help="cpu, cuda or cuda:N (ESM2_DEVICE)",
+        help=f"cpu, cuda or cuda:N (ESM2_DEVICE, default {d.device})",
     )
     parser.add_argument(
         "--precision",
@@ -236,7 +249,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, include_redis: bool = True
         default = getattr(d, flag.removeprefix("--").replace("-", "_"))
         add_setting(parser, flag, default, help_text, kind=kind)
     parser.add_argument("--worker-id", default=env_or("ESM2_WORKER_ID"), help="default: host-pid")
-    parser.add_argument("--log-level", default=env_or("ESM2_LOG_LEVEL", d.log_level))
+    parser.add_argument(
+        "--log-level",
+        default=env_or("ESM2_LOG_LEVEL", d.log_level),
+        help=f"DEBUG, INFO, WARNING or ERROR (ESM2_LOG_LEVEL, default {d.log_level})",
+    )
     add_observability_arguments(
         parser,
         metrics_port=d.metrics_port,

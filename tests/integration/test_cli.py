@@ -33,9 +33,9 @@ def test_predict_and_status_print_json(service):
     assert "random" in status.stderr.lower()
 
 
-def test_server_errors_print_the_violations_and_exit_1(service):
+def test_invalid_input_prints_the_violations_and_exits_2(service):
     result = esm2("predict", "--sequence", "MKAY", "--target", service.target)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "INVALID_ARGUMENT" in result.stderr
     assert "items[0].sequence" in result.stderr and "no <mask>" in result.stderr
     assert "Traceback" not in result.stderr

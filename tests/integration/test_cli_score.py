@@ -94,7 +94,7 @@ def test_bad_variants_are_named_by_csv_line_and_nothing_is_written(service, tmp_
         service.target,
     )
 
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "variants[1] (CSV line 3): A2G: the wild type has 'K' at position 2, not 'A'" in (
         result.stderr
     )

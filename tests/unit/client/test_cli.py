@@ -189,7 +189,7 @@ def test_server_refusals_print_each_violation_once_with_its_record(fake_server, 
     path.write_text("".join(f">s{i}\n{sequence}\n" for i, sequence in enumerate(sequences)))
     argv = ["predict", str(path), "--target", target, "--no-progress", "--concurrency", "1"]
 
-    assert main(argv) == 1
+    assert main(argv) == 2
 
     # The first window (one request of 8) is refused; the later windows are never sent.
     assert capsys.readouterr().err.splitlines() == [
@@ -203,6 +203,42 @@ def test_unreachable_server_is_reported_without_traceback(capsys):
     assert main(["status", "--target", "127.0.0.1:1", "--timeout", "5"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: UNAVAILABLE: ") and "Traceback" not in err
+    assert "cannot reach the service at 127.0.0.1:1: " in err
+    assert "is `esm2 serve` (or `esm2 server`) running on that port?" in err
+    assert "--target HOST:PORT, or $ESM2_TARGET" in err
+
+
+def test_an_http1_port_is_named_as_not_grpc(http1_port, capsys):
+    assert main(["status", "--target", f"127.0.0.1:{http1_port}", "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach the service at 127.0.0.1:{http1_port}: that port speaks HTTP/1" in err
+    assert "not gRPC (likely the HTTP door, `esm2 http`)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "violation"),
+    [
+        (["predict", "--sequence", "MKTAYIAKRQ"], "items[0].sequence (record 'seq1'): no <mask>"),
+        (["score", "--wt", "MKV", "--variants", "{csv}"], "variants[0] (CSV line 2): A1G: the"),
+    ],
+)
+def test_input_the_client_refuses_exits_2_like_any_bad_input(tmp_path, capsys, argv, violation):
+    csv = tmp_path / "variants.csv"
+    csv.write_text("mutant\nA1G\n")
+    argv = [arg.format(csv=csv) for arg in argv]
+
+    assert main([*argv, "--target", "127.0.0.1:1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: INVALID_ARGUMENT: 1 violation:\n")
+    assert violation in err
+
+
+def test_lowercase_residues_are_sent_uppercased(fake_server, capsys):
+    target, servicer = fake_server
+    argv = ["predict", "--sequence", "mk<mask>ay", "--target", target, "--no-progress"]
+
+    assert main(argv) == 0
+    assert servicer.requests == [["MK<mask>AY"]]
 
 
 def test_missing_output_folder_exits_2_before_any_request(fasta, tmp_path, capsys):
