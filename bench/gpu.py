@@ -45,9 +45,9 @@ import torch
 
 from bench.baselines import hf_esm_model, padded_tokens, synchronize, work_item
 from bench.corpus import Corpus, ensure_checkpoint, lognormal_corpus, random_sequence
-from bench.plumbing import Plumbing, _expect
+from bench.memory import INCLUDE as ALL_OUTPUTS
+from bench.plumbing import Plumbing, _arrays, _expect
 from bench.report import RESULTS_DIR, machine_info
-from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import Checkpoint, build_fair_esm_model, load_checkpoint
 from esm2_service.worker.settings import DEVICE_DEFAULTS
 from esm2_service.worker.work import WorkItem
@@ -55,16 +55,6 @@ from esm2_service.worker.work import WorkItem
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_BUDGETS = (16_384, 65_536)  # padded tokens a batch
 EXTRACT_TOKENS = 4096  # fair-esm extract.py's --toks_per_batch default
-ALL_OUTPUTS = frozenset(
-    [
-        pb.INCLUDE_MEAN,
-        pb.INCLUDE_PER_TOKEN,
-        pb.INCLUDE_BOS,
-        pb.INCLUDE_CONTACTS,
-        pb.INCLUDE_LOGITS,
-        pb.INCLUDE_ATTENTIONS,
-    ]
-)
 REQUEST_SIZE = 8
 
 
@@ -313,15 +303,10 @@ async def _one_pass(client, requests: list[list[str]], args: argparse.Namespace)
             outcomes["OK"] += 1
             done["items"] += len(results)
             done["residues"] += sum(map(len, batch))
-            done["tensor_bytes"] += sum(_tensor_bytes(result) for result in results)
+            done["tensor_bytes"] += sum(a.nbytes for r in results for a in _arrays(r))
 
     await asyncio.gather(*(caller() for _ in range(args.in_flight)))
     return {**done, "seconds": time.monotonic() - started, "outcomes": dict(outcomes)}
-
-
-def _tensor_bytes(result) -> int:
-    arrays = [*result.embeddings.values(), *result.per_token.values()]
-    return sum(array.nbytes for array in arrays)
 
 
 class ServiceUnderTest:
@@ -424,7 +409,7 @@ def big_batch(engine, device: str, shape: tuple[int, int]) -> dict:
     rng = np.random.default_rng(2048)
     layers = tuple(range(engine.model.num_layers + 1))
     items = [
-        WorkItem(work_item(random_sequence(rng, length)).token_ids, ALL_OUTPUTS, layers)
+        WorkItem(work_item(random_sequence(rng, length)).token_ids, frozenset(ALL_OUTPUTS), layers)
         for _ in range(count)
     ]
     on_gpu = torch.device(device).type == "cuda"

@@ -192,12 +192,18 @@ async def test_the_async_client_names_an_unreachable_target():
             await client.encode(["MKV"])
 
 
-def test_server_refusals_of_every_request_are_merged_in_the_callers_numbering(fake_server):
-    target, servicer = fake_server
-    servicer.delay_s = 0.3  # the three requests are all in flight before any refusal
+def twenty_with_3_and_17_refused() -> list[str]:
+    """20 sequences (three requests) of which the fake server refuses items 3 and 17."""
     sequences = [f"MK{'A' * i}" for i in range(20)]
     sequences[3] += "QQQQ"
     sequences[17] += "QQQQ"
+    return sequences
+
+
+def test_server_refusals_of_every_request_are_merged_in_the_callers_numbering(fake_server):
+    target, servicer = fake_server
+    servicer.delay_s = 0.3  # the three requests are all in flight before any refusal
+    sequences = twenty_with_3_and_17_refused()
     with Esm2Client(target) as client, pytest.raises(InvalidArgumentError) as caught:
         client.encode(sequences)
 
@@ -212,9 +218,7 @@ def test_a_servers_count_of_unlisted_violations_survives_renumbering_and_merging
     target, servicer = fake_server
     servicer.delay_s = 0.3  # the three requests are all in flight before any refusal
     servicer.left_out = 250  # each refusal says it lists only some of its violations
-    sequences = [f"MK{'A' * i}" for i in range(20)]
-    sequences[3] += "QQQQ"
-    sequences[17] += "QQQQ"
+    sequences = twenty_with_3_and_17_refused()
     with Esm2Client(target) as client, pytest.raises(InvalidArgumentError) as caught:
         client.encode(sequences)
 
