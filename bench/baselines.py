@@ -13,7 +13,7 @@ import torch
 
 from bench.corpus import Corpus
 from bench.timing import Contender
-from esm2_service.alphabet import PAD_INDEX, encode_tokens, split_tokens
+from esm2_service.alphabet import PAD_INDEX, token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import Checkpoint, build_fair_esm_model
 from esm2_service.worker.work import TensorOutput, WorkItem
@@ -112,7 +112,7 @@ def _hf_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 
 def padded_tokens(sequences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids, attention mask), both (batch, longest + 2), padded with <pad>."""
-    token_lists = [encode_tokens(split_tokens(sequence)) for sequence in sequences]
+    token_lists = [list(token_ids(sequence)) for sequence in sequences]
     width = max(len(tokens) for tokens in token_lists)
     ids = torch.full((len(token_lists), width), PAD_INDEX, dtype=torch.long)
     mask = torch.zeros((len(token_lists), width), dtype=torch.long)
@@ -154,7 +154,7 @@ def _warmed_up(label: str, run_batch, batches: list[list], device: str) -> Conte
 def work_item(sequence: str, last_layer: int = 6) -> WorkItem:
     """The work item a worker builds for an Encode of `sequence` (mean, last layer)."""
     return WorkItem(
-        token_ids=tuple(encode_tokens(split_tokens(sequence))),
+        token_ids=token_ids(sequence),
         include=frozenset([pb.INCLUDE_MEAN]),
         repr_layers=(last_layer,),
     )

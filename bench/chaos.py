@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.embedded_redis import EmbeddedRedis, free_port
@@ -233,9 +233,7 @@ def make_reference(weights: Path):
 
     def reference(sequence: str) -> np.ndarray:
         found = []
-        item = WorkItem(
-            tuple(encode_tokens(split_tokens(sequence))), frozenset([pb.INCLUDE_MEAN]), (6,)
-        )
+        item = WorkItem(token_ids(sequence), frozenset([pb.INCLUDE_MEAN]), (6,))
         with lock:
             engine.run([item], lambda output: found.append(np.frombuffer(output.data, np.float32)))
         return found[0]

@@ -21,7 +21,7 @@ import torch
 
 from bench.corpus import REPO_ROOT, ensure_checkpoint
 from bench.report import RESULTS_DIR, machine_info
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import build_fair_esm_model, load_checkpoint
 from esm2_service.worker.engine import Engine
@@ -48,7 +48,7 @@ def read_sequences(path: Path = FASTA) -> list[str]:
 
 def engine_outputs(runner, sequences: list[str], kinds=frozenset(KINDS)) -> dict:
     """(item, kind name, layer) => float32 array of every output of one batch."""
-    items = [WorkItem(tuple(encode_tokens(split_tokens(s))), kinds, LAYERS) for s in sequences]
+    items = [WorkItem(token_ids(s), kinds, LAYERS) for s in sequences]
     buffers: dict[tuple, tuple[bytearray, tuple]] = {}
 
     def emit(output: TensorOutput) -> None:
@@ -66,7 +66,7 @@ def engine_outputs(runner, sequences: list[str], kinds=frozenset(KINDS)) -> dict
 
 def fair_esm_outputs(model, sequence: str) -> dict[tuple[str, int], np.ndarray]:
     """(kind name, layer) => fair-esm's output, sliced as the service slices it."""
-    tokens = torch.tensor([encode_tokens(split_tokens(sequence))])
+    tokens = torch.tensor([list(token_ids(sequence))])
     with torch.inference_mode():
         out = model(tokens, repr_layers=list(LAYERS), need_head_weights=True, return_contacts=True)
     length = len(sequence)

@@ -223,6 +223,24 @@ def _score_refusal(error: grpc.RpcError, offset: int, target: str) -> grpc.RpcEr
     )
 
 
+class _Stub(esm2_pb2_grpc.Esm2ServiceStub):
+    """The generated stub, with Encode's and Predict's responses left serialized:
+    `StreamAssembler` copies a tensor's bytes once, where parsing the message and reading
+    its bytes field copy them twice more."""
+
+    def __init__(self, channel):
+        super().__init__(channel)
+        service = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
+        for method, request in (("Encode", pb.EncodeRequest), ("Predict", pb.PredictRequest)):
+            serialized = channel.unary_stream(
+                f"/{service}/{method}",
+                request_serializer=request.SerializeToString,
+                response_deserializer=None,
+                _registered_method=True,
+            )
+            setattr(self, method, serialized)
+
+
 def _results(items: list[CompletedItem], offset: int, make_result: MakeResult[R]) -> list[R]:
     return [make_result(item, offset + item.index) for item in items]
 
@@ -272,7 +290,7 @@ class Esm2Client(_ClientBase):
             self._channel = grpc.insecure_channel(target, options=_SYNC_CHANNEL_OPTIONS)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=_SYNC_CHANNEL_OPTIONS)
-        self._stub = esm2_pb2_grpc.Esm2ServiceStub(self._channel)
+        self._stub = _Stub(self._channel)
 
     def __enter__(self) -> Esm2Client:
         return self
@@ -461,7 +479,7 @@ class AsyncEsm2Client(_ClientBase):
             self._channel = grpc.aio.insecure_channel(target)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials)
-        self._stub = esm2_pb2_grpc.Esm2ServiceStub(self._channel)
+        self._stub = _Stub(self._channel)
 
     async def __aenter__(self) -> AsyncEsm2Client:
         return self

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from esm2_service.alphabet import MASK_TOKEN, STANDARD_RESIDUES
+from esm2_service.chunk_reader import ChunkView, read_chunk
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler
 
@@ -124,22 +126,46 @@ class StreamAssembler:
         self._pending: dict[int, dict[TensorKey, TensorAssembler]] = {}
         self._done: dict[int, CompletedItem] = {}
 
-    def add(self, message: pb.EncodeResponse | pb.PredictResponse) -> None:
-        """Takes one message; raises `ResultStreamError` if it breaks the contract."""
+    def add(self, raw: bytes) -> None:
+        """Takes one serialized message; raises `ResultStreamError` if it breaks the
+        contract. A chunk's tensor bytes are copied once, into their tensor."""
+        chunk = read_chunk(raw)
+        if chunk is not None:
+            self._check_index(chunk.sequence_index)
+            self._add_chunk(chunk)
+            return
+        try:
+            message = pb.EncodeResponse.FromString(raw)
+        except DecodeError as error:
+            raise ResultStreamError(f"a response that does not parse: {error}") from None
         index = message.sequence_index
+        self._check_index(index)
+        payload = message.WhichOneof("payload")
+        if payload == "chunk":
+            tensor = message.chunk.tensor
+            self._add_chunk(
+                ChunkView(
+                    index,
+                    message.chunk.kind,
+                    message.chunk.layer,
+                    message.chunk.offset,
+                    tensor.dtype,
+                    tuple(tensor.shape),
+                    tensor.data,
+                )
+            )
+        elif payload == "complete":
+            self._complete(index, message.complete)
+        else:
+            raise ResultStreamError(f"item {index}: a response with neither chunk nor complete")
+
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < self._n_items:
             raise ResultStreamError(
                 f"sequence_index {index} outside the request's {self._n_items} items"
             )
         if index in self._done:
             raise ResultStreamError(f"item {index}: message after its ItemComplete")
-        payload = message.WhichOneof("payload")
-        if payload == "chunk":
-            self._add_chunk(index, message.chunk)
-        elif payload == "complete":
-            self._complete(index, message.complete)
-        else:
-            raise ResultStreamError(f"item {index}: a response with neither chunk nor complete")
 
     def finish(self) -> list[CompletedItem]:
         """The items in request order, once the stream has ended."""
@@ -148,15 +174,15 @@ class StreamAssembler:
             raise IncompleteResultError(f"stream ended before items {missing} were complete")
         return [self._done[i] for i in range(self._n_items)]
 
-    def _add_chunk(self, index: int, chunk: pb.TensorChunk) -> None:
+    def _add_chunk(self, chunk: ChunkView) -> None:
         key = (chunk.kind, chunk.layer)
-        where = f"item {index} {kind_name(chunk.kind)} layer {chunk.layer}"
-        tensors = self._pending.setdefault(index, {})
+        tensors = self._pending.setdefault(chunk.sequence_index, {})
         try:
             if key not in tensors:
-                tensors[key] = TensorAssembler(chunk.tensor.dtype, tuple(chunk.tensor.shape))
-            tensors[key].add(chunk)
+                tensors[key] = TensorAssembler(chunk.dtype, chunk.shape)
+            tensors[key].add_part(chunk.offset, chunk.dtype, chunk.shape, chunk.data)
         except (KeyError, ValueError) as error:
+            where = f"item {chunk.sequence_index} {kind_name(chunk.kind)} layer {chunk.layer}"
             raise ResultStreamError(f"{where}: bad chunk: {error}") from error
 
     def _complete(self, index: int, complete: pb.ItemComplete) -> None:

@@ -9,6 +9,7 @@ decoded back to float32 exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -132,22 +133,28 @@ class TensorAssembler:
     def __init__(self, dtype: int, shape: tuple[int, ...]):
         self.dtype = resolve_dtype(dtype)
         self.shape = tuple(shape)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * element_size(self.dtype)
-        self._buffer = bytearray(self.nbytes)
+        self.nbytes = math.prod(self.shape) * element_size(self.dtype)
+        self._buffer: bytearray | None = None  # made at the first chunk
         self._ranges: dict[int, int] = {}  # offset -> length of every chunk received
 
     def add(self, chunk: pb.TensorChunk) -> None:
-        data = chunk.tensor.data
-        end = chunk.offset + len(data)
-        if (
-            tuple(chunk.tensor.shape) != self.shape
-            or resolve_dtype(chunk.tensor.dtype) != self.dtype
-        ):
+        tensor = chunk.tensor
+        self.add_part(chunk.offset, tensor.dtype, tuple(tensor.shape), tensor.data)
+
+    def add_part(self, offset: int, dtype: int, shape: tuple[int, ...], data) -> None:
+        """Takes one chunk's fields (`data`: bytes or a memoryview)."""
+        end = offset + len(data)
+        if shape != self.shape or resolve_dtype(dtype) != self.dtype:
             raise ValueError("chunk disagrees with the tensor's dtype or shape")
-        if chunk.offset < 0 or end > self.nbytes:
-            raise ValueError(f"chunk bytes [{chunk.offset}, {end}) outside tensor of {self.nbytes}")
-        self._buffer[chunk.offset : end] = data
-        self._ranges[chunk.offset] = max(len(data), self._ranges.get(chunk.offset, 0))
+        if offset < 0 or end > self.nbytes:
+            raise ValueError(f"chunk bytes [{offset}, {end}) outside tensor of {self.nbytes}")
+        if self._buffer is None and offset == 0 and end == self.nbytes:
+            self._buffer = bytearray(data)  # the whole tensor in one chunk: one copy
+        else:
+            if self._buffer is None:
+                self._buffer = bytearray(self.nbytes)
+            self._buffer[offset:end] = data
+        self._ranges[offset] = max(len(data), self._ranges.get(offset, 0))
 
     def _covered_bytes(self) -> int:
         """Bytes from offset 0 covered without a gap by the chunks received."""
@@ -166,7 +173,7 @@ class TensorAssembler:
         """The tensor as numpy: float32 for FLOAT32 and BFLOAT16, float16 for FLOAT16."""
         if not self.complete:
             raise ValueError(f"tensor incomplete: {self._covered_bytes()} of {self.nbytes} bytes")
-        raw = np.frombuffer(self._buffer, dtype=_WIRE_NUMPY_DTYPE[self.dtype])
+        raw = np.frombuffer(self._buffer or bytearray(), dtype=_WIRE_NUMPY_DTYPE[self.dtype])
         if self.dtype == pb.DTYPE_BFLOAT16:
             raw = (raw.astype("<u4") << 16).view("<f4")
         return raw.astype(raw.dtype.newbyteorder("="), copy=False).reshape(self.shape)

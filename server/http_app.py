@@ -27,7 +27,6 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from esm2_service.client.results import StreamAssembler, encode_result, predict_result
-from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.auth import TokenChecker
 from esm2_service.server.broker import Broker, new_request_id
 from esm2_service.server.errors import (
@@ -216,7 +215,7 @@ class HttpDoor:
         finished = False
         try:
             async for raw in self.broker.results(request_id, len(valid.sequences), deadline):
-                assembler.add(pb.EncodeResponse.FromString(raw))
+                assembler.add(raw)
             finished = True
         finally:
             cleanup = self.broker.finish if finished else self.broker.cancel

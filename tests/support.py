@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esm2_service.alphabet import MASK_INDEX, MASK_TOKEN, TOKEN_INDEX, encode_tokens, split_tokens
+from esm2_service.alphabet import MASK_INDEX, MASK_TOKEN, TOKEN_INDEX, token_ids
 
 ESM2 = [sys.executable, "-m", "esm2_service.client.cli"]
 
@@ -32,7 +32,7 @@ DATA_DIR = ROOT / "tests" / "data"  # real sequences from fair-esm (see its READ
 def fair_esm_outputs(model, sequence: str, layers=(0, 1, 2, 3, 4, 5, 6)) -> dict:
     """Every output kind the service returns, computed by fair-esm's ESM2.forward
     on `sequence` alone, sliced the way the service slices it."""
-    tokens = torch.tensor([encode_tokens(split_tokens(sequence))])
+    tokens = torch.tensor([list(token_ids(sequence))])
     with torch.no_grad():
         out = model(tokens, repr_layers=list(layers), need_head_weights=True, return_contacts=True)
     length = tokens.shape[1] - 2
@@ -106,7 +106,7 @@ def tem1_variants() -> tuple[str, list[tuple[str, float]]]:
 
 def log_probs(model, sequence: str) -> np.ndarray:
     """fair-esm's log-softmax over the vocabulary, [tokens, 33], BOS and EOS dropped."""
-    tokens = torch.tensor([encode_tokens(split_tokens(sequence))])
+    tokens = torch.tensor([list(token_ids(sequence))])
     with torch.no_grad():
         logits = model(tokens)["logits"][0, 1:-1]
     return torch.log_softmax(logits.double(), dim=-1).numpy()

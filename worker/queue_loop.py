@@ -27,7 +27,7 @@ import redis
 from google.protobuf.message import DecodeError
 
 from esm2_service import queue
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.batching import plan_batches
@@ -495,7 +495,7 @@ def _decode(fields) -> qpb.QueueItem | None:
 
 def _work_item(item: qpb.QueueItem) -> WorkItem:
     return WorkItem(
-        token_ids=tuple(encode_tokens(split_tokens(item.sequence))),
+        token_ids=token_ids(item.sequence),
         include=frozenset(item.include),
         repr_layers=tuple(item.repr_layers),
         dtype=item.dtype,

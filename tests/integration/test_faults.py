@@ -20,7 +20,7 @@ from queue_helpers import pending_count, queue_length
 from support import assert_close
 
 from esm2_service import queue
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.embedded_redis import EmbeddedRedis
@@ -95,9 +95,7 @@ def full_engine(full_checkpoint):
 
 def expected_mean(engine, sequence: str) -> np.ndarray:
     found = {}
-    item = WorkItem(
-        tuple(encode_tokens(split_tokens(sequence))), frozenset([pb.INCLUDE_MEAN]), (6,)
-    )
+    item = WorkItem(token_ids(sequence), frozenset([pb.INCLUDE_MEAN]), (6,))
     engine.run(
         [item], lambda output: found.setdefault("mean", np.frombuffer(output.data, np.float32))
     )

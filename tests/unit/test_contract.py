@@ -59,6 +59,23 @@ def test_alphabet_matches_fair_esm():
     assert tokens[0].tolist() == alphabet.encode_tokens(alphabet.split_tokens(sequence))
 
 
+@pytest.mark.parametrize(
+    "sequence", ["MKTAYIAKQR", "ACDEFGHIKLMNPQRSTVWYXBUZO-.", "MK<mask>X-BUZO", "<mask>"]
+)
+def test_token_ids_match_fair_esms_batch_converter(sequence):
+    import esm
+
+    converter = esm.data.Alphabet.from_architecture("ESM-1b").get_batch_converter()
+    _, _, tokens = converter([("s", sequence)])
+    assert alphabet.token_ids(sequence) == tuple(tokens[0].tolist())
+
+
+@pytest.mark.parametrize("sequence", ["MK<", "MKé", "MKa", "M<mas", "A<mask>a"])
+def test_token_ids_refuse_what_is_not_a_token_on_either_path(sequence):
+    with pytest.raises(KeyError):
+        alphabet.token_ids(sequence)
+
+
 def test_split_tokens_keeps_mask_whole():
     assert alphabet.split_tokens("A<mask>C") == ["A", "<mask>", "C"]
     assert alphabet.split_tokens("<mas") == ["<", "m", "a", "s"]

@@ -6,7 +6,7 @@ import sys
 
 from support import ROOT
 
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.work import WorkItem
 
@@ -16,10 +16,6 @@ from bench.instant_worker import InstantRunner  # noqa: E402
 sys.path.pop(0)
 
 ALL = frozenset(value for value in pb.Include.values() if value != pb.INCLUDE_UNSPECIFIED)
-
-
-def tokens(sequence: str) -> tuple[int, ...]:
-    return tuple(encode_tokens(split_tokens(sequence)))
 
 
 def emitted(runner, items) -> list[tuple]:
@@ -35,11 +31,9 @@ def test_the_instant_runner_emits_the_engines_shapes_and_sizes(full_checkpoint):
 
     engine = Engine(Esm2.from_checkpoint(load_checkpoint(full_checkpoint)))
     items = [
-        WorkItem(tuple(encode_tokens(split_tokens("MKTAYIAKQR"))), ALL, (0, 6)),
-        WorkItem(
-            tuple(encode_tokens(split_tokens("AC<mask>DE<mask>"))), frozenset(), (), predict=True
-        ),
-        WorkItem(tuple(encode_tokens(split_tokens("MKV"))), ALL, (6,), dtype=pb.DTYPE_FLOAT16),
+        WorkItem(token_ids("MKTAYIAKQR"), ALL, (0, 6)),
+        WorkItem(token_ids("AC<mask>DE<mask>"), frozenset(), (), predict=True),
+        WorkItem(token_ids("MKV"), ALL, (6,), dtype=pb.DTYPE_FLOAT16),
     ]
     expected = emitted(engine, items)
     assert emitted(InstantRunner(), items) == expected

@@ -19,8 +19,8 @@ from esm2_service.tensors import to_wire_bytes
 MODEL = pb.ModelInfo(name="esm2_t6_8M_UR50D", checkpoint_sha256="cd" * 32, device="cuda")
 
 
-def chunks(index, kind, layer, array, dtype=pb.DTYPE_FLOAT32, pieces=3) -> list[pb.EncodeResponse]:
-    """The tensor split into `pieces` roughly equal chunks, in byte order."""
+def chunks(index, kind, layer, array, dtype=pb.DTYPE_FLOAT32, pieces=3) -> list[bytes]:
+    """The tensor split into `pieces` roughly equal chunks, in byte order, serialized."""
     data = to_wire_bytes(array, dtype)
     bounds = np.linspace(0, len(data), pieces + 1).astype(int)
     return [
@@ -32,18 +32,18 @@ def chunks(index, kind, layer, array, dtype=pb.DTYPE_FLOAT32, pieces=3) -> list[
                 offset=int(start),
                 tensor=pb.Tensor(dtype=dtype, shape=array.shape, data=data[start:end]),
             ),
-        )
+        ).SerializeToString()
         for start, end in zip(bounds[:-1], bounds[1:], strict=True)
     ]
 
 
-def complete(index, sequence_tokens=()) -> pb.EncodeResponse:
+def complete(index, sequence_tokens=()) -> bytes:
     return pb.EncodeResponse(
         sequence_index=index,
         complete=pb.ItemComplete(
             vocab_tokens=VOCAB_TOKENS, sequence_tokens=sequence_tokens, model=MODEL
         ),
-    )
+    ).SerializeToString()
 
 
 def assemble(messages, n_items):
@@ -138,7 +138,8 @@ def test_missing_requested_layer_raises():
     ("message", "error"),
     [
         (complete(5), "sequence_index 5 outside the request's 2 items"),
-        (pb.EncodeResponse(sequence_index=0), "neither chunk nor complete"),
+        (pb.EncodeResponse(sequence_index=0).SerializeToString(), "neither chunk nor complete"),
+        (b"\x12\x05\x08", "a response that does not parse"),
     ],
 )
 def test_contract_violations_raise(message, error):

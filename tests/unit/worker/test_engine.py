@@ -9,7 +9,7 @@ import pytest
 import torch
 from support import assert_close, fair_esm_outputs, read_fasta_records
 
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler, chunk_messages
 from esm2_service.worker import model as model_module
@@ -42,7 +42,7 @@ NAMES = {
 def work_item(
     sequence, include=ALL_KINDS, layers=ALL_LAYERS, dtype=pb.DTYPE_FLOAT32, predict=False
 ):
-    tokens = tuple(encode_tokens(split_tokens(sequence)))
+    tokens = token_ids(sequence)
     return WorkItem(tokens, frozenset(include), tuple(layers), dtype, predict)
 
 
@@ -191,7 +191,7 @@ def test_only_what_was_asked_is_computed(tiny, monkeypatch):
 
 def test_hidden_states_are_not_kept_for_unrequested_layers(tiny):
     engine, _ = tiny
-    batch = model_module.PackedBatch.from_token_lists([encode_tokens(split_tokens("MKV"))])
+    batch = model_module.PackedBatch.from_token_lists([list(token_ids("MKV"))])
     with torch.inference_mode():
         _, hidden = engine.model(batch, model_module.ForwardPlan(repr_layers=frozenset({0, 4})))
     assert sorted(hidden) == [0, 4]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from support import assert_close, fair_esm_outputs
 
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import build_fair_esm_model, load_checkpoint
 from esm2_service.worker.engine import Engine
@@ -30,7 +30,7 @@ SEQUENCES = ["M", "MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYXBUZO-", "GSHM"
 
 
 def item(sequence: str, include=EMBEDDINGS | {pb.INCLUDE_LOGITS}, layers=(0, 2, 6), **kw):
-    return WorkItem(tuple(encode_tokens(split_tokens(sequence))), frozenset(include), layers, **kw)
+    return WorkItem(token_ids(sequence), frozenset(include), layers, **kw)
 
 
 def run(runner, items) -> dict:

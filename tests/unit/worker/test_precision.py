@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from esm2_service.alphabet import encode_tokens, split_tokens
+from esm2_service.alphabet import token_ids
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.checkpoint import load_checkpoint
 from esm2_service.worker.engine import Engine
@@ -21,9 +21,7 @@ SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 3, "ACDEFGHIKLMNPQRSTVWY"]
 
 def outputs(checkpoint, dtype) -> dict:
     engine = Engine(Esm2.from_checkpoint(checkpoint), "cpu", dtype)
-    items = [
-        WorkItem(tuple(encode_tokens(split_tokens(s))), EVERYTHING, (0, 3, 6)) for s in SEQUENCES
-    ]
+    items = [WorkItem(token_ids(s), EVERYTHING, (0, 3, 6)) for s in SEQUENCES]
     found = {}
 
     def emit(output):
