@@ -50,7 +50,8 @@ _CHECK_CANCELLED_AFTER_S = 1.0
 
 # Takes up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] from the lanes
 # (KEYS, shortest first) without blocking. When ARGV[4] is "1", a lane whose next entry
-# has waited more than ARGV[5] ms goes first. Returns {lane number, entries} pairs.
+# has waited more than ARGV[5] ms goes first. Returns how long the longest-waiting next
+# entry has waited (ms; -1 when not looked for or none), then {lane number, entries} pairs.
 _TAKE_SCRIPT = """
 for _, lane in ipairs(KEYS) do
   if redis.call('EXISTS', lane) == 0 then
@@ -70,21 +71,22 @@ local function waited_ms(lane, now_ms)
   return -1
 end
 local order = {}
+local longest = -1
 if ARGV[4] == '1' then
   local time = redis.call('TIME')
   local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  local oldest, longest = nil, tonumber(ARGV[5])
+  local oldest = nil
   for i, lane in ipairs(KEYS) do
     local waited = waited_ms(lane, now_ms)
     if waited > longest then oldest, longest = i, waited end
   end
-  if oldest then table.insert(order, oldest) end
+  if longest > tonumber(ARGV[5]) then table.insert(order, oldest) end
 end
 for i = 1, #KEYS do
   if i ~= order[1] then table.insert(order, i) end
 end
 local room = tonumber(ARGV[3])
-local taken = {}
+local taken = {longest}
 for _, i in ipairs(order) do
   if room <= 0 then break end
   local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', room,
@@ -140,6 +142,7 @@ class QueueWorker:
         self._last_claim = 0.0
         self._take = client.register_script(_TAKE_SCRIPT)
         self._may_promote = True  # False right after a batch of a lane that waited too long
+        self._next_wait_check = 0.0  # monotonic s; see _read_new
         self.stats = {"items": 0, "batches": 0}
 
     def _reply_writer(self) -> ReplyWriter:
@@ -226,16 +229,24 @@ class QueueWorker:
         return entries
 
     def _read_new(self, room: int) -> list[tuple[int, bytes, dict]]:
-        taken = self._take(
+        """Takes up to `room` entries. Whether a lane waited too long is asked only when
+        one could have by now: no entry can pass `lane_max_wait_s` before the one that
+        had waited longest at the last asking (the asking costs Redis more than the read)."""
+        check_waits = self._may_promote and time.monotonic() >= self._next_wait_check
+        limit_s = self.settings.lane_max_wait_s
+        asked_at = time.monotonic()
+        longest_ms, *taken = self._take(
             keys=queue.QUEUE_LANES,
             args=[
                 queue.WORKER_GROUP,
                 self.settings.worker_id,
                 room,
-                int(self._may_promote),
-                int(self.settings.lane_max_wait_s * 1000),
+                int(check_waits),
+                int(limit_s * 1000),
             ],
         )
+        if check_waits:
+            self._next_wait_check = asked_at + limit_s - max(longest_ms, 0) / 1000
         return [
             (lane, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
             for lane, entries in zip(taken[::2], taken[1::2], strict=True)

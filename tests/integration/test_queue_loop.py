@@ -353,6 +353,28 @@ def test_a_read_spanning_lanes_runs_shortest_lane_first_in_separate_batches(redi
     assert queue_length(redis_client) == 0
 
 
+def test_lane_waits_are_looked_at_again_only_once_one_could_pass_the_limit(redis_client, engine):
+    worker = make_worker(redis_client, engine, batch_size=2, lane_max_wait_s=5.0)
+    asked = []
+    take = worker._take
+
+    def counted(keys, args):
+        asked.append(args[3])  # 1: this read looks for a lane that waited too long
+        return take(keys=keys, args=args)
+
+    worker._take = counted
+    for index in range(6):
+        enqueue(redis_client, "fresh", index, "A" * 20)
+    for _ in range(3):
+        worker.step()
+    assert asked == [1, 0, 0]  # nothing can pass 5 s before about 5 s from now
+    worker._next_wait_check -= 5.0  # as if those 5 s had passed
+    enqueue(redis_client, "later", 0, "A" * 20)
+    worker.step()
+    assert asked[-1] == 1
+    assert queue_length(redis_client) == 0
+
+
 def test_a_lane_that_waited_too_long_gets_every_other_batch(redis_client, engine):
     runner = Recording(engine)
     worker = make_worker(redis_client, runner, batch_size=2, lane_max_wait_s=5.0)

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from esm2_service.chunk_reader import read_chunk
-from esm2_service.client.results import StreamAssembler
+from esm2_service.client.results import READ_IN_PLACE_BYTES, StreamAssembler
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import MAX_CHUNK_BYTES, serialized_chunk_responses, to_wire_bytes
 
@@ -125,10 +125,11 @@ def test_whatever_it_reads_from_damaged_messages_protobuf_reads_the_same():
 
 
 def test_the_assembler_takes_unusual_encodings_through_protobuf_and_returns_writable_arrays():
-    values = np.arange(6, dtype=np.float32)
+    values = np.arange(READ_IN_PLACE_BYTES // 4, dtype=np.float32)  # large: read in place
     data = to_wire_bytes(values, pb.DTYPE_FLOAT32)
     head = pb.TensorChunk(kind=pb.INCLUDE_MEAN, layer=6).SerializeToString()
-    rest = pb.TensorChunk(tensor=pb.Tensor(dtype=1, shape=[6], data=data)).SerializeToString()
+    tensor = pb.Tensor(dtype=1, shape=values.shape, data=data)
+    rest = pb.TensorChunk(tensor=tensor).SerializeToString()
     merged = _number(1, 0) + _field(2, head) + _field(2, rest)  # protobuf merges the two
     assert read_chunk(merged) is None
     complete = pb.EncodeResponse(sequence_index=0, complete=pb.ItemComplete()).SerializeToString()

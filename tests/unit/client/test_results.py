@@ -12,7 +12,12 @@ from esm2_service.client.params import (
     include_value,
     split_batches,
 )
-from esm2_service.client.results import StreamAssembler, encode_result, predict_result
+from esm2_service.client.results import (
+    READ_IN_PLACE_BYTES,
+    StreamAssembler,
+    encode_result,
+    predict_result,
+)
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import to_wire_bytes
 
@@ -104,6 +109,20 @@ def test_float16_decodes_to_float16():
     assert list(bos) == [3]
     assert bos[3].dtype == np.float16
     np.testing.assert_array_equal(bos[3], values.astype(np.float16))
+
+
+def test_large_chunks_read_in_place_reassemble_exactly_into_writable_arrays():
+    tokens = np.random.default_rng(1).standard_normal((340, 320), np.float32)  # 435 KB
+    messages = chunks(0, pb.INCLUDE_PER_TOKEN, 6, tokens, pieces=3)
+    assert min(map(len, messages)) >= READ_IN_PLACE_BYTES
+    whole = chunks(1, pb.INCLUDE_PER_TOKEN, 6, tokens, pieces=1)
+    items = assemble(messages[::-1] + whole + [complete(1), complete(0)], 2)
+
+    for item in items:
+        array = encode_result(item, 0, [pb.INCLUDE_PER_TOKEN], [6]).per_token[6]
+        np.testing.assert_array_equal(array, tokens)
+        array[0, 0] = 7.0  # the caller's to change
+        assert array[0, 0] == 7.0
 
 
 def test_incomplete_tensor_at_item_complete_raises():
