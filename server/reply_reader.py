@@ -83,7 +83,8 @@ class Subscription:
         if not self.ready.is_set():
             self.reader.fetch_soon(self)
             try:
-                await asyncio.wait_for(self.ready.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # no task of its own, unlike wait_for
+                    await self.ready.wait()
             except TimeoutError:
                 self.reader.fetch_soon(self, quiet=True)
                 return []
@@ -222,6 +223,7 @@ class ReplyReader:
             if entries:
                 last_id = entries[-1][0]
                 self.trim_soon(self.news_stream, last_id)
+                await asyncio.sleep(0)  # the requests served go first; then the next read
 
     def _read_news(self, entry_id: bytes, fields: dict) -> None:
         for name, value in fields.items():

@@ -15,6 +15,7 @@ import redis
 from esm2_service.config import check_redis_address, env_or, redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.logs import configure_logging
+from esm2_service.worker.command_packer import CommandPacker
 from esm2_service.worker.healthcheck import ID_FILE_ENV
 from esm2_service.worker.metrics import WorkerMetrics
 from esm2_service.worker.openmp import configure_openmp_wait
@@ -126,20 +127,9 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
         socket_connect_timeout=2.0,
         socket_timeout=max(10.0, settings.block_ms / 1000 + 5),
         health_check_interval=10,
-        command_packer=python_command_packer(),
+        command_packer=CommandPacker(),
         **tcp,
     )
-
-
-def python_command_packer():
-    """redis-py's own command packer, which sends large values as they are. With hiredis
-    installed (it parses replies), redis-py packs with hiredis instead, which copies every
-    argument into one buffer: 11.9 ms for a write of 8 per-token outputs of 435 KB, against
-    0.02 ms (measured here)."""
-    from redis._parsers.encoders import Encoder
-    from redis.connection import PythonRespSerializer
-
-    return PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
 
 def _wait_for_redis(client, settings: WorkerSettings, stop: threading.Event) -> None:
