@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import sys
 from typing import Any
 
@@ -91,6 +92,11 @@ def run_score(args: argparse.Namespace) -> int:
         raise UsageError("--truth needs --variants: a scan has no measured column")
     check_output_dir(args.output)
     check_output_dir(args.heatmap)
+    if args.heatmap and importlib.util.find_spec("matplotlib") is None:  # before the scoring
+        raise UsageError(
+            "--heatmap needs matplotlib, which this environment lacks: pip install matplotlib "
+            "(in a clone set up by make: .venv/bin/pip install matplotlib)"
+        )
     mutants = table.mutants if table is not None else None
     total = len(args.strategy) * (len(mutants) if mutants else 19 * len(wild_type))
     with client_from_args(args) as client, _progress(args, total, "score") as bar:
@@ -154,10 +160,7 @@ def _print_spearman(table: VariantTable, result: ScoreResult, column: str) -> No
 def _draw(result: ScoreResult, wild_type: str, path: str) -> None:
     if not result.log_probs:
         raise UsageError("--heatmap needs masked_marginal or wt_marginal among the strategies")
-    try:
-        draw_heatmap(result, wild_type, path)
-    except ImportError:
-        raise UsageError("--heatmap needs matplotlib: pip install 'esm2-service[plot]'") from None
+    draw_heatmap(result, wild_type, path)
 
 
 def _progress(args: argparse.Namespace, total: int, what: str) -> tqdm:

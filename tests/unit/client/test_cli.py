@@ -248,6 +248,23 @@ def test_missing_output_folder_exits_2_before_any_request(fasta, tmp_path, capsy
     assert f"{output}: no such directory to write into" in capsys.readouterr().err
 
 
+def test_a_heatmap_without_matplotlib_exits_2_before_any_request(tmp_path, capsys, monkeypatch):
+    from esm2_service.client import cli_score
+
+    real_find_spec = cli_score.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli_score.importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name == "matplotlib" else real_find_spec(name, *rest),
+    )
+    png = tmp_path / "scan.png"
+    argv = ["score", "--wt", "MKV", "--scan", "--heatmap", str(png), "--target", "127.0.0.1:1"]
+
+    assert main(argv) == 2  # not 1: the unreachable target was never tried
+    assert "--heatmap needs matplotlib, which this environment lacks" in capsys.readouterr().err
+    assert not png.exists()
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [
