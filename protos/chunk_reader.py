@@ -14,12 +14,26 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Each message's fields (esm2.proto): number -> how it is read. Other fields are skipped,
-# as protobuf skips fields it does not know.
+from esm2_service.esm2.v1 import esm2_pb2 as pb
+
+# How each field is read; other fields are skipped, as protobuf skips fields it does
+# not know.
 _NUMBER, _MESSAGE, _BYTES, _REPEATED_NUMBER = range(4)
-_RESPONSE = {1: _NUMBER, 2: _MESSAGE, 3: _MESSAGE}  # sequence_index, chunk, complete
-_CHUNK = {1: _NUMBER, 2: _NUMBER, 3: _MESSAGE, 4: _NUMBER}  # kind, layer, tensor, offset
-_TENSOR = {1: _NUMBER, 2: _REPEATED_NUMBER, 3: _BYTES}  # dtype, shape, data
+
+
+def _schema(message, how: dict[str, int]) -> dict[int, tuple[str, int]]:
+    """field number -> (name, how it is read), the numbers from esm2.proto's descriptor."""
+    fields = message.DESCRIPTOR.fields_by_name
+    return {fields[name].number: (name, kind) for name, kind in how.items()}
+
+
+_RESPONSE = _schema(
+    pb.EncodeResponse, {"sequence_index": _NUMBER, "chunk": _MESSAGE, "complete": _MESSAGE}
+)
+_CHUNK = _schema(
+    pb.TensorChunk, {"kind": _NUMBER, "layer": _NUMBER, "tensor": _MESSAGE, "offset": _NUMBER}
+)
+_TENSOR = _schema(pb.Tensor, {"dtype": _NUMBER, "shape": _REPEATED_NUMBER, "data": _BYTES})
 _VARINT, _LENGTH_DELIMITED = 0, 2
 _FIELD_NUMBER_LIMIT = 1 << 29
 
@@ -43,27 +57,27 @@ def read_chunk(raw: bytes) -> ChunkView | None:
     view = memoryview(raw)
     try:
         response = _fields(view, 0, len(view), _RESPONSE)
-        if 3 in response or 2 not in response:  # a completion, or no payload
+        if "complete" in response or "chunk" not in response:  # a completion, or no payload
             return None
-        chunk = _fields(view, *response[2], _CHUNK)
-        tensor = _fields(view, *chunk.get(3, (0, 0)), _TENSOR)
-        shape = tuple(_int64(extent) for extent in _shape(view, tensor.get(2, [])))
+        chunk = _fields(view, *response["chunk"], _CHUNK)
+        tensor = _fields(view, *chunk.get("tensor", (0, 0)), _TENSOR)
+        shape = tuple(_int64(extent) for extent in _shape(view, tensor.get("shape", [])))
     except (_Unusual, IndexError):
         return None
-    start, end = tensor.get(3, (0, 0))
+    start, end = tensor.get("data", (0, 0))
     return ChunkView(
-        sequence_index=_int32(response.get(1, 0)),
-        kind=_int32(chunk.get(1, 0)),
-        layer=_int32(chunk.get(2, 0)),
-        offset=_int64(chunk.get(4, 0)),
-        dtype=_int32(tensor.get(1, 0)),
+        sequence_index=_int32(response.get("sequence_index", 0)),
+        kind=_int32(chunk.get("kind", 0)),
+        layer=_int32(chunk.get("layer", 0)),
+        offset=_int64(chunk.get("offset", 0)),
+        dtype=_int32(tensor.get("dtype", 0)),
         shape=shape,
         data=view[start:end],
     )
 
 
-def _fields(view, start: int, end: int, schema: dict[int, int]) -> dict:
-    """The message in view[start:end]: field number -> a number's value, or a message's
+def _fields(view, start: int, end: int, schema: dict[int, tuple[str, int]]) -> dict:
+    """The message in view[start:end]: field name -> a number's value, or a message's
     or bytes' (start, end), or a repeated number's [(wire type, value)]. The last value
     of a field wins, as in protobuf; a message field that occurs twice (protobuf would
     merge them) or a field of an unexpected wire type is unusual."""
@@ -81,14 +95,16 @@ def _fields(view, start: int, end: int, schema: dict[int, int]) -> dict:
             value, at = (at, at + length), at + length
         else:
             raise _Unusual
-        how = schema.get(number)
+        if number not in schema:
+            continue
+        name, how = schema[number]
         if how == _REPEATED_NUMBER:
-            fields.setdefault(number, []).append((wire_type, value))
+            fields.setdefault(name, []).append((wire_type, value))
             continue
         expected = _VARINT if how == _NUMBER else _LENGTH_DELIMITED
-        if how is not None and (wire_type != expected or how == _MESSAGE and number in fields):
+        if wire_type != expected or how == _MESSAGE and name in fields:
             raise _Unusual
-        fields[number] = value
+        fields[name] = value
     if at != end:
         raise _Unusual
     return fields

@@ -109,8 +109,10 @@ def serialized_chunk_responses(
             return
 
 
-# Field numbers of the length-delimited fields around the tensor bytes (esm2.proto).
-_TENSOR_DATA, _CHUNK_TENSOR, _RESPONSE_CHUNK = 3, 3, 2
+# Field numbers of the length-delimited fields around the tensor bytes.
+_TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_CHUNK_TENSOR = pb.TensorChunk.DESCRIPTOR.fields_by_name["tensor"].number
+_RESPONSE_CHUNK = pb.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 def _length_delimited(field: int, size: int) -> bytes:

@@ -232,9 +232,9 @@ class QueueWorker:
         """Takes up to `room` entries. Whether a lane waited too long is asked only when
         one could have by now: no entry can pass `lane_max_wait_s` before the one that
         had waited longest at the last asking (the asking costs Redis more than the read)."""
-        check_waits = self._may_promote and time.monotonic() >= self._next_wait_check
+        now = time.monotonic()
+        check_waits = self._may_promote and now >= self._next_wait_check
         limit_s = self.settings.lane_max_wait_s
-        asked_at = time.monotonic()
         longest_ms, *taken = self._take(
             keys=queue.QUEUE_LANES,
             args=[
@@ -246,7 +246,7 @@ class QueueWorker:
             ],
         )
         if check_waits:
-            self._next_wait_check = asked_at + limit_s - max(longest_ms, 0) / 1000
+            self._next_wait_check = now + limit_s - max(longest_ms, 0) / 1000
         return [
             (lane, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
             for lane, entries in zip(taken[::2], taken[1::2], strict=True)
