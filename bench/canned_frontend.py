@@ -13,6 +13,7 @@ import asyncio
 
 import grpc
 
+from esm2_service.allocator import keep_freed_memory
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.handlers import add_esm2_service
@@ -69,6 +70,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--residues", type=int, default=340)
     args = parser.parse_args()
+    keep_freed_memory()  # as the frontend's main does
     asyncio.run(serve(args.port, args.residues))
     return 0
 

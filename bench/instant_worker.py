@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from esm2_service.allocator import keep_freed_memory
 from esm2_service.alphabet import MASK_INDEX
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import MAX_CHUNK_BYTES, resolve_dtype
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--worker-id", required=True)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the worker's main does
     settings = WorkerSettings(redis_url=args.redis_url, worker_id=args.worker_id)
     client = redis_client(settings)
     ensure_group(client)

@@ -191,6 +191,14 @@ def tree_pythonpath(revision: str, workdir: Path) -> str:
     return f"{package.parent}{os.pathsep}{ROOT}"
 
 
+def _tunes_redis_allocator(pythonpath: str | None) -> bool:
+    """Whether the tree on `pythonpath` (None: this one) starts redis-server with
+    `esm2_service.allocator`'s settings."""
+    if pythonpath is None:
+        return True
+    return (Path(pythonpath.split(os.pathsep)[0]) / "esm2_service" / "allocator.py").exists()
+
+
 class Plumbing:
     """Redis, frontends and instant workers, for one tree of the code."""
 
@@ -213,7 +221,9 @@ class Plumbing:
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath or str(ROOT), inherited]))
         self.log_dir = log_dir
         self._redis_dir = tempfile.TemporaryDirectory(prefix="esm2-plumbing-")
-        self.redis = EmbeddedRedis(Path(self._redis_dir.name))
+        # Redis as that tree's `esm2 serve` starts it.
+        redis_env = None if _tunes_redis_allocator(pythonpath) else dict(os.environ)
+        self.redis = EmbeddedRedis(Path(self._redis_dir.name), environment=redis_env)
         self.env["REDIS_URL"] = self.redis.url
         self.processes: list[subprocess.Popen] = []
         self.frontends: list[subprocess.Popen] = []

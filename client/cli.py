@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from tqdm import tqdm
 
 from esm2_service import __version__
+from esm2_service.allocator import keep_freed_memory
 from esm2_service.cli_help import HelpFormatter, epilog
 from esm2_service.validation import check_sequence
 
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs `esm2 ARGS`; returns the exit code (0 ok, 1 the service failed, 2 bad usage or
     input, whether refused here or by the service)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     if argv and argv[0] in FORWARDED:
         return forward(argv[0], argv[1:])
     args = parse_args(argv)

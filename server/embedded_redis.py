@@ -6,12 +6,15 @@ Persistence is off: the queue holds work in flight, not data to keep.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from esm2_service.allocator import redis_environment
 
 
 def redis_server_binary() -> str:
@@ -29,10 +32,19 @@ def free_port() -> int:
 class EmbeddedRedis:
     """redis-server on 127.0.0.1:`port` (a free one by default), stopped by `stop()`."""
 
-    def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        password: str | None = None,
+        environment: dict[str, str] | None = None,
+    ):
+        """`environment`: the server's (default: this process's, with the allocator
+        settings of `esm2_service.allocator`)."""
         self.directory = directory
         self.port = port or free_port()
         self.password = password
+        self.environment = environment or redis_environment(dict(os.environ))
         self._start()
 
     def _start(self) -> None:
@@ -53,7 +65,11 @@ class EmbeddedRedis:
             args += ["--requirepass", self.password]
         # Its own session, so a terminal's Ctrl-C does not stop it before its users.
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            env=self.environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait_ready()
 

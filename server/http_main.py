@@ -9,6 +9,7 @@ import sys
 
 import uvicorn
 
+from esm2_service.allocator import keep_freed_memory
 from esm2_service.cli_help import SERVER_EXIT_CODES, HelpFormatter, epilog
 from esm2_service.config import (
     LOOPBACK,
@@ -195,6 +196,7 @@ async def _announce_ready(door: HttpDoor) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         tokens = load_tokens(args.auth_tokens_file, env_or("ESM2_AUTH_TOKENS"))

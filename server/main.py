@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from esm2_service.allocator import keep_freed_memory
 from esm2_service.config import check_redis_address, env_or
 from esm2_service.logs import configure_logging
 from esm2_service.server.auth import TokenAuthInterceptor
@@ -145,6 +146,7 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import redis
 
+from esm2_service.allocator import keep_freed_memory
 from esm2_service.config import check_redis_address, env_or, redact_url
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.logs import configure_logging
@@ -151,6 +152,7 @@ def _wait_for_redis(client, settings: WorkerSettings, stop: threading.Event) -> 
 
 def main(argv: list[str] | None = None) -> int:
     configure_openmp_wait()  # before torch loads OpenMP
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
