@@ -9,6 +9,7 @@ decoded back to float32 exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -88,22 +89,33 @@ def serialized_chunk_responses(
     `EncodeResponse(sequence_index=..., chunk=chunk).SerializeToString()` for each of
     `chunk_messages(...)` (PredictResponse has the same fields), built around the tensor
     bytes with one copy of them, where the message would copy them twice."""
-    tensor_head = pb.Tensor(dtype=resolve_dtype(dtype), shape=shape).SerializeToString()
-    chunk_head = pb.TensorChunk(kind=kind, layer=layer).SerializeToString()
-    index_field = pb.EncodeResponse(sequence_index=sequence_index).SerializeToString()
+    tensor_head = _tensor_head(resolve_dtype(dtype), tuple(shape))
+    chunk_head = _chunk_head(kind, layer)
+    index_field = _index_field(sequence_index)
     view = memoryview(data)
     start = 0
     while True:
         part = view[start : start + MAX_CHUNK_BYTES]
         data_field = _length_delimited(_TENSOR_DATA, len(part)) if len(part) else b""
         tensor_size = len(tensor_head) + len(data_field) + len(part)
-        chunk_tail = pb.TensorChunk(offset=offset + start).SerializeToString()
+        chunk_tail = _chunk_tail(offset + start)
         tensor_field = _length_delimited(_CHUNK_TENSOR, tensor_size)
         chunk_size = len(chunk_head) + len(tensor_field) + tensor_size + len(chunk_tail)
-        head = b"".join(
-            (index_field, _length_delimited(_RESPONSE_CHUNK, chunk_size), chunk_head, tensor_field)
+        yield (
+            offset + start,
+            b"".join(
+                (
+                    index_field,
+                    _length_delimited(_RESPONSE_CHUNK, chunk_size),
+                    chunk_head,
+                    tensor_field,
+                    tensor_head,
+                    data_field,
+                    part,
+                    chunk_tail,
+                )
+            ),
         )
-        yield offset + start, b"".join((head, tensor_head, data_field, part, chunk_tail))
         start += len(part)
         if start >= len(data):
             return
@@ -115,18 +127,44 @@ _CHUNK_TENSOR = pb.TensorChunk.DESCRIPTOR.fields_by_name["tensor"].number
 _RESPONSE_CHUNK = pb.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
+# The fields around the tensor bytes repeat from item to item (a worker emits the same
+# few shapes, kinds and indices): each is serialized once.
+@functools.lru_cache(maxsize=4096)
+def _tensor_head(dtype: int, shape: tuple[int, ...]) -> bytes:
+    return pb.Tensor(dtype=dtype, shape=shape).SerializeToString()
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_head(kind: int, layer: int) -> bytes:
+    return pb.TensorChunk(kind=kind, layer=layer).SerializeToString()
+
+
+@functools.lru_cache(maxsize=256)
+def _index_field(sequence_index: int) -> bytes:
+    return pb.EncodeResponse(sequence_index=sequence_index).SerializeToString()
+
+
+def _chunk_tail(offset: int) -> bytes:
+    return pb.TensorChunk(offset=offset).SerializeToString() if offset else b""
+
+
 def _length_delimited(field: int, size: int) -> bytes:
     """A length-delimited field's tag and length, as protobuf writes them."""
     return _varint(field << 3 | 2) + _varint(size)
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
 class TensorAssembler:

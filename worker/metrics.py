@@ -59,8 +59,8 @@ class WorkerMetrics:
             ("outcome",),
             registry=r,
         )
-        for outcome in OUTCOMES:  # every series exists from the start, at 0
-            self.items_by_outcome.labels(outcome=outcome)
+        # Every series exists from the start, at 0.
+        self._items = {outcome: self.items_by_outcome.labels(outcome) for outcome in OUTCOMES}
 
     def serve(self, host: str, port: int) -> None:
         """Serves /metrics over HTTP on `host`:`port` from a daemon thread (0: not at all)."""
@@ -78,9 +78,10 @@ class WorkerMetrics:
         self.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
 
     def items(self, outcome: str, count: int = 1) -> None:
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown item outcome {outcome!r}")
-        self.items_by_outcome.labels(outcome=outcome).inc(count)
+        try:
+            self._items[outcome].inc(count)
+        except KeyError:
+            raise ValueError(f"unknown item outcome {outcome!r}") from None
 
 
 def abandoned_outcome(code: str) -> str:

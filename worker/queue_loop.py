@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -406,8 +407,12 @@ class QueueWorker:
                 error,
             )
             return
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            self.metrics.items("cancelled" if job.item.request_id in cancelled else outcome)
+        counts = Counter(
+            "cancelled" if job.item.request_id in cancelled else outcome
+            for job, outcome in zip(jobs, outcomes, strict=True)
+        )
+        for outcome, count in counts.items():
+            self.metrics.items(outcome, count)
         self.stats["items"] += len(jobs)
         self.stats["batches"] += 1
         tokens, seconds = sum(len(j.work.token_ids) for j in jobs), time.perf_counter() - started

@@ -173,6 +173,10 @@ class ReplyWriter:
         # Items with entries in their reply stream: the rest of them goes there too.
         self._streamed: set[tuple[str, int]] = set()
         self._write_script = client.register_script(_WRITE_SCRIPT)
+        # An Encode item's completion but for its index: serialized once. Fields go out in
+        # number order, so index + this is the message's own serialization.
+        done = pb.ItemComplete(vocab_tokens=VOCAB_TOKENS, model=model)
+        self._encode_completion = pb.EncodeResponse(complete=done).SerializeToString()
 
     def emit(self, item: qpb.QueueItem, output: TensorOutput) -> None:
         """Writes one output tensor of `item`, chunked. Small outputs wait in a buffer
@@ -307,12 +311,19 @@ class ReplyWriter:
         if abandoned:
             self.error(item, *abandoned)
             return
-        done = pb.ItemComplete(vocab_tokens=VOCAB_TOKENS, model=self.model)
-        if predict:
-            done.sequence_tokens.extend(split_tokens(item.sequence))
-        message = response_type(item.task)(sequence_index=item.sequence_index, complete=done)
         piece = queue.completion_piece(item.sequence_index)
-        self._buffer.append((item, queue.CHUNK_FIELD, message.SerializeToString(), piece))
+        self._buffer.append((item, queue.CHUNK_FIELD, self._completion(item, predict), piece))
+
+    def _completion(self, item: qpb.QueueItem, predict: bool) -> bytes:
+        """The item's serialized completion message."""
+        index = item.sequence_index
+        if not predict:
+            return pb.EncodeResponse(sequence_index=index).SerializeToString() + (
+                self._encode_completion
+            )
+        done = pb.ItemComplete(vocab_tokens=VOCAB_TOKENS, model=self.model)
+        done.sequence_tokens.extend(split_tokens(item.sequence))
+        return response_type(item.task)(sequence_index=index, complete=done).SerializeToString()
 
     def error(self, item: qpb.QueueItem, code: str, message: str) -> None:
         """Buffers an error for the item, in place of its results."""
