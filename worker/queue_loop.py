@@ -32,6 +32,7 @@ from esm2_service.alphabet import token_ids
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.worker.batching import plan_batches
+from esm2_service.worker.direct_connection import DirectConnection
 from esm2_service.worker.metrics import WorkerMetrics, abandoned_outcome
 from esm2_service.worker.replies import EntryRef, ReplyWriter, group_by_stream, item_key
 from esm2_service.worker.settings import READ_SIZE, WorkerSettings
@@ -132,11 +133,14 @@ class QueueWorker:
         self.runner = runner
         self.settings = settings
         self.model = model
-        self.replies = self._reply_writer()
+        self.direct = DirectConnection(client)  # this thread's: the take, the blocking read
+        self.replies = self._reply_writer(self.direct)
         # GPU workers: batches' replies are written while the next batch computes, by a
         # writer of their own (this one writes for the loop: skipped items, failures).
         self.write_behind = WriteBehind() if settings.writes_behind else None
-        self.behind_replies = self._reply_writer() if settings.writes_behind else None
+        self.behind_replies = (
+            self._reply_writer(DirectConnection(client)) if settings.writes_behind else None
+        )
         self.in_flight: set[EntryRef] = set()
         self.held: list[Job] = []
         self.progress_at = time.monotonic()  # the loop's last sign of life
@@ -146,9 +150,10 @@ class QueueWorker:
         self._next_wait_check = 0.0  # monotonic s; see _read_new
         self.stats = {"items": 0, "batches": 0}
 
-    def _reply_writer(self) -> ReplyWriter:
+    def _reply_writer(self, direct: DirectConnection) -> ReplyWriter:
         return ReplyWriter(
             self.redis,
+            direct,
             self.model,
             result_ttl_s=self.settings.result_ttl_s,
             max_reply_chunks=self.settings.max_reply_chunks,
@@ -172,7 +177,9 @@ class QueueWorker:
                 stop.wait(1.0)
         if self.write_behind is not None:
             self.write_behind.close()
+            self.behind_replies.direct.close()
         self._hand_back(self.held)
+        self.direct.close()
         heartbeat.join(timeout=self.settings.heartbeat_s + 1)
         self._sign_off()
 
@@ -236,7 +243,8 @@ class QueueWorker:
         now = time.monotonic()
         check_waits = self._may_promote and now >= self._next_wait_check
         limit_s = self.settings.lane_max_wait_s
-        longest_ms, *taken = self._take(
+        longest_ms, *taken = self.direct.run_script(
+            self._take,
             keys=queue.QUEUE_LANES,
             args=[
                 queue.WORKER_GROUP,
@@ -249,23 +257,23 @@ class QueueWorker:
         if check_waits:
             self._next_wait_check = now + limit_s - max(longest_ms, 0) / 1000
         return [
-            (lane, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+            (lane, entry_id, _field_dict(fields))
             for lane, entries in zip(taken[::2], taken[1::2], strict=True)
             for entry_id, fields in entries
         ]
 
     def _wait_for_new(self, room: int) -> list[tuple[int, bytes, dict]]:
         """Blocks until entries arrive in any lane (up to `room` per lane)."""
-        reply = self.redis.xreadgroup(
-            queue.WORKER_GROUP,
-            self.settings.worker_id,
-            dict.fromkeys(queue.QUEUE_LANES, ">"),
-            count=min(room, READ_SIZE),
-            block=self.settings.block_ms,
+        lanes = queue.QUEUE_LANES
+        reply = self.direct.execute(
+            *("XREADGROUP", "GROUP", queue.WORKER_GROUP, self.settings.worker_id),
+            *("COUNT", min(room, READ_SIZE), "BLOCK", self.settings.block_ms),
+            *("STREAMS", *lanes, *[">"] * len(lanes)),
         )
+        by_stream = reply.items() if isinstance(reply, dict) else reply or ()  # RESP3, RESP2
         return [
-            (_LANE_OF_STREAM[_as_bytes(stream)], entry_id, fields)
-            for stream, entries in reply or []
+            (_LANE_OF_STREAM[_as_bytes(stream)], entry_id, _field_dict(fields))
+            for stream, entries in by_stream
             for entry_id, fields in entries
         ]
 
@@ -500,6 +508,11 @@ def ensure_group(client: redis.Redis) -> None:
 
 def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
+
+
+def _field_dict(fields: list) -> dict:
+    """An entry's fields as Redis replies them ([field, value, ...]), as a dict."""
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _decode(fields) -> qpb.QueueItem | None:

@@ -26,6 +26,7 @@ from esm2_service.alphabet import VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import serialized_chunk_responses
+from esm2_service.worker.direct_connection import DirectConnection
 from esm2_service.worker.work import TensorOutput
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class ReplyWriter:
     def __init__(
         self,
         client: redis.Redis,
+        direct: DirectConnection,
         model: pb.ModelInfo,
         *,
         result_ttl_s: int,
@@ -162,6 +164,7 @@ class ReplyWriter:
         reader_stall_s: float,
     ):
         self.redis = client
+        self.direct = direct  # for the writes: a thread's own
         self.model = model
         self.result_ttl_s = result_ttl_s
         self.max_reply_chunks = max_reply_chunks
@@ -282,7 +285,7 @@ class ReplyWriter:
             *(news[request_id] for request_id in streamed),
             *lanes,
         ]
-        lengths = self._write_script(keys=keys, args=args)
+        lengths = self.direct.run_script(self._write_script, keys, args)
         return dict(zip(streamed, lengths, strict=True))
 
     def discard(self) -> None:

@@ -317,13 +317,14 @@ def test_a_pass_packs_several_reads_of_at_most_8_entries(redis_client, engine):
     for index in range(20):
         enqueue(redis_client, f"r{index // 8}", index % 8, "A" * (30 + index))  # lane to128
     reads = []
-    take = worker._take
+    run_script = worker.direct.run_script
 
-    def counted(keys, args):
-        reads.append(args[2])  # the read's count
-        return take(keys=keys, args=args)
+    def counted(script, keys, args):
+        if script is worker._take:
+            reads.append(args[2])  # the read's count
+        return run_script(script, keys, args)
 
-    worker._take = counted
+    worker.direct.run_script = counted
     worker.step()
     assert reads == [8, 8, 4]
     assert runner.batches == [[30 + index for index in range(20)]]
@@ -356,13 +357,14 @@ def test_a_read_spanning_lanes_runs_shortest_lane_first_in_separate_batches(redi
 def test_lane_waits_are_looked_at_again_only_once_one_could_pass_the_limit(redis_client, engine):
     worker = make_worker(redis_client, engine, batch_size=2, lane_max_wait_s=5.0)
     asked = []
-    take = worker._take
+    run_script = worker.direct.run_script
 
-    def counted(keys, args):
-        asked.append(args[3])  # 1: this read looks for a lane that waited too long
-        return take(keys=keys, args=args)
+    def counted(script, keys, args):
+        if script is worker._take:
+            asked.append(args[3])  # 1: this read looks for a lane that waited too long
+        return run_script(script, keys, args)
 
-    worker._take = counted
+    worker.direct.run_script = counted
     for index in range(6):
         enqueue(redis_client, "fresh", index, "A" * 20)
     for _ in range(3):
@@ -502,15 +504,16 @@ def test_a_batch_whose_results_redis_refuses_runs_again_once_claimed(
     for index in range(2):
         enqueue(redis_client, "refused", index, "MKTAYIAK"[: 4 + index])
     writer = worker.behind_replies if write_behind == "on" else worker.replies
-    script, calls = writer._write_script, []
+    run_script, calls = writer.direct.run_script, []
 
-    def refused_once(keys, args):
-        calls.append(keys)
-        if len(calls) == 1:
-            raise redis.ConnectionError("refused by the test")
-        return script(keys=keys, args=args)
+    def refused_once(script, keys, args):
+        if script is writer._write_script:
+            calls.append(keys)
+            if len(calls) == 1:
+                raise redis.ConnectionError("refused by the test")
+        return run_script(script, keys, args)
 
-    writer._write_script = refused_once
+    writer.direct.run_script = refused_once
     worker.step()
     if worker.write_behind is not None:
         worker.write_behind.drain()

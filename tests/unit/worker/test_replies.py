@@ -7,14 +7,17 @@ import redis
 from esm2_service.alphabet import VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.internal.v1 import queue_pb2 as qpb
 from esm2_service.esm2.v1 import esm2_pb2 as pb
+from esm2_service.worker.direct_connection import DirectConnection
 from esm2_service.worker.replies import ReplyWriter
 
 MODEL = pb.ModelInfo(name="esm2_t6_8M_UR50D", device="cpu", precision="fp32")
 
 
 def _completion(task: int, index: int) -> bytes:
+    client = redis.Redis(port=1)  # never connected: completions are only buffered here
     writer = ReplyWriter(
-        redis.Redis(port=1),  # never connected: the writer only registers its script here
+        client,
+        DirectConnection(client),
         MODEL,
         result_ttl_s=60,
         max_reply_chunks=8,
