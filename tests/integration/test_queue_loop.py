@@ -48,9 +48,10 @@ def enqueue(
     include=(pb.INCLUDE_MEAN,),
     layers=(6,),
     age_s=0.0,
+    news_stream="",
 ):
     """Queues one item on its lane, with its request's marker as the broker sets it;
-    `age_s` backdates it (entry id and enqueue time)."""
+    `age_s` backdates it (entry id and enqueue time); `news_stream`: its frontend's."""
     enqueued = time.time() - age_s
     item = qpb.QueueItem(
         request_id=request_id,
@@ -62,6 +63,7 @@ def enqueue(
         dtype=pb.DTYPE_FLOAT32,
         deadline_unix_s=time.time() + deadline_s if deadline_s else 0,
         enqueued_unix_s=enqueued,
+        news_stream=news_stream,
     )
     entry_id = f"{int(enqueued * 1000)}-{next(_BACKDATED)}" if age_s else "*"
     fields = {queue.ITEM_FIELD: item.SerializeToString()}
@@ -169,6 +171,54 @@ def test_a_request_cancelled_while_it_runs_gets_nothing_written(redis_client, en
     worker.step()
     assert not redis_client.exists(queue.reply_stream("leaving"))
     assert queue_length(redis_client) == 0
+
+
+def news_entries(redis_client, stream):
+    """(request id, field, piece) of every inline entry in a news stream, in order."""
+    return [
+        queue.parse_inline_field(name)
+        for _, fields in redis_client.xrange(stream)
+        for name in fields
+        if name != queue.NEWS_FIELD
+    ]
+
+
+def test_a_batch_whose_results_all_ride_inline_is_written_without_the_script(redis_client, engine):
+    """Mean outputs are small: the batch's one write goes to the news stream in a
+    MULTI/EXEC, and still reports which requests were cancelled or unknown."""
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner)
+    scripts = []
+    run_script = worker.direct.run_script
+
+    def counted(script, keys, args):
+        scripts.append(script)
+        return run_script(script, keys, args)
+
+    worker.direct.run_script = counted
+    for request_id in ("live", "cancelled", "unknown"):
+        for index in range(2):
+            enqueue(redis_client, request_id, index, "MKTAYIAK", news_stream="news:a")
+    redis_client.set(queue.cancel_key("cancelled"), 1)
+    redis_client.delete(queue.request_key("unknown"))
+    worker.step()
+    assert runner.batches == [[8] * 6]
+    assert worker.replies._write_script not in scripts  # the take's script only
+    written = news_entries(redis_client, "news:a")
+    assert [(r, f, p) for r, f, p in written if r == "live"] == [
+        ("live", queue.CHUNK_FIELD, queue.chunk_piece(0, pb.INCLUDE_MEAN, 6, 0)),
+        ("live", queue.CHUNK_FIELD, queue.chunk_piece(1, pb.INCLUDE_MEAN, 6, 0)),
+        ("live", queue.CHUNK_FIELD, queue.completion_piece(0)),
+        ("live", queue.CHUNK_FIELD, queue.completion_piece(1)),
+    ]
+    assert redis_client.ttl("news:a") > 0
+    assert queue_length(redis_client) == 0 and pending_count(redis_client) == 0
+    count = worker.metrics.registry.get_sample_value
+    outcomes = {
+        outcome: count("esm2_worker_items_total", {"outcome": outcome})
+        for outcome in ("completed", "cancelled")
+    }
+    assert outcomes == {"completed": 2, "cancelled": 4}
 
 
 class RedisRestartsMidRun(Recording):
