@@ -29,12 +29,7 @@ class DirectConnection:
 
     def execute(self, *args) -> Any:
         """The command's raw reply (RESP2: no redis-py reply callback)."""
-        if self._connection is None:
-            self._connection = self._pool.get_connection()
-        connection = self._connection
-        return connection.retry.call_with_retry(
-            lambda: _send(connection, args), lambda _: connection.disconnect()
-        )
+        return self._with_retry(_send, args)
 
     def run_script(self, script: Script, keys: Sequence, args: Sequence) -> Any:
         """EVALSHA; loads the script first if Redis lost it (a restart, SCRIPT FLUSH)."""
@@ -48,18 +43,22 @@ class DirectConnection:
         """EXEC's replies to `commands` (bytes, str or int arguments), run as one
         MULTI/EXEC in one round trip; raises the first command Redis refused (a refused
         command does not undo the others)."""
-        if self._connection is None:
-            self._connection = self._pool.get_connection()
-        connection = self._connection
-        return connection.retry.call_with_retry(
-            lambda: _send_transaction(connection, commands), lambda _: connection.disconnect()
-        )
+        return self._with_retry(_send_transaction, commands)
 
     def close(self) -> None:
         """Hands the connection back to the pool."""
         if self._connection is not None:
             self._pool.release(self._connection)
             self._connection = None
+
+    def _with_retry(self, send, what) -> Any:
+        """`send(connection, what)` on the held connection, under its retry policy."""
+        if self._connection is None:
+            self._connection = self._pool.get_connection()
+        connection = self._connection
+        return connection.retry.call_with_retry(
+            lambda: send(connection, what), lambda _: connection.disconnect()
+        )
 
 
 def _send(connection, args: tuple) -> Any:
