@@ -2,7 +2,8 @@
 
 A grpc.aio server with the frontend's registration (handlers, metrics interceptor, options) whose
 Encode streams what the service would send for a request (a chunk and a completion per item,
-serialized once at start), with no validation, no Redis and no worker. What the frontend
+serialized once at start), and EncodePacked the same packed, with no validation, no Redis and
+no worker. What the frontend
 costs above this is what its own code costs.
 """
 
@@ -19,6 +20,7 @@ from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.handlers import add_esm2_service
 from esm2_service.server.main import server_options
 from esm2_service.server.metrics import FrontendMetrics, MetricsInterceptor
+from esm2_service.server.packing import pack
 from esm2_service.server.settings import ServerSettings
 
 EMBED_DIM = 320
@@ -47,9 +49,16 @@ class CannedService(esm2_pb2_grpc.Esm2ServiceServicer):
         }
 
     async def Encode(self, request, context):
-        kind = request.params.include[0] if request.params.include else pb.INCLUDE_MEAN
-        for message in self.canned[kind][: 2 * len(request.items)]:
+        for message in self._messages(request):
             yield message
+
+    async def EncodePacked(self, request, context):
+        for message in pack(self._messages(request)):
+            yield message
+
+    def _messages(self, request) -> list[bytes]:
+        kind = request.params.include[0] if request.params.include else pb.INCLUDE_MEAN
+        return self.canned[kind][: 2 * len(request.items)]
 
     async def GetStatus(self, request, context):
         return pb.GetStatusResponse()

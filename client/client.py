@@ -56,8 +56,9 @@ from .scores import ScoreAssembler, ScoreResult, merge_results, plan_requests, s
 Metadata = Sequence[tuple[str, str | bytes]]
 PathLike = str | os.PathLike[str]
 R = TypeVar("R")
-# Turns the items of one request into the call's response stream.
-StartCall = Callable[[list[str]], Any]
+# Turns the items of one request into the call's response stream: packed (EncodePacked,
+# PredictPacked) or one message a piece (Encode, Predict).
+StartCall = Callable[[list[str], bool], Any]
 MakeResult = Callable[[CompletedItem, int], R]
 # The violations of a whole list of sequences, checked as one request of any length.
 CheckList = Callable[[list[str]], Violations]
@@ -135,6 +136,9 @@ class _ClientBase:
         }
         self._max_concurrency = max_concurrency
         self._batch_size = check_batch_size(batch_size)
+        # Encode and Predict go packed (far less CPU at both ends) until a server says it
+        # has no packed methods; then this client sends the plain ones.
+        self._packed = True
 
     def _batches(self, sequences: Sequence[str], check_list: CheckList) -> list[Batch]:
         """One batch per request, residues uppercased; InvalidArgumentError, before any
@@ -224,14 +228,20 @@ def _score_refusal(error: grpc.RpcError, offset: int, target: str) -> grpc.RpcEr
 
 
 class _Stub(esm2_pb2_grpc.Esm2ServiceStub):
-    """The generated stub, with Encode's and Predict's responses left serialized:
-    `StreamAssembler` copies a tensor's bytes once, where parsing the message and reading
-    its bytes field copy them twice more."""
+    """The generated stub, with the responses of Encode, Predict and their packed twins
+    left serialized: `StreamAssembler` copies a tensor's bytes once, where parsing the
+    message and reading its bytes field copy them twice more. The packed twins take
+    the plain request, whose fields (and so bytes) theirs are."""
 
     def __init__(self, channel):
         super().__init__(channel)
         service = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
-        for method, request in (("Encode", pb.EncodeRequest), ("Predict", pb.PredictRequest)):
+        for method, request in (
+            ("Encode", pb.EncodeRequest),
+            ("EncodePacked", pb.EncodeRequest),
+            ("Predict", pb.PredictRequest),
+            ("PredictPacked", pb.PredictRequest),
+        ):
             serialized = channel.unary_stream(
                 f"/{service}/{method}",
                 request_serializer=request.SerializeToString,
@@ -239,6 +249,17 @@ class _Stub(esm2_pb2_grpc.Esm2ServiceStub):
                 _registered_method=True,
             )
             setattr(self, method, serialized)
+
+    def encode(self, packed: bool):
+        return self.EncodePacked if packed else self.Encode
+
+    def predict(self, packed: bool):
+        return self.PredictPacked if packed else self.Predict
+
+
+def _older_server(error: grpc.RpcError, packed: bool) -> bool:
+    """Whether a packed call failed only because the server predates the packed methods."""
+    return packed and error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _results(items: list[CompletedItem], offset: int, make_result: MakeResult[R]) -> list[R]:
@@ -331,7 +352,9 @@ class Esm2Client(_ClientBase):
         spec = EncodeSpec.parse(include, repr_layers, dtype)
         return self._run(
             self._batches(sequences, _encode_check(spec)),
-            lambda items: self._stub.Encode(spec.request(items), **self._call_options),
+            lambda items, packed: self._stub.encode(packed)(
+                spec.request(items), **self._call_options
+            ),
             spec.result,
         )
 
@@ -343,7 +366,7 @@ class Esm2Client(_ClientBase):
         wire_dtype, unknown_dtype = parse_dtype(dtype)
         return self._run(
             self._batches(sequences, _predict_check(wire_dtype, unknown_dtype)),
-            lambda items: self._stub.Predict(
+            lambda items, packed: self._stub.predict(packed)(
                 predict_request(items, wire_dtype), **self._call_options
             ),
             predict_result,
@@ -409,17 +432,12 @@ class Esm2Client(_ClientBase):
             offset, items = batch
             if refusals:
                 return []
-            assembler = StreamAssembler(len(items))
-            call = start_call(items)
             try:
-                for message in call:
-                    assembler.add(message)
+                assembler = self._read_stream(items, start_call)
             except grpc.RpcError as error:
                 if refusals.keep(error, offset):
                     return []
                 raise unreachable(error, self._target) from None
-            finally:
-                call.cancel()  # a no-op once the stream has ended
             return _results(assembler.finish(), offset, make_result)
 
         if len(batches) <= 1:
@@ -428,6 +446,25 @@ class Esm2Client(_ClientBase):
             results = _run_in_threads(run_batch, batches, min(self._max_concurrency, len(batches)))
         refusals.raise_any()
         return results
+
+    def _read_stream(self, items: list[str], start_call: StartCall) -> StreamAssembler:
+        """One request's response stream, read into an assembler; a packed call that the
+        server does not know is made again as a plain one (and so are later calls)."""
+        assembler = StreamAssembler(len(items))
+        packed = self._packed
+        call = start_call(items, packed)
+        add = assembler.add_packed if packed else assembler.add
+        try:
+            for message in call:
+                add(message)
+        except grpc.RpcError as error:
+            if not _older_server(error, packed):
+                raise
+            self._packed = False
+            return self._read_stream(items, start_call)
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+        return assembler
 
 
 def _run_in_threads(
@@ -503,7 +540,9 @@ class AsyncEsm2Client(_ClientBase):
         spec = EncodeSpec.parse(include, repr_layers, dtype)
         return await self._run(
             self._batches(sequences, _encode_check(spec)),
-            lambda items: self._stub.Encode(spec.request(items), **self._call_options),
+            lambda items, packed: self._stub.encode(packed)(
+                spec.request(items), **self._call_options
+            ),
             spec.result,
         )
 
@@ -515,7 +554,7 @@ class AsyncEsm2Client(_ClientBase):
         wire_dtype, unknown_dtype = parse_dtype(dtype)
         return await self._run(
             self._batches(sequences, _predict_check(wire_dtype, unknown_dtype)),
-            lambda items: self._stub.Predict(
+            lambda items, packed: self._stub.predict(packed)(
                 predict_request(items, wire_dtype), **self._call_options
             ),
             predict_result,
@@ -564,17 +603,12 @@ class AsyncEsm2Client(_ClientBase):
             async with semaphore:
                 if refusals:
                     return []
-                assembler = StreamAssembler(len(items))
-                call = start_call(items)
                 try:
-                    async for message in call:
-                        assembler.add(message)
+                    assembler = await self._read_stream(items, start_call)
                 except grpc.RpcError as error:
                     if refusals.keep(error, offset):
                         return []
                     raise unreachable(error, self._target) from None
-                finally:
-                    call.cancel()  # a no-op once the stream has ended
             return _results(assembler.finish(), offset, make_result)
 
         tasks = [asyncio.ensure_future(run_batch(*batch)) for batch in batches]
@@ -587,3 +621,22 @@ class AsyncEsm2Client(_ClientBase):
             raise
         refusals.raise_any()
         return [result for batch in per_batch for result in batch]
+
+    async def _read_stream(self, items: list[str], start_call: StartCall) -> StreamAssembler:
+        """One request's response stream, read into an assembler; a packed call that the
+        server does not know is made again as a plain one (and so are later calls)."""
+        assembler = StreamAssembler(len(items))
+        packed = self._packed
+        call = start_call(items, packed)
+        add = assembler.add_packed if packed else assembler.add
+        try:
+            async for message in call:
+                add(message)
+        except grpc.RpcError as error:
+            if not _older_server(error, packed):
+                raise
+            self._packed = False
+            return await self._read_stream(items, start_call)
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+        return assembler

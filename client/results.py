@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from esm2_service.alphabet import MASK_TOKEN, STANDARD_RESIDUES
-from esm2_service.chunk_reader import ChunkView, read_chunk
+from esm2_service.chunk_reader import ChunkView, read_chunk, read_packed
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.tensors import TensorAssembler
 
@@ -130,7 +130,7 @@ class StreamAssembler:
         self._pending: dict[int, dict[TensorKey, TensorAssembler]] = {}
         self._done: dict[int, CompletedItem] = {}
 
-    def add(self, raw: bytes) -> None:
+    def add(self, raw: bytes | memoryview) -> None:
         """Takes one serialized message; raises `ResultStreamError` if it breaks the
         contract. A large chunk's tensor bytes are copied once, into their tensor."""
         chunk = read_chunk(raw) if len(raw) >= READ_IN_PLACE_BYTES else None
@@ -142,6 +142,24 @@ class StreamAssembler:
             message = pb.EncodeResponse.FromString(raw)
         except DecodeError as error:
             raise ResultStreamError(f"a response that does not parse: {error}") from None
+        self._add_message(message)
+
+    def add_packed(self, raw: bytes) -> None:
+        """Takes one serialized EncodePackedResponse or PredictPackedResponse: its
+        responses, in order, as `add` takes them."""
+        responses = read_packed(raw) if len(raw) >= READ_IN_PLACE_BYTES else None
+        if responses is not None:
+            for response in responses:
+                self.add(response)
+            return
+        try:  # small: protobuf's C parser reads the whole message at once
+            packed = pb.EncodePackedResponse.FromString(raw)
+        except DecodeError as error:
+            raise ResultStreamError(f"a packed response that does not parse: {error}") from None
+        for message in packed.responses:
+            self._add_message(message)
+
+    def _add_message(self, message: pb.EncodeResponse) -> None:
         index = message.sequence_index
         self._check_index(index)
         payload = message.WhichOneof("payload")

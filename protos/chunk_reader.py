@@ -7,7 +7,8 @@ its numpy array. `read_chunk` walks the wire format of an `EncodeResponse` (or
 a view into the message. It is the reader for what `tensors.serialized_chunk_responses`
 writes, and for any valid encoding of the same fields; for anything else (a completion, a
 repeated message field, an unexpected wire type, a malformed message) it returns None and
-the caller parses the message with protobuf, which decides.
+the caller parses the message with protobuf, which decides. `read_packed` splits a packed
+message (EncodePackedResponse, PredictPackedResponse) into views of its responses the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _CHUNK = _schema(
 )
 _TENSOR = _schema(pb.Tensor, {"dtype": _NUMBER, "shape": _REPEATED_NUMBER, "data": _BYTES})
 _VARINT, _LENGTH_DELIMITED = 0, 2
+_PACKED_RESPONSE_KEY = pb.EncodePackedResponse.DESCRIPTOR.fields_by_name["responses"].number << 3
+_PACKED_RESPONSE_KEY |= _LENGTH_DELIMITED
 _FIELD_NUMBER_LIMIT = 1 << 29
 
 
@@ -74,6 +77,27 @@ def read_chunk(raw: bytes) -> ChunkView | None:
         shape=shape,
         data=view[start:end],
     )
+
+
+def read_packed(raw: bytes) -> list[memoryview] | None:
+    """The serialized responses of a packed message, as views into it, in order; None for
+    anything but the plain encoding (a field other than `responses`, a malformed message)."""
+    view = memoryview(raw)
+    responses = []
+    at, end = 0, len(view)
+    try:
+        while at < end:
+            key, at = _varint(view, at)
+            if key != _PACKED_RESPONSE_KEY:
+                raise _Unusual
+            length, at = _varint(view, at)
+            if at + length > end:
+                raise _Unusual
+            responses.append(view[at : at + length])
+            at += length
+    except (_Unusual, IndexError):
+        return None
+    return responses
 
 
 def _fields(view, start: int, end: int, schema: dict[int, tuple[str, int]]) -> dict:

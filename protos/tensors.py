@@ -96,17 +96,17 @@ def serialized_chunk_responses(
     start = 0
     while True:
         part = view[start : start + MAX_CHUNK_BYTES]
-        data_field = _length_delimited(_TENSOR_DATA, len(part)) if len(part) else b""
+        data_field = length_delimited(_TENSOR_DATA, len(part)) if len(part) else b""
         tensor_size = len(tensor_head) + len(data_field) + len(part)
         chunk_tail = _chunk_tail(offset + start)
-        tensor_field = _length_delimited(_CHUNK_TENSOR, tensor_size)
+        tensor_field = length_delimited(_CHUNK_TENSOR, tensor_size)
         chunk_size = len(chunk_head) + len(tensor_field) + tensor_size + len(chunk_tail)
         yield (
             offset + start,
             b"".join(
                 (
                     index_field,
-                    _length_delimited(_RESPONSE_CHUNK, chunk_size),
+                    length_delimited(_RESPONSE_CHUNK, chunk_size),
                     chunk_head,
                     tensor_field,
                     tensor_head,
@@ -148,7 +148,7 @@ def _chunk_tail(offset: int) -> bytes:
     return pb.TensorChunk(offset=offset).SerializeToString() if offset else b""
 
 
-def _length_delimited(field: int, size: int) -> bytes:
+def length_delimited(field: int, size: int) -> bytes:
     """A length-delimited field's tag and length, as protobuf writes them."""
     return _varint(field << 3 | 2) + _varint(size)
 

@@ -169,8 +169,11 @@ class Broker:
                 self.settings.retry_after_s,
             )
 
-    async def results(self, request_id: str, items: int, deadline: float) -> AsyncIterator[bytes]:
-        """Yields the request's serialized response messages until every item is complete."""
+    async def results(
+        self, request_id: str, items: int, deadline: float
+    ) -> AsyncIterator[list[bytes]]:
+        """Yields the request's serialized response messages, those that arrived together
+        in one list, until every item is complete."""
         remaining = items
         enqueued = time.monotonic()  # submit() has just queued the items
         async with contextlib.aclosing(self.replies(request_id, deadline)) as replies:
@@ -180,7 +183,8 @@ class Broker:
                         remaining -= 1
                         if self.on_item_complete is not None:
                             self.on_item_complete(time.monotonic() - enqueued)
-                    yield piece.raw
+                if batch:
+                    yield [piece.raw for piece in batch]
                 if not remaining:
                     return
 

@@ -44,6 +44,16 @@ def add_esm2_service(servicer, server: grpc.aio.Server) -> None:
             request_deserializer=_decoder(pb.PredictRequest),
             response_serializer=_encode,
         ),
+        "EncodePacked": grpc.unary_stream_rpc_method_handler(
+            servicer.EncodePacked,
+            request_deserializer=_decoder(pb.EncodePackedRequest),
+            response_serializer=_encode,
+        ),
+        "PredictPacked": grpc.unary_stream_rpc_method_handler(
+            servicer.PredictPacked,
+            request_deserializer=_decoder(pb.PredictPackedRequest),
+            response_serializer=_encode,
+        ),
         "Score": grpc.unary_stream_rpc_method_handler(
             servicer.Score,
             request_deserializer=_decoder(pb.ScoreRequest),

@@ -214,8 +214,9 @@ class HttpDoor:
         assembler = StreamAssembler(len(valid.sequences))
         finished = False
         try:
-            async for raw in self.broker.results(request_id, len(valid.sequences), deadline):
-                assembler.add(raw)
+            async for responses in self.broker.results(request_id, len(valid.sequences), deadline):
+                for response in responses:
+                    assembler.add(response)
             finished = True
         finally:
             cleanup = self.broker.finish if finished else self.broker.cancel

@@ -13,6 +13,7 @@ from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.broker import REDIS_ERRORS, Broker, new_request_id, queue_depths
 from esm2_service.server.errors import BackendUnavailable, to_rpc_status
+from esm2_service.server.packing import pack
 from esm2_service.server.scoring import ScoreRun
 from esm2_service.validation import (
     MAX_ITEMS,
@@ -38,14 +39,27 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
         self.worker_timeout_s = worker_timeout_s
         self._cleanups: set[asyncio.Task] = set()  # referenced until done
 
-    # Streams yield response messages already serialized by the workers.
+    # Streams yield response messages already serialized by the workers: one at a time,
+    # or packed, as many as arrived together in each message.
     async def Encode(self, request, context) -> AsyncIterator[bytes]:
-        async for chunk in self._run("Encode", validate_encode, request, context):
-            yield chunk
+        async for responses in self._run("Encode", validate_encode, request, context):
+            for response in responses:
+                yield response
+
+    async def EncodePacked(self, request, context) -> AsyncIterator[bytes]:
+        async for responses in self._run("EncodePacked", validate_encode, request, context):
+            for message in pack(responses):
+                yield message
 
     async def Predict(self, request, context) -> AsyncIterator[bytes]:
-        async for chunk in self._run("Predict", validate_predict, request, context):
-            yield chunk
+        async for responses in self._run("Predict", validate_predict, request, context):
+            for response in responses:
+                yield response
+
+    async def PredictPacked(self, request, context) -> AsyncIterator[bytes]:
+        async for responses in self._run("PredictPacked", validate_predict, request, context):
+            for message in pack(responses):
+                yield message
 
     async def Score(self, request, context) -> AsyncIterator[pb.ScoreResponse]:
         async def run(request_id: str):
@@ -84,8 +98,8 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
             items = len(valid.sequences)
             return items, self.broker.results(request_id, items, deadline)
 
-        async for chunk in self._serve(method, run, context):
-            yield chunk
+        async for responses in self._serve(method, run, context):
+            yield responses
 
     async def _serve(self, method: str, start: StartRequest, context):
         """Relays what `start(request_id)` streams, turning every error into a status and

@@ -39,7 +39,8 @@ def complete(index: int) -> bytes:
 async def collect(broker, request_id, items, deadline_s=5.0):
     return [
         pb.EncodeResponse.FromString(m)
-        async for m in broker.results(request_id, items, time.time() + deadline_s)
+        async for batch in broker.results(request_id, items, time.time() + deadline_s)
+        for m in batch
     ]
 
 

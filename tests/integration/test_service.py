@@ -115,6 +115,37 @@ def test_responses_larger_than_4_mib_arrive_in_chunks_a_default_client_reads(ser
     assert messages[-1].HasField("complete")
 
 
+def test_packed_streams_carry_the_plain_streams_responses_under_4_mib_a_message(service):
+    sequences = ["MKTAYIAKQRQISFVKSHFSRQ" * 20, "ACDEFGHIKLMNPQRSTVWY", "M"]  # 440 residues
+    params = pb.EncodeParams(
+        include=[pb.INCLUDE_MEAN, pb.INCLUDE_ATTENTIONS, pb.INCLUDE_LOGITS], repr_layers=[0, 6]
+    )
+    with grpc.insecure_channel(service.target) as channel:  # default 4 MiB receive limit
+        stub = esm2_pb2_grpc.Esm2ServiceStub(channel)
+        items = [pb.Item(sequence=s) for s in sequences]
+        plain = list(stub.Encode(pb.EncodeRequest(items=items, params=params), timeout=120))
+        packed = list(
+            stub.EncodePacked(pb.EncodePackedRequest(items=items, params=params), timeout=120)
+        )
+        masked = [pb.Item(sequence="MK<mask>V"), pb.Item(sequence="<mask>")]
+        predicted = list(stub.Predict(pb.PredictRequest(items=masked), timeout=120))
+        predicted_packed = list(
+            stub.PredictPacked(pb.PredictPackedRequest(items=masked), timeout=120)
+        )
+
+    def by_item(messages):  # items may finish in any order; each item's own order holds
+        ordered = {}
+        for message in messages:
+            ordered.setdefault(message.sequence_index, []).append(message.SerializeToString())
+        return ordered
+
+    assert 1 < len(packed) < len(plain)
+    assert max(m.ByteSize() for m in packed) <= 4 * 1024 * 1024
+    assert by_item(r for m in packed for r in m.responses) == by_item(plain)
+    assert len(predicted_packed) == 1
+    assert by_item(predicted_packed[0].responses) == by_item(predicted)
+
+
 def test_invalid_requests_are_rejected_with_every_violation_before_queueing(service, redis_server):
     redis_client = redis.Redis.from_url(redis_server.url)
     before = last_generated_ids(redis_client)
@@ -149,6 +180,19 @@ def test_invalid_requests_are_rejected_with_every_violation_before_queueing(serv
             list(stub.Predict(pb.PredictRequest(items=[pb.Item(sequence="MKV")]), timeout=10))
         assert bad_request_fields(raised.value) == [
             ("items[0].sequence", "no <mask>; Predict needs at least one per item")
+        ]
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.PredictPacked(pb.PredictPackedRequest(items=[pb.Item()]), timeout=10))
+        assert bad_request_fields(raised.value) == [
+            ("items[0].sequence", "empty; a sequence needs 1 to 2,048 tokens")
+        ]
+        packed = pb.EncodePackedRequest.FromString(request.SerializeToString())
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.EncodePacked(packed, timeout=10))
+        assert [field for field, _ in bad_request_fields(raised.value)] == [
+            "items[3].sequence",
+            "params.repr_layers[0]",
+            "params.include[0]",
         ]
     assert last_generated_ids(redis_client) == before
 

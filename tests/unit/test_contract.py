@@ -25,6 +25,27 @@ def test_generated_code_matches_the_protos():
     assert generate.stale_files() == []
 
 
+@pytest.mark.parametrize(
+    ("packed", "plain"),
+    [(pb.EncodePackedRequest, pb.EncodeRequest), (pb.PredictPackedRequest, pb.PredictRequest)],
+)
+def test_packed_methods_take_the_plain_requests_bytes(packed, plain):
+    """Clients send a plain request's bytes to the packed methods; a packed response is
+    its responses as field 1, as `server.packing` writes it."""
+
+    def fields(message):
+        return [
+            (f.name, f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name)
+            for f in message.DESCRIPTOR.fields
+        ]
+
+    assert fields(packed) == fields(plain)
+    response = packed.DESCRIPTOR.name.replace("Request", "Response")
+    (responses,) = pb.DESCRIPTOR.message_types_by_name[response].fields
+    assert (responses.name, responses.number, responses.is_repeated) == ("responses", 1, True)
+    assert responses.message_type.name == plain.DESCRIPTOR.name.replace("Request", "Response")
+
+
 def test_generated_code_check_fails_when_a_proto_changes(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "protos"))
     try:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65sm2/v1/esm2.proto\x12\x07\x65sm2.v1\"\x18\n\x04Item\x12\x10\n\x08sequence\x18\x01 \x01(\t\"e\n\x0c\x45ncodeParams\x12\x13\n\x0brepr_layers\x18\x01 \x03(\x05\x12!\n\x07include\x18\x02 \x03(\x0e\x32\x10.esm2.v1.Include\x12\x1d\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0e.esm2.v1.Dtype\"T\n\rEncodeRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.esm2.v1.Item\x12%\n\x06params\x18\x02 \x01(\x0b\x32\x15.esm2.v1.EncodeParams\".\n\rPredictParams\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.esm2.v1.Dtype\"V\n\x0ePredictRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.esm2.v1.Item\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.esm2.v1.PredictParams\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.esm2.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"m\n\x0bTensorChunk\x12\x1e\n\x04kind\x18\x01 \x01(\x0e\x32\x10.esm2.v1.Include\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1f\n\x06tensor\x18\x03 \x01(\x0b\x32\x0f.esm2.v1.Tensor\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"`\n\x0cItemComplete\x12\x14\n\x0cvocab_tokens\x18\x01 \x03(\t\x12\x17\n\x0fsequence_tokens\x18\x02 \x03(\t\x12!\n\x05model\x18\x03 \x01(\x0b\x32\x12.esm2.v1.ModelInfo\"\x85\x01\n\x0e\x45ncodeResponse\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.esm2.v1.TensorChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.esm2.v1.ItemCompleteH\x00\x42\t\n\x07payload\"\x86\x01\n\x0fPredictResponse\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.esm2.v1.TensorChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.esm2.v1.ItemCompleteH\x00\x42\t\n\x07payload\"o\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\x16\n\x0erandom_weights\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\"o\n\x0cScoreRequest\x12\x11\n\twild_type\x18\x01 \x01(\t\x12\x10\n\x08variants\x18\x02 \x03(\t\x12\x0c\n\x04scan\x18\x03 \x01(\x08\x12,\n\nstrategies\x18\x04 \x03(\x0e\x32\x18.esm2.v1.ScoringStrategy\"u\n\rVariantScores\x12*\n\x08strategy\x18\x01 \x01(\x0e\x32\x18.esm2.v1.ScoringStrategy\x12\x17\n\x0fvariant_indices\x18\x02 \x03(\x05\x12\x0f\n\x07mutants\x18\x03 \x03(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x01\"u\n\x10PositionLogProbs\x12*\n\x08strategy\x18\x01 \x01(\x0e\x32\x18.esm2.v1.ScoringStrategy\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\"\n\tlog_probs\x18\x03 \x01(\x0b\x32\x0f.esm2.v1.Tensor\"\xa4\x01\n\rScoreComplete\x12,\n\nstrategies\x18\x01 \x03(\x0e\x32\x18.esm2.v1.ScoringStrategy\x12\x13\n\x0b\x61mino_acids\x18\x02 \x01(\t\x12\x15\n\rvariant_count\x18\x03 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x04 \x01(\x05\x12!\n\x05model\x18\x05 \x01(\x0b\x32\x12.esm2.v1.ModelInfo\"\xa0\x01\n\rScoreResponse\x12(\n\x06scores\x18\x01 \x01(\x0b\x32\x16.esm2.v1.VariantScoresH\x00\x12.\n\tlog_probs\x18\x02 \x01(\x0b\x32\x19.esm2.v1.PositionLogProbsH\x00\x12*\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x16.esm2.v1.ScoreCompleteH\x00\x42\t\n\x07payload\"\x12\n\x10GetStatusRequest\"^\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.esm2.v1.ModelInfo\x12\x18\n\x10last_seen_unix_s\x18\x03 \x01(\x01\"l\n\x11GetStatusResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.esm2.v1.WorkerStatus\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x03\x12\x1a\n\x12\x61ny_random_weights\x18\x03 \x01(\x08*\x9e\x01\n\x07Include\x12\x17\n\x13INCLUDE_UNSPECIFIED\x10\x00\x12\x10\n\x0cINCLUDE_MEAN\x10\x01\x12\x15\n\x11INCLUDE_PER_TOKEN\x10\x02\x12\x0f\n\x0bINCLUDE_BOS\x10\x03\x12\x14\n\x10INCLUDE_CONTACTS\x10\x04\x12\x12\n\x0eINCLUDE_LOGITS\x10\x05\x12\x16\n\x12INCLUDE_ATTENTIONS\x10\x06*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*\xa7\x01\n\x0fScoringStrategy\x12 \n\x1cSCORING_STRATEGY_UNSPECIFIED\x10\x00\x12$\n SCORING_STRATEGY_MASKED_MARGINAL\x10\x01\x12 \n\x1cSCORING_STRATEGY_WT_MARGINAL\x10\x02\x12*\n&SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD\x10\x03\x32\x88\x02\n\x0b\x45sm2Service\x12;\n\x06\x45ncode\x12\x16.esm2.v1.EncodeRequest\x1a\x17.esm2.v1.EncodeResponse0\x01\x12>\n\x07Predict\x12\x17.esm2.v1.PredictRequest\x1a\x18.esm2.v1.PredictResponse0\x01\x12\x38\n\x05Score\x12\x15.esm2.v1.ScoreRequest\x1a\x16.esm2.v1.ScoreResponse0\x01\x12\x42\n\tGetStatus\x12\x19.esm2.v1.GetStatusRequest\x1a\x1a.esm2.v1.GetStatusResponseB[\n\x0b\x63om.esm2.v1B\tEsm2ProtoP\x01Z\x1a\x65sm2service/esm2/v1;esm2v1\xa2\x02\x03\x45SM\xaa\x02\x07\x45sm2.V1\xca\x02\x07\x45sm2\\V1\xea\x02\x08\x45sm2::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65sm2/v1/esm2.proto\x12\x07\x65sm2.v1\"\x18\n\x04Item\x12\x10\n\x08sequence\x18\x01 \x01(\t\"e\n\x0c\x45ncodeParams\x12\x13\n\x0brepr_layers\x18\x01 \x03(\x05\x12!\n\x07include\x18\x02 \x03(\x0e\x32\x10.esm2.v1.Include\x12\x1d\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0e.esm2.v1.Dtype\"T\n\rEncodeRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.esm2.v1.Item\x12%\n\x06params\x18\x02 \x01(\x0b\x32\x15.esm2.v1.EncodeParams\".\n\rPredictParams\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.esm2.v1.Dtype\"V\n\x0ePredictRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.esm2.v1.Item\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.esm2.v1.PredictParams\"D\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.esm2.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"m\n\x0bTensorChunk\x12\x1e\n\x04kind\x18\x01 \x01(\x0e\x32\x10.esm2.v1.Include\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x1f\n\x06tensor\x18\x03 \x01(\x0b\x32\x0f.esm2.v1.Tensor\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"`\n\x0cItemComplete\x12\x14\n\x0cvocab_tokens\x18\x01 \x03(\t\x12\x17\n\x0fsequence_tokens\x18\x02 \x03(\t\x12!\n\x05model\x18\x03 \x01(\x0b\x32\x12.esm2.v1.ModelInfo\"\x85\x01\n\x0e\x45ncodeResponse\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.esm2.v1.TensorChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.esm2.v1.ItemCompleteH\x00\x42\t\n\x07payload\"\x86\x01\n\x0fPredictResponse\x12\x16\n\x0esequence_index\x18\x01 \x01(\x05\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.esm2.v1.TensorChunkH\x00\x12)\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x15.esm2.v1.ItemCompleteH\x00\x42\t\n\x07payload\"Z\n\x13\x45ncodePackedRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.esm2.v1.Item\x12%\n\x06params\x18\x02 \x01(\x0b\x32\x15.esm2.v1.EncodeParams\"B\n\x14\x45ncodePackedResponse\x12*\n\tresponses\x18\x01 \x03(\x0b\x32\x17.esm2.v1.EncodeResponse\"\\\n\x14PredictPackedRequest\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.esm2.v1.Item\x12&\n\x06params\x18\x02 \x01(\x0b\x32\x16.esm2.v1.PredictParams\"D\n\x15PredictPackedResponse\x12+\n\tresponses\x18\x01 \x03(\x0b\x32\x18.esm2.v1.PredictResponse\"o\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\x16\n\x0erandom_weights\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\"o\n\x0cScoreRequest\x12\x11\n\twild_type\x18\x01 \x01(\t\x12\x10\n\x08variants\x18\x02 \x03(\t\x12\x0c\n\x04scan\x18\x03 \x01(\x08\x12,\n\nstrategies\x18\x04 \x03(\x0e\x32\x18.esm2.v1.ScoringStrategy\"u\n\rVariantScores\x12*\n\x08strategy\x18\x01 \x01(\x0e\x32\x18.esm2.v1.ScoringStrategy\x12\x17\n\x0fvariant_indices\x18\x02 \x03(\x05\x12\x0f\n\x07mutants\x18\x03 \x03(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x01\"u\n\x10PositionLogProbs\x12*\n\x08strategy\x18\x01 \x01(\x0e\x32\x18.esm2.v1.ScoringStrategy\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\"\n\tlog_probs\x18\x03 \x01(\x0b\x32\x0f.esm2.v1.Tensor\"\xa4\x01\n\rScoreComplete\x12,\n\nstrategies\x18\x01 \x03(\x0e\x32\x18.esm2.v1.ScoringStrategy\x12\x13\n\x0b\x61mino_acids\x18\x02 \x01(\t\x12\x15\n\rvariant_count\x18\x03 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x04 \x01(\x05\x12!\n\x05model\x18\x05 \x01(\x0b\x32\x12.esm2.v1.ModelInfo\"\xa0\x01\n\rScoreResponse\x12(\n\x06scores\x18\x01 \x01(\x0b\x32\x16.esm2.v1.VariantScoresH\x00\x12.\n\tlog_probs\x18\x02 \x01(\x0b\x32\x19.esm2.v1.PositionLogProbsH\x00\x12*\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x16.esm2.v1.ScoreCompleteH\x00\x42\t\n\x07payload\"\x12\n\x10GetStatusRequest\"^\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.esm2.v1.ModelInfo\x12\x18\n\x10last_seen_unix_s\x18\x03 \x01(\x01\"l\n\x11GetStatusResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.esm2.v1.WorkerStatus\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x03\x12\x1a\n\x12\x61ny_random_weights\x18\x03 \x01(\x08*\x9e\x01\n\x07Include\x12\x17\n\x13INCLUDE_UNSPECIFIED\x10\x00\x12\x10\n\x0cINCLUDE_MEAN\x10\x01\x12\x15\n\x11INCLUDE_PER_TOKEN\x10\x02\x12\x0f\n\x0bINCLUDE_BOS\x10\x03\x12\x14\n\x10INCLUDE_CONTACTS\x10\x04\x12\x12\n\x0eINCLUDE_LOGITS\x10\x05\x12\x16\n\x12INCLUDE_ATTENTIONS\x10\x06*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*\xa7\x01\n\x0fScoringStrategy\x12 \n\x1cSCORING_STRATEGY_UNSPECIFIED\x10\x00\x12$\n SCORING_STRATEGY_MASKED_MARGINAL\x10\x01\x12 \n\x1cSCORING_STRATEGY_WT_MARGINAL\x10\x02\x12*\n&SCORING_STRATEGY_PSEUDO_LOG_LIKELIHOOD\x10\x03\x32\xa9\x03\n\x0b\x45sm2Service\x12;\n\x06\x45ncode\x12\x16.esm2.v1.EncodeRequest\x1a\x17.esm2.v1.EncodeResponse0\x01\x12>\n\x07Predict\x12\x17.esm2.v1.PredictRequest\x1a\x18.esm2.v1.PredictResponse0\x01\x12M\n\x0c\x45ncodePacked\x12\x1c.esm2.v1.EncodePackedRequest\x1a\x1d.esm2.v1.EncodePackedResponse0\x01\x12P\n\rPredictPacked\x12\x1d.esm2.v1.PredictPackedRequest\x1a\x1e.esm2.v1.PredictPackedResponse0\x01\x12\x38\n\x05Score\x12\x15.esm2.v1.ScoreRequest\x1a\x16.esm2.v1.ScoreResponse0\x01\x12\x42\n\tGetStatus\x12\x19.esm2.v1.GetStatusRequest\x1a\x1a.esm2.v1.GetStatusResponseB[\n\x0b\x63om.esm2.v1B\tEsm2ProtoP\x01Z\x1a\x65sm2service/esm2/v1;esm2v1\xa2\x02\x03\x45SM\xaa\x02\x07\x45sm2.V1\xca\x02\x07\x45sm2\\V1\xea\x02\x08\x45sm2::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'esm2.v1.esm2_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013com.esm2.v1B\tEsm2ProtoP\001Z\032esm2service/esm2/v1;esm2v1\242\002\003ESM\252\002\007Esm2.V1\312\002\007Esm2\\V1\352\002\010Esm2::V1'
-  _globals['_INCLUDE']._serialized_start=1955
-  _globals['_INCLUDE']._serialized_end=2113
-  _globals['_DTYPE']._serialized_start=2115
-  _globals['_DTYPE']._serialized_end=2203
-  _globals['_SCORINGSTRATEGY']._serialized_start=2206
-  _globals['_SCORINGSTRATEGY']._serialized_end=2373
+  _globals['_INCLUDE']._serialized_start=2279
+  _globals['_INCLUDE']._serialized_end=2437
+  _globals['_DTYPE']._serialized_start=2439
+  _globals['_DTYPE']._serialized_end=2527
+  _globals['_SCORINGSTRATEGY']._serialized_start=2530
+  _globals['_SCORINGSTRATEGY']._serialized_end=2697
   _globals['_ITEM']._serialized_start=31
   _globals['_ITEM']._serialized_end=55
   _globals['_ENCODEPARAMS']._serialized_start=57
@@ -58,24 +58,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODERESPONSE']._serialized_end=795
   _globals['_PREDICTRESPONSE']._serialized_start=798
   _globals['_PREDICTRESPONSE']._serialized_end=932
-  _globals['_MODELINFO']._serialized_start=934
-  _globals['_MODELINFO']._serialized_end=1045
-  _globals['_SCOREREQUEST']._serialized_start=1047
-  _globals['_SCOREREQUEST']._serialized_end=1158
-  _globals['_VARIANTSCORES']._serialized_start=1160
-  _globals['_VARIANTSCORES']._serialized_end=1277
-  _globals['_POSITIONLOGPROBS']._serialized_start=1279
-  _globals['_POSITIONLOGPROBS']._serialized_end=1396
-  _globals['_SCORECOMPLETE']._serialized_start=1399
-  _globals['_SCORECOMPLETE']._serialized_end=1563
-  _globals['_SCORERESPONSE']._serialized_start=1566
-  _globals['_SCORERESPONSE']._serialized_end=1726
-  _globals['_GETSTATUSREQUEST']._serialized_start=1728
-  _globals['_GETSTATUSREQUEST']._serialized_end=1746
-  _globals['_WORKERSTATUS']._serialized_start=1748
-  _globals['_WORKERSTATUS']._serialized_end=1842
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1844
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1952
-  _globals['_ESM2SERVICE']._serialized_start=2376
-  _globals['_ESM2SERVICE']._serialized_end=2640
+  _globals['_ENCODEPACKEDREQUEST']._serialized_start=934
+  _globals['_ENCODEPACKEDREQUEST']._serialized_end=1024
+  _globals['_ENCODEPACKEDRESPONSE']._serialized_start=1026
+  _globals['_ENCODEPACKEDRESPONSE']._serialized_end=1092
+  _globals['_PREDICTPACKEDREQUEST']._serialized_start=1094
+  _globals['_PREDICTPACKEDREQUEST']._serialized_end=1186
+  _globals['_PREDICTPACKEDRESPONSE']._serialized_start=1188
+  _globals['_PREDICTPACKEDRESPONSE']._serialized_end=1256
+  _globals['_MODELINFO']._serialized_start=1258
+  _globals['_MODELINFO']._serialized_end=1369
+  _globals['_SCOREREQUEST']._serialized_start=1371
+  _globals['_SCOREREQUEST']._serialized_end=1482
+  _globals['_VARIANTSCORES']._serialized_start=1484
+  _globals['_VARIANTSCORES']._serialized_end=1601
+  _globals['_POSITIONLOGPROBS']._serialized_start=1603
+  _globals['_POSITIONLOGPROBS']._serialized_end=1720
+  _globals['_SCORECOMPLETE']._serialized_start=1723
+  _globals['_SCORECOMPLETE']._serialized_end=1887
+  _globals['_SCORERESPONSE']._serialized_start=1890
+  _globals['_SCORERESPONSE']._serialized_end=2050
+  _globals['_GETSTATUSREQUEST']._serialized_start=2052
+  _globals['_GETSTATUSREQUEST']._serialized_end=2070
+  _globals['_WORKERSTATUS']._serialized_start=2072
+  _globals['_WORKERSTATUS']._serialized_end=2166
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2168
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2276
+  _globals['_ESM2SERVICE']._serialized_start=2700
+  _globals['_ESM2SERVICE']._serialized_end=3125
 # @@protoc_insertion_point(module_scope)

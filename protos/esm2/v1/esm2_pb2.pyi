@@ -136,6 +136,34 @@ class PredictResponse(_message.Message):
     complete: ItemComplete
     def __init__(self, sequence_index: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., complete: _Optional[_Union[ItemComplete, _Mapping]] = ...) -> None: ...
 
+class EncodePackedRequest(_message.Message):
+    __slots__ = ("items", "params")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    params: EncodeParams
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., params: _Optional[_Union[EncodeParams, _Mapping]] = ...) -> None: ...
+
+class EncodePackedResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[EncodeResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[EncodeResponse, _Mapping]]] = ...) -> None: ...
+
+class PredictPackedRequest(_message.Message):
+    __slots__ = ("items", "params")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    params: PredictParams
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., params: _Optional[_Union[PredictParams, _Mapping]] = ...) -> None: ...
+
+class PredictPackedResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[PredictResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[PredictResponse, _Mapping]]] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
     __slots__ = ("name", "checkpoint_sha256", "random_weights", "device", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]

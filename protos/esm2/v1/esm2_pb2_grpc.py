@@ -44,6 +44,16 @@ class Esm2ServiceStub:
                 request_serializer=esm2_dot_v1_dot_esm2__pb2.PredictRequest.SerializeToString,
                 response_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.EncodePacked = channel.unary_stream(
+                '/esm2.v1.Esm2Service/EncodePacked',
+                request_serializer=esm2_dot_v1_dot_esm2__pb2.EncodePackedRequest.SerializeToString,
+                response_deserializer=esm2_dot_v1_dot_esm2__pb2.EncodePackedResponse.FromString,
+                _registered_method=True)
+        self.PredictPacked = channel.unary_stream(
+                '/esm2.v1.Esm2Service/PredictPacked',
+                request_serializer=esm2_dot_v1_dot_esm2__pb2.PredictPackedRequest.SerializeToString,
+                response_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictPackedResponse.FromString,
+                _registered_method=True)
         self.Score = channel.unary_stream(
                 '/esm2.v1.Esm2Service/Score',
                 request_serializer=esm2_dot_v1_dot_esm2__pb2.ScoreRequest.SerializeToString,
@@ -69,6 +79,21 @@ class Esm2ServiceServicer:
     def Predict(self, request, context):
         """Logits at the <mask> positions of 1 to 8 sequences.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EncodePacked(self, request, context):
+        """Encode and Predict with their streams packed: each message carries the responses
+        that were ready together, in the same order. The same results in fewer messages,
+        which costs both ends a fraction of the CPU: the way to call at volume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictPacked(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -101,6 +126,16 @@ def add_Esm2ServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictRequest.FromString,
                     response_serializer=esm2_dot_v1_dot_esm2__pb2.PredictResponse.SerializeToString,
+            ),
+            'EncodePacked': grpc.unary_stream_rpc_method_handler(
+                    servicer.EncodePacked,
+                    request_deserializer=esm2_dot_v1_dot_esm2__pb2.EncodePackedRequest.FromString,
+                    response_serializer=esm2_dot_v1_dot_esm2__pb2.EncodePackedResponse.SerializeToString,
+            ),
+            'PredictPacked': grpc.unary_stream_rpc_method_handler(
+                    servicer.PredictPacked,
+                    request_deserializer=esm2_dot_v1_dot_esm2__pb2.PredictPackedRequest.FromString,
+                    response_serializer=esm2_dot_v1_dot_esm2__pb2.PredictPackedResponse.SerializeToString,
             ),
             'Score': grpc.unary_stream_rpc_method_handler(
                     servicer.Score,
@@ -167,6 +202,60 @@ class Esm2Service:
             '/esm2.v1.Esm2Service/Predict',
             esm2_dot_v1_dot_esm2__pb2.PredictRequest.SerializeToString,
             esm2_dot_v1_dot_esm2__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodePacked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/esm2.v1.Esm2Service/EncodePacked',
+            esm2_dot_v1_dot_esm2__pb2.EncodePackedRequest.SerializeToString,
+            esm2_dot_v1_dot_esm2__pb2.EncodePackedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictPacked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/esm2.v1.Esm2Service/PredictPacked',
+            esm2_dot_v1_dot_esm2__pb2.PredictPackedRequest.SerializeToString,
+            esm2_dot_v1_dot_esm2__pb2.PredictPackedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from esm2_service.alphabet import TOKEN_INDEX, VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
+from esm2_service.server.packing import pack
 from esm2_service.tensors import chunk_messages, resolve_dtype, to_wire_bytes
 from esm2_service.validation import left_out_violation
 
@@ -62,7 +63,9 @@ def _interleave(streams: list[list]) -> Iterator:
 
 
 class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
-    """Streams each item's chunks in reverse, items interleaved, then the completes."""
+    """Streams each item's chunks in reverse, items interleaved, then the completes; the
+    packed methods pack those messages as the frontend does (`packed_methods = False`: a
+    server from before them, which answers UNIMPLEMENTED)."""
 
     tensor = staticmethod(fake_tensor)
     predicted_token = staticmethod(predicted_token)
@@ -74,6 +77,8 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
         self.left_out = 0  # a refusal's count of violations it does not list
         self.requests: list[list[str]] = []
         self.max_in_flight = 0
+        self.packed_methods = True
+        self.methods: list[str] = []  # every call's method, in order
         self._in_flight = 0
         self._lock = threading.Lock()
 
@@ -118,6 +123,22 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
         finally:
             self._end()
 
+    def EncodePacked(self, request, context):  # noqa: N802
+        yield from self._packed("EncodePacked", pb.EncodePackedResponse, request, context)
+
+    def PredictPacked(self, request, context):  # noqa: N802
+        yield from self._packed("PredictPacked", pb.PredictPackedResponse, request, context)
+
+    def _packed(self, method: str, packed_type, request, context) -> Iterator:
+        if not self.packed_methods:
+            with self._lock:
+                self.methods.append(method)
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        plain = self.Encode if packed_type is pb.EncodePackedResponse else self.Predict
+        messages = (message.SerializeToString() for message in plain(request, context))
+        for packed in pack(messages):
+            yield packed_type.FromString(packed)
+
     def GetStatus(self, request, context):  # noqa: N802
         worker = pb.WorkerStatus(worker_id="w1", model=MODEL, last_seen_unix_s=1.5)
         worker.model.random_weights = self.random_weights
@@ -133,6 +154,7 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
             status = bad_request_status(refused, self.left_out)
             context.abort_with_status(rpc_status.to_status(status))
         with self._lock:
+            self.methods.append(type(request).__name__.removesuffix("Request"))
             self.requests.append(sequences)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)

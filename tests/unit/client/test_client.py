@@ -285,3 +285,40 @@ async def test_async_invalid_input_and_refusals_name_the_callers_items(fake_serv
         "items[12].sequence",
         "items[13].sequence",
     ]
+
+
+def test_results_come_packed_and_a_server_without_packed_methods_gets_plain_calls(fake_server):
+    target, servicer = fake_server
+    with Esm2Client(target) as client:
+        packed = client.encode(SEQUENCES[:3], include=ALL, repr_layers=[-1, 0])
+    assert servicer.methods == ["EncodePacked"]
+
+    servicer.packed_methods = False  # a server of a version before them
+    servicer.methods.clear()
+    with Esm2Client(target, max_concurrency=1) as client:
+        plain = client.encode(SEQUENCES, include=ALL, repr_layers=[-1, 0])
+        predictions = client.predict(["M<mask>"])
+
+    # One packed call is refused; it and every later call go plain.
+    assert servicer.methods == ["EncodePacked", "Encode", "Encode", "Encode", "Predict"]
+    check_encode_results(packed, SEQUENCES[:3], servicer.tensor)
+    check_encode_results(plain, SEQUENCES, servicer.tensor)
+    assert predictions[0].predicted_tokens == [servicer.predicted_token(2)]
+
+
+async def test_the_async_client_falls_back_to_plain_calls_as_the_sync_one_does(fake_server):
+    target, servicer = fake_server
+    servicer.packed_methods = False
+    async with AsyncEsm2Client(target, max_concurrency=1) as client:
+        results = await client.encode(SEQUENCES[:9], include=ALL, repr_layers=[-1, 0])
+        predictions = await client.predict(["MK<mask>"])
+
+    assert servicer.methods == ["EncodePacked", "Encode", "Encode", "Predict"]
+    check_encode_results(results, SEQUENCES[:9], servicer.tensor)
+    assert predictions[0].predicted_tokens == [servicer.predicted_token(3)]
+
+    servicer.methods.clear()
+    servicer.packed_methods = True
+    async with AsyncEsm2Client(target) as client:
+        await client.predict(["MK<mask>"])
+    assert servicer.methods == ["PredictPacked"]

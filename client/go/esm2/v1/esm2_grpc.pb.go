@@ -21,6 +21,11 @@ type Esm2ServiceClient interface {
 	Encode(ctx context.Context, in *EncodeRequest, opts ...grpc.CallOption) (Esm2Service_EncodeClient, error)
 	// Logits at the <mask> positions of 1 to 8 sequences.
 	Predict(ctx context.Context, in *PredictRequest, opts ...grpc.CallOption) (Esm2Service_PredictClient, error)
+	// Encode and Predict with their streams packed: each message carries the responses
+	// that were ready together, in the same order. The same results in fewer messages,
+	// which costs both ends a fraction of the CPU: the way to call at volume.
+	EncodePacked(ctx context.Context, in *EncodePackedRequest, opts ...grpc.CallOption) (Esm2Service_EncodePackedClient, error)
+	PredictPacked(ctx context.Context, in *PredictPackedRequest, opts ...grpc.CallOption) (Esm2Service_PredictPackedClient, error)
 	// Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
 	// A42G and A42G:L45P), or of every single substitution. Streams scores as their
 	// forward passes complete; then per-position log-probabilities; then ScoreComplete.
@@ -101,8 +106,72 @@ func (x *esm2ServicePredictClient) Recv() (*PredictResponse, error) {
 	return m, nil
 }
 
+func (c *esm2ServiceClient) EncodePacked(ctx context.Context, in *EncodePackedRequest, opts ...grpc.CallOption) (Esm2Service_EncodePackedClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_Esm2Service_serviceDesc.Streams[2], "/esm2.v1.Esm2Service/EncodePacked", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &esm2ServiceEncodePackedClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type Esm2Service_EncodePackedClient interface {
+	Recv() (*EncodePackedResponse, error)
+	grpc.ClientStream
+}
+
+type esm2ServiceEncodePackedClient struct {
+	grpc.ClientStream
+}
+
+func (x *esm2ServiceEncodePackedClient) Recv() (*EncodePackedResponse, error) {
+	m := new(EncodePackedResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (c *esm2ServiceClient) PredictPacked(ctx context.Context, in *PredictPackedRequest, opts ...grpc.CallOption) (Esm2Service_PredictPackedClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_Esm2Service_serviceDesc.Streams[3], "/esm2.v1.Esm2Service/PredictPacked", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &esm2ServicePredictPackedClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type Esm2Service_PredictPackedClient interface {
+	Recv() (*PredictPackedResponse, error)
+	grpc.ClientStream
+}
+
+type esm2ServicePredictPackedClient struct {
+	grpc.ClientStream
+}
+
+func (x *esm2ServicePredictPackedClient) Recv() (*PredictPackedResponse, error) {
+	m := new(PredictPackedResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 func (c *esm2ServiceClient) Score(ctx context.Context, in *ScoreRequest, opts ...grpc.CallOption) (Esm2Service_ScoreClient, error) {
-	stream, err := c.cc.NewStream(ctx, &_Esm2Service_serviceDesc.Streams[2], "/esm2.v1.Esm2Service/Score", opts...)
+	stream, err := c.cc.NewStream(ctx, &_Esm2Service_serviceDesc.Streams[4], "/esm2.v1.Esm2Service/Score", opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -150,6 +219,11 @@ type Esm2ServiceServer interface {
 	Encode(*EncodeRequest, Esm2Service_EncodeServer) error
 	// Logits at the <mask> positions of 1 to 8 sequences.
 	Predict(*PredictRequest, Esm2Service_PredictServer) error
+	// Encode and Predict with their streams packed: each message carries the responses
+	// that were ready together, in the same order. The same results in fewer messages,
+	// which costs both ends a fraction of the CPU: the way to call at volume.
+	EncodePacked(*EncodePackedRequest, Esm2Service_EncodePackedServer) error
+	PredictPacked(*PredictPackedRequest, Esm2Service_PredictPackedServer) error
 	// Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
 	// A42G and A42G:L45P), or of every single substitution. Streams scores as their
 	// forward passes complete; then per-position log-probabilities; then ScoreComplete.
@@ -168,6 +242,12 @@ func (UnimplementedEsm2ServiceServer) Encode(*EncodeRequest, Esm2Service_EncodeS
 }
 func (UnimplementedEsm2ServiceServer) Predict(*PredictRequest, Esm2Service_PredictServer) error {
 	return status.Errorf(codes.Unimplemented, "method Predict not implemented")
+}
+func (UnimplementedEsm2ServiceServer) EncodePacked(*EncodePackedRequest, Esm2Service_EncodePackedServer) error {
+	return status.Errorf(codes.Unimplemented, "method EncodePacked not implemented")
+}
+func (UnimplementedEsm2ServiceServer) PredictPacked(*PredictPackedRequest, Esm2Service_PredictPackedServer) error {
+	return status.Errorf(codes.Unimplemented, "method PredictPacked not implemented")
 }
 func (UnimplementedEsm2ServiceServer) Score(*ScoreRequest, Esm2Service_ScoreServer) error {
 	return status.Errorf(codes.Unimplemented, "method Score not implemented")
@@ -230,6 +310,48 @@ func (x *esm2ServicePredictServer) Send(m *PredictResponse) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _Esm2Service_EncodePacked_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(EncodePackedRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(Esm2ServiceServer).EncodePacked(m, &esm2ServiceEncodePackedServer{stream})
+}
+
+type Esm2Service_EncodePackedServer interface {
+	Send(*EncodePackedResponse) error
+	grpc.ServerStream
+}
+
+type esm2ServiceEncodePackedServer struct {
+	grpc.ServerStream
+}
+
+func (x *esm2ServiceEncodePackedServer) Send(m *EncodePackedResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func _Esm2Service_PredictPacked_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(PredictPackedRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(Esm2ServiceServer).PredictPacked(m, &esm2ServicePredictPackedServer{stream})
+}
+
+type Esm2Service_PredictPackedServer interface {
+	Send(*PredictPackedResponse) error
+	grpc.ServerStream
+}
+
+type esm2ServicePredictPackedServer struct {
+	grpc.ServerStream
+}
+
+func (x *esm2ServicePredictPackedServer) Send(m *PredictPackedResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
 func _Esm2Service_Score_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(ScoreRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -287,6 +409,16 @@ var _Esm2Service_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Predict",
 			Handler:       _Esm2Service_Predict_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "EncodePacked",
+			Handler:       _Esm2Service_EncodePacked_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "PredictPacked",
+			Handler:       _Esm2Service_PredictPacked_Handler,
 			ServerStreams: true,
 		},
 		{

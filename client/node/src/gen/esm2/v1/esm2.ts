@@ -302,6 +302,36 @@ export interface PredictResponse {
   complete?: ItemComplete | undefined;
 }
 
+/**
+ * EncodePacked's request: EncodeRequest's fields under the same numbers, so the bytes
+ * of either parse as the other.
+ */
+export interface EncodePackedRequest {
+  /** 1 to 8 */
+  items: Item[];
+  params: EncodeParams | undefined;
+}
+
+/**
+ * One message of EncodePacked's stream: Encode's messages, in Encode's order, several to
+ * a message (each message at most 4 MiB; an item's messages may span several).
+ */
+export interface EncodePackedResponse {
+  responses: EncodeResponse[];
+}
+
+/** PredictPacked's request: PredictRequest's fields under the same numbers. */
+export interface PredictPackedRequest {
+  /** 1 to 8, each with at least one <mask> */
+  items: Item[];
+  params: PredictParams | undefined;
+}
+
+/** One message of PredictPacked's stream: Predict's messages, as EncodePackedResponse. */
+export interface PredictPackedResponse {
+  responses: PredictResponse[];
+}
+
 export interface ModelInfo {
   /** e.g. "esm2_t6_8M_UR50D" */
   name: string;
@@ -1390,6 +1420,322 @@ export const PredictResponse: MessageFns<PredictResponse> = {
     message.complete = (object.complete !== undefined && object.complete !== null)
       ? ItemComplete.fromPartial(object.complete)
       : undefined;
+    return message;
+  },
+};
+
+function createBaseEncodePackedRequest(): EncodePackedRequest {
+  return { items: [], params: undefined };
+}
+
+export const EncodePackedRequest: MessageFns<EncodePackedRequest> = {
+  encode(message: EncodePackedRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.items) {
+      Item.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.params !== undefined) {
+      EncodeParams.encode(message.params, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EncodePackedRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEncodePackedRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.items.push(Item.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.params = EncodeParams.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EncodePackedRequest {
+    return {
+      items: globalThis.Array.isArray(object?.items) ? object.items.map((e: any) => Item.fromJSON(e)) : [],
+      params: isSet(object.params) ? EncodeParams.fromJSON(object.params) : undefined,
+    };
+  },
+
+  toJSON(message: EncodePackedRequest): unknown {
+    const obj: any = {};
+    if (message.items?.length) {
+      obj.items = message.items.map((e) => Item.toJSON(e));
+    }
+    if (message.params !== undefined) {
+      obj.params = EncodeParams.toJSON(message.params);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EncodePackedRequest>): EncodePackedRequest {
+    return EncodePackedRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EncodePackedRequest>): EncodePackedRequest {
+    const message = createBaseEncodePackedRequest();
+    message.items = object.items?.map((e) => Item.fromPartial(e)) || [];
+    message.params = (object.params !== undefined && object.params !== null)
+      ? EncodeParams.fromPartial(object.params)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseEncodePackedResponse(): EncodePackedResponse {
+  return { responses: [] };
+}
+
+export const EncodePackedResponse: MessageFns<EncodePackedResponse> = {
+  encode(message: EncodePackedResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.responses) {
+      EncodeResponse.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EncodePackedResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEncodePackedResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.responses.push(EncodeResponse.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EncodePackedResponse {
+    return {
+      responses: globalThis.Array.isArray(object?.responses)
+        ? object.responses.map((e: any) => EncodeResponse.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: EncodePackedResponse): unknown {
+    const obj: any = {};
+    if (message.responses?.length) {
+      obj.responses = message.responses.map((e) => EncodeResponse.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EncodePackedResponse>): EncodePackedResponse {
+    return EncodePackedResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EncodePackedResponse>): EncodePackedResponse {
+    const message = createBaseEncodePackedResponse();
+    message.responses = object.responses?.map((e) => EncodeResponse.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBasePredictPackedRequest(): PredictPackedRequest {
+  return { items: [], params: undefined };
+}
+
+export const PredictPackedRequest: MessageFns<PredictPackedRequest> = {
+  encode(message: PredictPackedRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.items) {
+      Item.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.params !== undefined) {
+      PredictParams.encode(message.params, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PredictPackedRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePredictPackedRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.items.push(Item.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.params = PredictParams.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PredictPackedRequest {
+    return {
+      items: globalThis.Array.isArray(object?.items) ? object.items.map((e: any) => Item.fromJSON(e)) : [],
+      params: isSet(object.params) ? PredictParams.fromJSON(object.params) : undefined,
+    };
+  },
+
+  toJSON(message: PredictPackedRequest): unknown {
+    const obj: any = {};
+    if (message.items?.length) {
+      obj.items = message.items.map((e) => Item.toJSON(e));
+    }
+    if (message.params !== undefined) {
+      obj.params = PredictParams.toJSON(message.params);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PredictPackedRequest>): PredictPackedRequest {
+    return PredictPackedRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PredictPackedRequest>): PredictPackedRequest {
+    const message = createBasePredictPackedRequest();
+    message.items = object.items?.map((e) => Item.fromPartial(e)) || [];
+    message.params = (object.params !== undefined && object.params !== null)
+      ? PredictParams.fromPartial(object.params)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePredictPackedResponse(): PredictPackedResponse {
+  return { responses: [] };
+}
+
+export const PredictPackedResponse: MessageFns<PredictPackedResponse> = {
+  encode(message: PredictPackedResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.responses) {
+      PredictResponse.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PredictPackedResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePredictPackedResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.responses.push(PredictResponse.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PredictPackedResponse {
+    return {
+      responses: globalThis.Array.isArray(object?.responses)
+        ? object.responses.map((e: any) => PredictResponse.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: PredictPackedResponse): unknown {
+    const obj: any = {};
+    if (message.responses?.length) {
+      obj.responses = message.responses.map((e) => PredictResponse.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PredictPackedResponse>): PredictPackedResponse {
+    return PredictPackedResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PredictPackedResponse>): PredictPackedResponse {
+    const message = createBasePredictPackedResponse();
+    message.responses = object.responses?.map((e) => PredictResponse.fromPartial(e)) || [];
     return message;
   },
 };
@@ -2515,6 +2861,31 @@ export const Esm2ServiceService = {
     responseDeserialize: (value: Buffer): PredictResponse => PredictResponse.decode(value),
   },
   /**
+   * Encode and Predict with their streams packed: each message carries the responses
+   * that were ready together, in the same order. The same results in fewer messages,
+   * which costs both ends a fraction of the CPU: the way to call at volume.
+   */
+  encodePacked: {
+    path: "/esm2.v1.Esm2Service/EncodePacked" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: EncodePackedRequest): Buffer => Buffer.from(EncodePackedRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): EncodePackedRequest => EncodePackedRequest.decode(value),
+    responseSerialize: (value: EncodePackedResponse): Buffer =>
+      Buffer.from(EncodePackedResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): EncodePackedResponse => EncodePackedResponse.decode(value),
+  },
+  predictPacked: {
+    path: "/esm2.v1.Esm2Service/PredictPacked" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: PredictPackedRequest): Buffer => Buffer.from(PredictPackedRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PredictPackedRequest => PredictPackedRequest.decode(value),
+    responseSerialize: (value: PredictPackedResponse): Buffer =>
+      Buffer.from(PredictPackedResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PredictPackedResponse => PredictPackedResponse.decode(value),
+  },
+  /**
    * Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
    * A42G and A42G:L45P), or of every single substitution. Streams scores as their
    * forward passes complete; then per-position log-probabilities; then ScoreComplete.
@@ -2546,6 +2917,13 @@ export interface Esm2ServiceServer extends UntypedServiceImplementation {
   /** Logits at the <mask> positions of 1 to 8 sequences. */
   predict: handleServerStreamingCall<PredictRequest, PredictResponse>;
   /**
+   * Encode and Predict with their streams packed: each message carries the responses
+   * that were ready together, in the same order. The same results in fewer messages,
+   * which costs both ends a fraction of the CPU: the way to call at volume.
+   */
+  encodePacked: handleServerStreamingCall<EncodePackedRequest, EncodePackedResponse>;
+  predictPacked: handleServerStreamingCall<PredictPackedRequest, PredictPackedResponse>;
+  /**
    * Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
    * A42G and A42G:L45P), or of every single substitution. Streams scores as their
    * forward passes complete; then per-position log-probabilities; then ScoreComplete.
@@ -2570,6 +2948,29 @@ export interface Esm2ServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<PredictResponse>;
+  /**
+   * Encode and Predict with their streams packed: each message carries the responses
+   * that were ready together, in the same order. The same results in fewer messages,
+   * which costs both ends a fraction of the CPU: the way to call at volume.
+   */
+  encodePacked(
+    request: EncodePackedRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<EncodePackedResponse>;
+  encodePacked(
+    request: EncodePackedRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<EncodePackedResponse>;
+  predictPacked(
+    request: PredictPackedRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<PredictPackedResponse>;
+  predictPacked(
+    request: PredictPackedRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<PredictPackedResponse>;
   /**
    * Zero-shot scores of variants of one wild-type sequence (ProteinGym notation,
    * A42G and A42G:L45P), or of every single substitution. Streams scores as their
