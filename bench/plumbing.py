@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+import redis
 
 from bench.procfs import cpu_seconds, status_bytes
 
@@ -72,6 +73,7 @@ class Reading:
     cpu_s: dict[str, float]  # by kind of process
     max_frontend_connections: int
     frontend_peak_rss_mb: float  # the largest of the frontends' peak resident memory
+    redis_transport: str = "tcp"  # how the service's processes reached Redis: tcp, unix
 
     @property
     def cpu_ms_per_item(self) -> dict[str, float]:
@@ -191,6 +193,15 @@ def tree_pythonpath(revision: str, workdir: Path) -> str:
     return f"{package.parent}{os.pathsep}{ROOT}"
 
 
+def _serves_redis_on_a_unix_socket(pythonpath: str | None) -> bool:
+    """Whether the tree on `pythonpath` (None: this one) has `esm2 serve` reach its
+    embedded Redis over a Unix socket."""
+    if pythonpath is None:
+        return True
+    serve = Path(pythonpath.split(os.pathsep)[0]) / "esm2_service" / "server" / "serve.py"
+    return "embedded.local_url" in serve.read_text()
+
+
 def _tunes_redis_allocator(pythonpath: str | None) -> bool:
     """Whether the tree on `pythonpath` (None: this one) starts redis-server with
     `esm2_service.allocator`'s settings."""
@@ -210,10 +221,13 @@ class Plumbing:
         log_dir: Path,
         canned: int = 0,
         worker_args: tuple | None = None,
+        redis_over: str = "serve",
     ):
         """`canned`: run `bench.canned_frontend` (sequences of that many residues) as the
         frontends and no workers: the gRPC floor. `worker_args`: run real workers
-        (`esm2 worker` with these arguments) instead of instant ones."""
+        (`esm2 worker` with these arguments) instead of instant ones. `redis_over`:
+        "serve", as the tree's `esm2 serve` reaches its Redis (a Unix socket where it
+        has one); "tcp", TCP on loopback, as a Redis on another host is reached."""
         from esm2_service.server.embedded_redis import EmbeddedRedis
 
         self.env = {**os.environ, "ESM2_METRICS_PORT": "0", "ESM2_LOG_LEVEL": "WARNING"}
@@ -223,8 +237,12 @@ class Plumbing:
         self._redis_dir = tempfile.TemporaryDirectory(prefix="esm2-plumbing-")
         # Redis as that tree's `esm2 serve` starts it.
         redis_env = None if _tunes_redis_allocator(pythonpath) else dict(os.environ)
-        self.redis = EmbeddedRedis(Path(self._redis_dir.name), environment=redis_env)
-        self.env["REDIS_URL"] = self.redis.url
+        unix = redis_over == "serve" and _serves_redis_on_a_unix_socket(pythonpath)
+        self.redis = EmbeddedRedis(
+            Path(self._redis_dir.name), environment=redis_env, unix_socket=unix
+        )
+        self.redis_transport = "unix" if unix else "tcp"
+        self.env["REDIS_URL"] = self.redis.local_url
         self.processes: list[subprocess.Popen] = []
         self.frontends: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
@@ -298,7 +316,7 @@ class Plumbing:
         }
         before = {kind: sum(map(cpu_seconds, pids)) for kind, pids in groups.items()}
         started = time.monotonic()
-        with _ConnectionSampler(groups["frontend"], self.redis.port) as sampler:
+        with _ConnectionSampler(groups["frontend"], self.redis) as sampler:
             for client in clients:
                 client.stdin.write("go\n")
                 client.stdin.flush()
@@ -322,6 +340,7 @@ class Plumbing:
             cpu_s={kind: after[kind] - before[kind] for kind in groups},
             max_frontend_connections=sampler.peak,
             frontend_peak_rss_mb=max(status_bytes(p.pid, "VmHWM") for p in self.frontends) / 2**20,
+            redis_transport=self.redis_transport,
         )
 
     def latency(self, calls: int) -> dict:
@@ -342,7 +361,7 @@ class Plumbing:
         door = self._spawn("http", "esm2_service.server.http_main", "--port", 0)
         port = int(_expect(door, "listening on port").rsplit(" ", 1)[1])
         self.frontends.append(door)  # stopped with the rest
-        with _ConnectionSampler([door.pid], self.redis.port) as sampler:
+        with _ConnectionSampler([door.pid], self.redis) as sampler:
             outcomes, seconds = asyncio.run(_burst(port, requests, residues))
         return {"outcomes": outcomes, "seconds": seconds, "max_redis_connections": sampler.peak}
 
@@ -369,11 +388,14 @@ async def _burst(port: int, requests: int, residues: int) -> tuple[dict, float]:
 
 
 class _ConnectionSampler:
-    """The most connections to Redis that any one frontend process held, sampled."""
+    """The most connections to Redis that any one frontend process held, sampled: its
+    TCP connections to Redis's port, and the Unix socket connections Redis lists under
+    its name (`esm2-server-PID`; psutil sees no peer of a Unix socket)."""
 
-    def __init__(self, frontends: list[int], redis_port: int):
+    def __init__(self, frontends: list[int], redis_server):
         self.frontends = [psutil.Process(pid) for pid in frontends]
-        self.redis_port = redis_port
+        self.redis_port = redis_server.port
+        self.redis = redis.Redis.from_url(redis_server.url) if redis_server.socket_path else None
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -385,16 +407,30 @@ class _ConnectionSampler:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.redis is not None:
+            self.redis.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            on_socket = self._unix_connections()
             for process in self.frontends:
                 connections = process.net_connections(kind="tcp")
                 to_redis = sum(
                     1 for c in connections if c.raddr and c.raddr.port == self.redis_port
                 )
-                self.peak = max(self.peak, to_redis)
+                self.peak = max(self.peak, to_redis + on_socket.get(process.pid, 0))
             self._stop.wait(0.2)
+
+    def _unix_connections(self) -> Counter[int]:
+        """Unix socket connections by the pid their name ends with."""
+        if self.redis is None:
+            return Counter()
+        clients = self.redis.client_list()
+        return Counter(
+            int(c["name"].rsplit("-", 1)[1])
+            for c in clients
+            if c["addr"].startswith("/") and c["name"].rsplit("-", 1)[-1].isdigit()
+        )
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -468,6 +504,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run each cell against bench.canned_frontend: gRPC alone, no Redis, no worker",
     )
+    parser.add_argument(
+        "--redis-over",
+        choices=("serve", "tcp"),
+        default="serve",
+        help="serve (default): reach Redis as each tree's `esm2 serve` does (a Unix socket "
+        "where it has one); tcp: TCP on loopback for every tree, as a Redis on another host "
+        "(Kubernetes, Compose) is reached",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "plumbing.md")
     parser.add_argument("--small", action="store_true", help="a quick dry run of every stage")
     # A client process (internal).
@@ -519,7 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     for cell in cells(args):
         for tree, pythonpath in trees.items():
             canned = args.residues if tree == FLOOR else 0
-            service = Plumbing(cell.frontends, args.workers, pythonpath, log_dir, canned)
+            service = Plumbing(
+                cell.frontends,
+                args.workers,
+                pythonpath,
+                log_dir,
+                canned,
+                redis_over=args.redis_over,
+            )
             try:
                 reading = service.measure(cell, args, tree)
             finally:
@@ -529,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     latencies = _latencies(args, trees, log_dir) if args.latency_calls else {}
     burst = {}
     if args.http_burst:
-        service = Plumbing(1, args.workers, None, log_dir)
+        service = Plumbing(1, args.workers, None, log_dir, redis_over=args.redis_over)
         try:
             burst = service.http_burst(args.http_burst, args.residues)
         finally:
@@ -548,7 +599,7 @@ def _latencies(args: argparse.Namespace, trees: dict, log_dir: Path) -> dict:
     for _ in range(args.latency_rounds):
         for tree, pythonpath in trees.items():
             canned = args.residues if tree == FLOOR else 0
-            service = Plumbing(1, 1, pythonpath, log_dir, canned)
+            service = Plumbing(1, 1, pythonpath, log_dir, canned, redis_over=args.redis_over)
             try:
                 rounds[tree].append(service.latency(args.latency_calls))
             finally:
@@ -566,6 +617,17 @@ def _latencies(args: argparse.Namespace, trees: dict, log_dir: Path) -> dict:
     return latencies
 
 
+def _transports(readings: list[Reading]) -> str:
+    """How each tree reached Redis: "TCP on loopback (c33f2ed), a Unix socket (this)"."""
+    names = {"tcp": "TCP on loopback", "unix": "a Unix socket"}
+    trees: dict[str, list[str]] = {}
+    for reading in readings:
+        tree_names = trees.setdefault(names[reading.redis_transport], [])
+        if reading.tree not in tree_names:
+            tree_names.append(reading.tree)
+    return ", ".join(f"{name} ({', '.join(tree_names)})" for name, tree_names in trees.items())
+
+
 def _write(args: argparse.Namespace, readings: list[Reading], latencies: dict, burst: dict) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.plumbing " + " ".join(sys.argv[1:])
@@ -574,7 +636,9 @@ def _write(args: argparse.Namespace, readings: list[Reading], latencies: dict, b
         "",
         f"`{command.strip()}` on {os.cpu_count()} cores; {args.residues} residues a sequence,",
         f"8 a request, {args.clients} client processes, {args.workers} instant workers, "
-        f"{args.seconds:g} s a cell. CPU is per item, over the whole cell.",
+        f"{args.seconds:g} s a cell. CPU is per item, over the whole cell. Redis reached over "
+        + _transports(readings)
+        + ".",
         "",
         HEADER,
         *map(format_reading, readings),

@@ -210,9 +210,14 @@ def run(args: argparse.Namespace) -> int:
     embedded = None
     with tempfile.TemporaryDirectory(prefix="esm2-redis-") as redis_dir:
         if not env_or("REDIS_URL"):
-            embedded = EmbeddedRedis(Path(redis_dir))
-            env["REDIS_URL"] = embedded.url
-            log.info("started an embedded Redis on port %d (pid %d)", embedded.port, embedded.pid)
+            embedded = EmbeddedRedis(Path(redis_dir), unix_socket=True)
+            env["REDIS_URL"] = embedded.local_url  # its Unix socket: half Redis's CPU of TCP
+            log.info(
+                "started an embedded Redis on port %d and socket %s (pid %d)",
+                embedded.port,
+                embedded.socket_path,
+                embedded.pid,
+            )
         log.info("using Redis at %s", redact_url(env["REDIS_URL"]))
         frontends, grpc_port = _start_frontends(args, env)
         if args.http_port:

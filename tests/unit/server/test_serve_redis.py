@@ -33,7 +33,7 @@ def test_serves_defaults_give_up_after_more_than_three_deaths_in_a_minute():
 
 @pytest.fixture
 def embedded(tmp_path):
-    server = EmbeddedRedis(tmp_path, password="s3cret")
+    server = EmbeddedRedis(tmp_path, password="s3cret", unix_socket=True)  # as serve has it
     yield server
     server.stop()
 
@@ -45,7 +45,10 @@ def _kill_9(server: EmbeddedRedis) -> None:
 
 def test_a_dead_redis_comes_back_empty_on_its_port_with_its_password(embedded, caplog):
     client = redis.Redis.from_url(embedded.url, retry_on_error=[redis.ConnectionError])
+    local = redis.Redis.from_url(embedded.local_url, retry_on_error=[redis.ConnectionError])
+    assert embedded.local_url == f"unix://:s3cret@{embedded.socket_path}?db=0"
     client.set("queued", 1)
+    assert local.get("queued") == b"1"
     old_pid, port = embedded.pid, embedded.port
     _kill_9(embedded)
     caplog.set_level(logging.INFO, logger=serve.log.name)
@@ -55,6 +58,8 @@ def test_a_dead_redis_comes_back_empty_on_its_port_with_its_password(embedded, c
     assert embedded.pid != old_pid
     # The same URL, password included, reaches the new one; the queue went with the old.
     assert client.ping() and client.get("queued") is None
+    assert local.ping() and local.client_info()["addr"].startswith(str(embedded.socket_path))
+    local.close()
     (warning,) = caplog.records
     assert warning.levelno == logging.WARNING
     assert "queue was lost" in warning.getMessage() and "UNAVAILABLE" in warning.getMessage()
@@ -83,3 +88,14 @@ def test_supervise_exits_1_when_it_gives_up_on_redis(embedded, monkeypatch):
     monkeypatch.setattr(serve, "REDIS_MAX_RESTARTS", 0)
     _kill_9(embedded)
     assert serve._supervise([], [], None, {}, [], embedded) == 1
+
+
+def test_a_socket_path_too_long_for_an_address_leaves_the_tcp_port_alone(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    server = EmbeddedRedis(deep, unix_socket=True)
+    try:
+        assert server.socket_path is None and server.local_url == server.url
+        assert redis.Redis.from_url(server.local_url).ping()
+    finally:
+        server.stop()
