@@ -11,7 +11,7 @@ import pytest
 from esm2_service.chunk_reader import read_packed
 from esm2_service.client.results import StreamAssembler
 from esm2_service.esm2.v1 import esm2_pb2 as pb
-from esm2_service.server.packing import MAX_PACKED_BYTES, pack
+from esm2_service.server.packing import MAX_PACKED_BYTES, PACK_BYTES, pack
 from esm2_service.tensors import MAX_CHUNK_BYTES, serialized_chunk_responses, to_wire_bytes
 
 
@@ -45,19 +45,22 @@ def test_small_responses_share_one_message_in_order():
     assert [bytes(view) for view in read_packed(messages[0])] == responses
 
 
-def test_large_responses_split_into_messages_under_grpcs_limit():
-    # Eight 1 MiB chunks, two of the largest a chunk can be, and completions between.
-    responses = [chunks(i, 1 << 20)[0] for i in range(8)]
+def test_large_responses_go_alone_and_every_message_is_under_grpcs_limit():
+    # Chunks of 100 KB and 1 MiB, two of the largest a chunk can be, completions between.
+    responses = [chunks(i, 100_000 if i % 2 else 1 << 20)[0] for i in range(8)]
     responses += chunks(8, 2 * MAX_CHUNK_BYTES)
     responses += [completion(i) for i in range(9)]
     messages = list(pack(responses))
 
-    assert all(len(message) <= MAX_PACKED_BYTES for message in messages)
     assert unpacked(messages) == responses
     assert [bytes(v) for m in messages for v in read_packed(m)] == responses
-    # As few as fit: no two neighbours would have fit in one.
     sizes = [len(message) for message in messages]
-    assert all(a + b > MAX_PACKED_BYTES for a, b in zip(sizes, sizes[1:], strict=False))
+    assert max(sizes) <= MAX_PACKED_BYTES
+    # As few as fit: a message over PACK_BYTES holds one response, and no two
+    # neighbours would have fit in one.
+    assert all(len(read_packed(m)) == 1 for m in messages if len(m) > PACK_BYTES)
+    assert all(a + b > PACK_BYTES for a, b in zip(sizes, sizes[1:], strict=False))
+    assert [len(read_packed(m)) for m in messages][-1] == 9  # the completions, together
     assert list(pack([])) == []
 
 
