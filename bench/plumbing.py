@@ -259,7 +259,7 @@ class Plumbing:
             self.target = f"127.0.0.1:{port}"
             for index in range(0 if canned else workers):
                 if worker_args is None:
-                    module, args = "bench.instant_worker", ("--redis-url", self.redis.url)
+                    module, args = "bench.instant_worker", ("--redis-url", self.redis.local_url)
                     worker_id = f"instant-{index}"
                 else:
                     module, args, worker_id = "esm2_service.worker", worker_args, f"real-{index}"

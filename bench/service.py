@@ -105,7 +105,7 @@ class ServiceProcesses:
         with self.log_path(name).open("w") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                env={**os.environ, "REDIS_URL": self.redis.url, **CHILD_ENV},
+                env={**os.environ, "REDIS_URL": self.redis.local_url, **CHILD_ENV},
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
@@ -114,7 +114,7 @@ class ServiceProcesses:
     def _start_frontend(self) -> None:
         from esm2_service.server.embedded_redis import EmbeddedRedis
 
-        self.redis = EmbeddedRedis(Path(self._redis_dir.name))
+        self.redis = EmbeddedRedis(Path(self._redis_dir.name), unix_socket=True)  # as serve's
         self.frontend = self._spawn("frontend", "esm2_service.server", ["--port", "0"])
         line = _first_line(self.frontend, START_TIMEOUT_S)
         if "listening on port" not in line:

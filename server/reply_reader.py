@@ -44,6 +44,9 @@ FETCH_COUNT = 8
 # carrying their small results (up to 64 KiB an item), so this bounds one read's size.
 NEWS_COUNT = 64
 _RETRY_S = 0.5
+# A round trip with only cleanup to do (trims, finished requests' keys) waits this long for
+# company: under load, one round trip then drops many requests' keys instead of one's.
+CLEANUP_DELAY_S = 0.005
 # Round trips that try to drop a finished request's keys before leaving them to expire.
 _FORGET_ATTEMPTS = 20
 _CLOSE_TIMEOUT_S = 5.0
@@ -140,7 +143,8 @@ class ReplyReader:
         # Requests done with: request id -> (cancelled, resolved after the round trip).
         self._to_forget: dict[str, tuple[bool, asyncio.Future]] = {}
         self._forget_attempts: dict[str, int] = {}  # of those refused so far
-        self._work = asyncio.Event()
+        self._work = asyncio.Event()  # something to do in the next round trip
+        self._urgent = asyncio.Event()  # something that must not wait: fetches, cancels
         self._tasks: list[asyncio.Task] = []
         self._closing = False
 
@@ -152,7 +156,7 @@ class ReplyReader:
     async def aclose(self) -> None:
         """Stops reading; what was asked of Redis meanwhile is still done."""
         self._closing = True  # redis-py may swallow a cancellation: the loops check this too
-        self._work.set()
+        self._soon(urgent=True)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -169,7 +173,7 @@ class ReplyReader:
         self.start()
         if request_id not in self._to_forget:
             self._to_forget[request_id] = (cancelled, asyncio.get_running_loop().create_future())
-        self._work.set()
+        self._soon(urgent=cancelled)  # workers learn of a cancellation at once
         return self._to_forget[request_id][1]
 
     def subscribe(self, request_id: str) -> Subscription:
@@ -198,11 +202,16 @@ class ReplyReader:
             self._to_check.add(subscription)
         if subscription.news or quiet:
             self._to_fetch.add(subscription)
-            self._work.set()
+            self._soon(urgent=True)
 
     def trim_soon(self, stream: str, relayed_id: bytes) -> None:
         self._to_trim[stream] = relayed_id
+        self._soon(urgent=False)
+
+    def _soon(self, urgent: bool) -> None:
         self._work.set()
+        if urgent:
+            self._urgent.set()
 
     async def _listen(self) -> None:
         last_id = b"0-0"
@@ -250,7 +259,12 @@ class ReplyReader:
     async def _fetch(self) -> None:
         while not self._closing:
             await self._work.wait()
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLEANUP_DELAY_S):
+                        await self._urgent.wait()
             self._work.clear()
+            self._urgent.clear()
             trims, self._to_trim = self._to_trim, {}
             checks, self._to_check = list(self._to_check), set()
             fetches = [s for s in self._to_fetch if s.batch is None and s.error is None]
