@@ -32,38 +32,29 @@ def _encode(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+# The streaming methods and their requests.
+_STREAMS = (
+    ("Encode", pb.EncodeRequest),
+    ("Predict", pb.PredictRequest),
+    ("EncodePacked", pb.EncodePackedRequest),
+    ("PredictPacked", pb.PredictPackedRequest),
+    ("Score", pb.ScoreRequest),
+)
+
+
 def add_esm2_service(servicer, server: grpc.aio.Server) -> None:
     handlers = {
-        "Encode": grpc.unary_stream_rpc_method_handler(
-            servicer.Encode,
-            request_deserializer=_decoder(pb.EncodeRequest),
+        method: grpc.unary_stream_rpc_method_handler(
+            getattr(servicer, method),
+            request_deserializer=_decoder(request),
             response_serializer=_encode,
-        ),
-        "Predict": grpc.unary_stream_rpc_method_handler(
-            servicer.Predict,
-            request_deserializer=_decoder(pb.PredictRequest),
-            response_serializer=_encode,
-        ),
-        "EncodePacked": grpc.unary_stream_rpc_method_handler(
-            servicer.EncodePacked,
-            request_deserializer=_decoder(pb.EncodePackedRequest),
-            response_serializer=_encode,
-        ),
-        "PredictPacked": grpc.unary_stream_rpc_method_handler(
-            servicer.PredictPacked,
-            request_deserializer=_decoder(pb.PredictPackedRequest),
-            response_serializer=_encode,
-        ),
-        "Score": grpc.unary_stream_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=_decoder(pb.ScoreRequest),
-            response_serializer=_encode,
-        ),
-        "GetStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.GetStatus,
-            request_deserializer=_decoder(pb.GetStatusRequest),
-            response_serializer=_encode,
-        ),
+        )
+        for method, request in _STREAMS
     }
+    handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
+        servicer.GetStatus,
+        request_deserializer=_decoder(pb.GetStatusRequest),
+        response_serializer=_encode,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

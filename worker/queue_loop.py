@@ -91,8 +91,9 @@ local room = tonumber(ARGV[3])
 local taken = {longest}
 for _, i in ipairs(order) do
   if room <= 0 then break end
-  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', room,
-                           'STREAMS', KEYS[i], '>')
+  -- An empty lane has nothing to take: XLEN says so for a fraction of XREADGROUP's cost.
+  local reply = redis.call('XLEN', KEYS[i]) > 0 and
+    redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', room, 'STREAMS', KEYS[i], '>')
   if reply then
     local entries = reply[1][2]
     table.insert(taken, i - 1)
@@ -146,6 +147,8 @@ class QueueWorker:
         self.progress_at = time.monotonic()  # the loop's last sign of life
         self._last_claim = 0.0
         self._take = client.register_script(_TAKE_SCRIPT)
+        # The next step's first take, sent along with the last batch's write (see _finish).
+        self._prefetched: list[tuple[int, bytes, dict]] | None = None
         self._may_promote = True  # False right after a batch of a lane that waited too long
         self._next_wait_check = 0.0  # monotonic s; see _read_new
         self.stats = {"items": 0, "batches": 0}
@@ -178,7 +181,8 @@ class QueueWorker:
         if self.write_behind is not None:
             self.write_behind.close()
             self.behind_replies.direct.close()
-        self._hand_back(self.held)
+        prefetched, self._prefetched = self._prefetched or [], None
+        self._hand_back(self.held + [job for job in map(self._admit_entry, prefetched) if job])
         self.direct.close()
         heartbeat.join(timeout=self.settings.heartbeat_s + 1)
         self._sign_off()
@@ -190,12 +194,16 @@ class QueueWorker:
         how many entries it took from Redis."""
         self.progress_at = time.monotonic()
         room = self.settings.batch_size - len(self.held)
-        entries = []
-        if room > 0:
-            entries = self._claim_stale(room) or self._take_new(room)
-            if not entries and not self.held:
-                entries = self._wait_for_new(room)
-        admitted = (self._admit(*entry) for entry in entries)
+        entries, prefetched, self._prefetched = [], self._prefetched, None
+        if prefetched:  # taken for this step's room (`held` is unchanged)
+            entries = self._take_new(room, first_read=prefetched)
+        elif room > 0:
+            entries = self._claim_stale(room)
+            if not entries and prefetched is None:  # an empty one was this step's take
+                entries = self._take_new(room)
+        if room > 0 and not entries and not self.held:
+            entries = self._wait_for_new(room)
+        admitted = map(self._admit_entry, entries)
         held = [job for job in self.held if not self._skipped(job)]
         jobs = held + [job for job in admitted if job]
         if not jobs:
@@ -221,41 +229,46 @@ class QueueWorker:
         oldest = max(jobs, key=Job.waited_s)
         return oldest.lane if oldest.waited_s() > self.settings.lane_max_wait_s else None
 
-    def _take_new(self, room: int) -> list[tuple[int, bytes, dict]]:
+    def _take_new(self, room: int, first_read: list | None = None) -> list[tuple[int, bytes, dict]]:
         """New entries, up to `room`, in reads of at most READ_SIZE (shortest lane first;
-        a lane that waited too long first, when allowed), without blocking. Reading stops
-        early when a read comes back short or the entries fill a pass's tokens."""
+        a lane that waited too long first, when allowed), without blocking; the first
+        read is `first_read` when it was made already. Reading stops early when a read
+        comes back short or the entries fill a pass's tokens."""
         entries: list[tuple[int, bytes, dict]] = []
         tokens = 0
-        while room > 0 and tokens < self.settings.max_batch_tokens:
-            read = self._read_new(min(room, READ_SIZE))
+        read = first_read
+        while read is not None or room > 0 and tokens < self.settings.max_batch_tokens:
+            if read is None:
+                read = self._read_new(min(room, READ_SIZE))
             entries += read
             room -= len(read)
             tokens += sum(_LANE_FLOOR_TOKENS[lane] for lane, _, _ in read)
             if len(read) < READ_SIZE:
                 break
+            read = None
         return entries
 
     def _read_new(self, room: int) -> list[tuple[int, bytes, dict]]:
-        """Takes up to `room` entries. Whether a lane waited too long is asked only when
-        one could have by now: no entry can pass `lane_max_wait_s` before the one that
-        had waited longest at the last asking (the asking costs Redis more than the read)."""
-        now = time.monotonic()
-        check_waits = self._may_promote and now >= self._next_wait_check
-        limit_s = self.settings.lane_max_wait_s
-        longest_ms, *taken = self.direct.run_script(
-            self._take,
-            keys=queue.QUEUE_LANES,
-            args=[
-                queue.WORKER_GROUP,
-                self.settings.worker_id,
-                room,
-                int(check_waits),
-                int(limit_s * 1000),
-            ],
-        )
+        """Takes up to `room` entries."""
+        args, check_waits = self._take_args(room)
+        return self._taken(self.direct.run_script(self._take, queue.QUEUE_LANES, args), check_waits)
+
+    def _take_args(self, room: int) -> tuple[list, bool]:
+        """The take script's arguments for up to `room` entries, and whether they ask
+        if a lane waited too long. That is asked only when one could have by now: no
+        entry can pass `lane_max_wait_s` before the one that had waited longest at the
+        last asking (the asking costs Redis more than the read)."""
+        check_waits = self._may_promote and time.monotonic() >= self._next_wait_check
+        limit_ms = int(self.settings.lane_max_wait_s * 1000)
+        args = [queue.WORKER_GROUP, self.settings.worker_id, room, int(check_waits), limit_ms]
+        return args, check_waits
+
+    def _taken(self, reply: list, check_waits: bool) -> list[tuple[int, bytes, dict]]:
+        """The entries of the take script's reply."""
+        longest_ms, *taken = reply
         if check_waits:
-            self._next_wait_check = now + limit_s - max(longest_ms, 0) / 1000
+            limit_s = self.settings.lane_max_wait_s
+            self._next_wait_check = time.monotonic() + limit_s - max(longest_ms, 0) / 1000
         return [
             (lane, entry_id, _field_dict(fields))
             for lane, entries in zip(taken[::2], taken[1::2], strict=True)
@@ -325,6 +338,9 @@ class QueueWorker:
             self.replies.error(item, "INTERNAL", reason)
         self._ack([(stream, entry_id)])
         return False
+
+    def _admit_entry(self, entry: tuple[int, bytes, dict]) -> Job | None:
+        return self._admit(*entry)
 
     def _admit(self, lane: int, entry_id: bytes, fields) -> Job | None:
         """The job for an entry, or None (acknowledged) if it must not run."""
@@ -404,7 +420,11 @@ class QueueWorker:
                 abandoned = replies.abandoned.get(item_key(job.item))
                 outcomes.append(abandoned_outcome(abandoned[0]) if abandoned else "completed")
                 replies.complete(job.item, job.work.predict)
-            cancelled = self._ack(refs, replies)
+            take = self._take_along(replies)
+            try:
+                cancelled = self._ack(refs, replies)
+            finally:
+                self._prefetched = take and self._taken_along(*take)
         except redis.RedisError as error:
             replies.discard()
             self.in_flight.difference_update(refs)
@@ -426,6 +446,27 @@ class QueueWorker:
         tokens, seconds = sum(len(j.work.token_ids) for j in jobs), time.perf_counter() - started
         self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
         log.debug("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
+
+    def _take_along(self, replies: ReplyWriter) -> tuple[bool] | None:
+        """Has the next step's first take ride along with the batch's final write on the
+        loop's connection (one round trip for both: Redis's and the worker's cost of one
+        less), when that step will take and need not claim first."""
+        room = self.settings.batch_size - len(self.held)
+        claim_due = time.monotonic() - self._last_claim >= _CLAIM_EVERY_S
+        if replies is not self.replies or room <= 0 or claim_due:
+            return None
+        args, check_waits = self._take_args(min(room, READ_SIZE))
+        lanes = queue.QUEUE_LANES
+        self.direct.ride_along("EVALSHA", self._take.sha, len(lanes), *lanes, *args)
+        return (check_waits,)
+
+    def _taken_along(self, check_waits: bool) -> list[tuple[int, bytes, dict]] | None:
+        """The entries of the take that rode along; None if it was not sent or Redis
+        refused it (the next step takes as usual, and meets the error there)."""
+        reply = self.direct.rider_reply()
+        if reply is None or isinstance(reply, redis.ResponseError):
+            return None
+        return self._taken(reply, check_waits)
 
     def _ack(self, refs: list[EntryRef], replies: ReplyWriter | None = None) -> set[str]:
         """Writes the replies buffered so far, then acknowledges the entries. Returns

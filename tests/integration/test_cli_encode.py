@@ -132,7 +132,7 @@ def many_records(path, count: int) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "crash"])
 def test_an_interrupted_job_resumes_without_recomputing_what_is_written(service, tmp_path, stop):
     fasta = tmp_path / "many.fasta"
-    records = many_records(fasta, 1500)
+    records = many_records(fasta, 5000)  # long enough to be stopped midway on a busy host
     out = tmp_path / "many.h5"
     argv = [*ESM2, "encode", fasta, "-o", out, "--target", service.target, "--no-progress"]
     argv += ["--shard-records", "100", "--concurrency", "2"]
@@ -159,7 +159,7 @@ def test_an_interrupted_job_resumes_without_recomputing_what_is_written(service,
     with h5py.File(out) as file:
         assert sorted(file) == sorted(record_id for record_id, _ in records)
         assert file.attrs["records"] == len(records)
-        for record_id, sequence in records[::150]:
+        for record_id, sequence in records[::500]:
             assert file[record_id].attrs["length"] == len(sequence)
     assert not partial.exists()
 
@@ -252,7 +252,7 @@ def test_a_lost_connection_is_retried_and_the_job_still_finishes(
     port = free_port()
     service = ServiceProcesses(redis_server.url, tiny_checkpoint, server_args=["--port", str(port)])
     fasta = tmp_path / "many.fasta"
-    records = many_records(fasta, 1500)
+    records = many_records(fasta, 5000)  # long enough to be stopped midway on a busy host
     out = tmp_path / "many.h5"
     argv = [*ESM2, "encode", fasta, "-o", out, "--target", service.target, "--no-progress"]
     try:

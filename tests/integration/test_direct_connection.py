@@ -41,3 +41,25 @@ def test_a_lost_connection_fails_one_transaction_and_the_next_reconnects(redis_c
         direct.transaction([("INCR", "counter")])
     assert direct.transaction([("INCR", "counter")]) == [1]
     direct.close()
+
+
+def test_a_command_rides_along_with_the_next_round_trip_whatever_its_outcome(redis_client):
+    direct = DirectConnection(redis_client)
+    assert direct.rider_reply() is None  # nothing rode along
+    direct.ride_along("INCR", "rides")
+    assert direct.transaction([("SET", "k", b"v")]) == [b"OK"]
+    assert direct.rider_reply() == 1 and direct.rider_reply() is None  # taken once
+
+    redis_client.xadd("stream", {"f": 1})
+    direct.ride_along("INCR", "rides")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        direct.execute("INCR", "stream")
+    assert direct.rider_reply() == 2  # read past the refusal: the connection is in step
+    direct.ride_along("INCR", "stream")
+    assert direct.execute("GET", "k") == b"v"
+    assert isinstance(direct.rider_reply(), redis.ResponseError)
+
+    direct.ride_along("INCR", "rides")
+    assert direct.rider_reply() is None  # taken back before any round trip: never sent
+    assert direct.execute("GET", "rides") == b"2"
+    direct.close()

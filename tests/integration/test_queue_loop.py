@@ -328,14 +328,27 @@ def test_heartbeat_announces_the_model_and_refreshes_entries_in_flight(redis_cli
     assert pb.ModelInfo.FromString(redis_client.get(queue.worker_info_key("hb"))) == MODEL
 
 
+def queued_while_the_first_batch_runs(runner: Recording, redis_client, request_id, sequence):
+    """Has `runner` queue `sequence` as request `request_id`'s item 0 while it runs its
+    first batch (the worker takes the next step's entries as it writes that batch)."""
+    run = runner.run
+
+    def run_while_an_item_arrives(items, emit):
+        run(items, emit)
+        if len(runner.batches) == 1:
+            enqueue(redis_client, request_id, 0, sequence)
+
+    runner.run = run_while_an_item_arrives
+
+
 def test_a_short_item_queued_later_overtakes_held_long_ones(redis_client, engine):
     runner = Recording(engine)
+    queued_while_the_first_batch_runs(runner, redis_client, "short", "MKV")
     worker = make_worker(redis_client, runner, max_batch_tokens=210, batch_size=4)
     for index in range(3):
         enqueue(redis_client, "long", index, "A" * 100)
     worker.step()  # two long items fit the budget; the third is held
     assert runner.batches == [[100, 100]] and len(worker.held) == 1
-    enqueue(redis_client, "short", 0, "MKV")
     worker.step()
     assert runner.batches[1] == [3, 100]  # the short item runs in the very next batch
     assert worker.held == []
@@ -344,6 +357,7 @@ def test_a_short_item_queued_later_overtakes_held_long_ones(redis_client, engine
 
 def test_a_short_item_overtakes_a_deep_backlog_of_long_ones(redis_client, engine):
     runner = Recording(engine)
+    queued_while_the_first_batch_runs(runner, redis_client, "short", "MKV")
     worker = make_worker(redis_client, runner)
     for index in range(8):
         enqueue(redis_client, f"bulk-{index}", 0, "A" * 300)  # 40 items, lane to512
@@ -351,7 +365,6 @@ def test_a_short_item_overtakes_a_deep_backlog_of_long_ones(redis_client, engine
             enqueue(redis_client, f"bulk-{index}", more, "A" * (300 + more))
     worker.step()
     assert runner.batches == [[300, 300, 301, 301, 302, 302, 303, 304]]  # first 8 queued
-    enqueue(redis_client, "short", 0, "MKV")
     worker.step()
     # The very next batch, and alone: a batch never mixes lanes.
     assert runner.batches[1] == [3]
@@ -381,6 +394,40 @@ def test_a_pass_packs_several_reads_of_at_most_8_entries(redis_client, engine):
     assert queue_length(redis_client) == 0
 
 
+def test_the_next_take_rides_along_with_a_batchs_write(redis_client, engine):
+    """One round trip writes a batch and takes the next step's entries; a worker that
+    stops with such entries hands them back to the queue at once."""
+    runner = Recording(engine)
+    worker = make_worker(redis_client, runner)
+    for index in range(24):
+        enqueue(redis_client, f"r{index // 8}", index % 8, "A" * (30 + index))
+    takes = []
+    run_script = worker.direct.run_script
+
+    def counted(script, keys, args):
+        takes.extend([args[2]] if script is worker._take else [])
+        return run_script(script, keys, args)
+
+    worker.direct.run_script = counted
+    worker.step()
+    worker.step()
+    assert takes == [8]  # the second step's entries came with the first batch's write
+    assert runner.batches == [[30 + i for i in range(8)], [38 + i for i in range(8)]]
+    assert all(len(replies(redis_client, f"r{r}")) == 16 for r in (0, 1))
+    assert [entry[1] for entry in worker._prefetched] == sorted(e[1] for e in worker._prefetched)
+    assert len(worker._prefetched) == 8
+
+    stop = threading.Event()
+    stop.set()
+    worker.run(stop)
+    lane = lane_of("A" * 50)
+    assert redis_client.xpending(lane, queue.WORKER_GROUP)["pending"] == 0
+    assert queue_length(redis_client) == 8  # handed back, ready for any worker
+    other = make_worker(redis_client, Recording(engine), worker_id="w2")
+    other.step()
+    assert len(replies(redis_client, "r2")) == 16
+
+
 def test_reads_stop_once_the_entries_fill_a_pass(redis_client, engine):
     runner = Recording(engine)
     worker = make_worker(redis_client, runner, batch_size=64, max_batch_tokens=2000)
@@ -407,23 +454,23 @@ def test_a_read_spanning_lanes_runs_shortest_lane_first_in_separate_batches(redi
 def test_lane_waits_are_looked_at_again_only_once_one_could_pass_the_limit(redis_client, engine):
     worker = make_worker(redis_client, engine, batch_size=2, lane_max_wait_s=5.0)
     asked = []
-    run_script = worker.direct.run_script
+    take_args = worker._take_args
 
-    def counted(script, keys, args):
-        if script is worker._take:
-            asked.append(args[3])  # 1: this read looks for a lane that waited too long
-        return run_script(script, keys, args)
+    def counted(room):  # every take: a step's own, or one riding along with a write
+        args, check_waits = take_args(room)
+        asked.append(args[3])  # 1: this read looks for a lane that waited too long
+        return args, check_waits
 
-    worker.direct.run_script = counted
+    worker._take_args = counted
     for index in range(6):
         enqueue(redis_client, "fresh", index, "A" * 20)
     for _ in range(3):
         worker.step()
-    assert asked == [1, 0, 0]  # nothing can pass 5 s before about 5 s from now
+    assert asked == [1, 0, 0, 0]  # nothing can pass 5 s before about 5 s from now
     worker._next_wait_check -= 5.0  # as if those 5 s had passed
     enqueue(redis_client, "later", 0, "A" * 20)
     worker.step()
-    assert asked[-1] == 1
+    assert asked[4] == 1
     assert queue_length(redis_client) == 0
 
 

@@ -222,3 +222,11 @@ def test_the_client_distribution_needs_neither_torch_nor_redis():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~ \[]", requirement)[0] for requirement in project["dependencies"]}
     assert names == {"grpcio", "protobuf", "numpy", "h5py", "tqdm"}
+
+
+def test_the_frontend_registers_every_streaming_method_with_its_request():
+    from esm2_service.server.handlers import _STREAMS
+
+    service = pb.DESCRIPTOR.services_by_name["Esm2Service"]
+    streams = {m.name: m.input_type.full_name for m in service.methods if m.server_streaming}
+    assert {name: request.DESCRIPTOR.full_name for name, request in _STREAMS} == streams
