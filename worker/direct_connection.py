@@ -8,8 +8,8 @@ observability hooks and a reply callback, and a script call adds a layer of its 
 of the worker's CPU for a take of 8 entries, against 48 sent and read on a connection
 directly (a PING: 29 against 13; timed by hand on the 2-core host). `DirectConnection` keeps
 one pool connection and sends on it, with the connection's retry policy and health checks,
-as redis-py's own commands (by default a lost connection fails the command and the next one
-reconnects). A connection is not thread-safe: one `DirectConnection` per thread.
+as redis-py's own commands (the worker's client reconnects and sends again, up to 3 times:
+`worker.main.redis_client`). A connection is not thread-safe: one `DirectConnection` per thread.
 """
 
 from __future__ import annotations

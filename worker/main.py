@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from esm2_service.allocator import keep_freed_memory
 from esm2_service.config import check_redis_address, env_or, redact_url
@@ -129,6 +131,10 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
         socket_timeout=max(10.0, settings.block_ms / 1000 + 5),
         health_check_interval=10,
         command_packer=CommandPacker(),
+        # from_url's connections retry nothing (unlike Redis()'s): a dropped
+        # connection would fail a batch's write, and its items would wait --claim-idle-s
+        # to run again. A write sent twice is relayed once (frontends keep each piece once).
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         **tcp,
     )
 

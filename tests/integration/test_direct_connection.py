@@ -63,3 +63,16 @@ def test_a_command_rides_along_with_the_next_round_trip_whatever_its_outcome(red
     assert direct.rider_reply() is None  # taken back before any round trip: never sent
     assert direct.execute("GET", "rides") == b"2"
     direct.close()
+
+
+def test_the_workers_own_client_reconnects_and_sends_again(redis_server, redis_client):
+    """So a dropped connection costs a batch's write a retry, not --claim-idle-s."""
+    from esm2_service.worker.main import redis_client as workers_client
+    from esm2_service.worker.settings import WorkerSettings
+
+    settings = WorkerSettings(redis_url=redis_server.url_for_db(1), worker_id="w")
+    direct = DirectConnection(workers_client(settings))
+    direct.execute("PING")
+    redis_client.client_kill_filter(_type="normal", skipme=True)  # drops the direct one
+    assert direct.transaction([("INCR", "counter")]) == [1]
+    direct.close()
