@@ -11,12 +11,14 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	esm2v1 "esm2service/esm2/v1"
 )
@@ -38,6 +40,9 @@ type Client struct {
 	conn    *grpc.ClientConn
 	stub    esm2v1.Esm2ServiceClient
 	options Options
+	// Encode and Predict go packed (several responses to a message: less CPU at both
+	// ends) until a server answers Unimplemented; then this client calls the plain ones.
+	plainOnly atomic.Bool
 }
 
 // Dial connects to target ("host:port").
@@ -125,9 +130,19 @@ func (c *Client) Encode(ctx context.Context, sequences []string, options EncodeO
 		layers = []int{-1}
 	}
 	results := make([]EncodeResult, len(sequences))
-	err = c.run(ctx, sequences, func(ctx context.Context, items []*esm2v1.Item) (stream, error) {
+	err = c.run(ctx, sequences, func(ctx context.Context, items []*esm2v1.Item, packed bool) (stream, error) {
+		if packed {
+			call, err := c.stub.EncodePacked(ctx, &esm2v1.EncodePackedRequest{Items: items, Params: params})
+			return streamOf(call, func() ([]response, error) {
+				message, err := call.Recv()
+				return responses(message.GetResponses()), err
+			}), err
+		}
 		call, err := c.stub.Encode(ctx, &esm2v1.EncodeRequest{Items: items, Params: params})
-		return streamOf(call, func() (response, error) { return call.Recv() }), err
+		return streamOf(call, func() ([]response, error) {
+			message, err := call.Recv()
+			return []response{message}, err
+		}), err
 	}, func(index int, item completedItem) error {
 		result, err := encodeResult(index, item, params.GetInclude(), layers)
 		results[index] = result
@@ -168,10 +183,20 @@ func (c *Client) Predict(ctx context.Context, sequences []string, dtype string) 
 		return nil, err
 	}
 	results := make([]PredictResult, len(sequences))
-	err = c.run(ctx, sequences, func(ctx context.Context, items []*esm2v1.Item) (stream, error) {
-		request := &esm2v1.PredictRequest{Items: items, Params: &esm2v1.PredictParams{Dtype: wire}}
-		call, err := c.stub.Predict(ctx, request)
-		return streamOf(call, func() (response, error) { return call.Recv() }), err
+	err = c.run(ctx, sequences, func(ctx context.Context, items []*esm2v1.Item, packed bool) (stream, error) {
+		params := &esm2v1.PredictParams{Dtype: wire}
+		if packed {
+			call, err := c.stub.PredictPacked(ctx, &esm2v1.PredictPackedRequest{Items: items, Params: params})
+			return streamOf(call, func() ([]response, error) {
+				message, err := call.Recv()
+				return responses(message.GetResponses()), err
+			}), err
+		}
+		call, err := c.stub.Predict(ctx, &esm2v1.PredictRequest{Items: items, Params: params})
+		return streamOf(call, func() ([]response, error) {
+			message, err := call.Recv()
+			return []response{message}, err
+		}), err
 	}, func(index int, item completedItem) error {
 		logits, err := item.single(esm2v1.Include_INCLUDE_LOGITS)
 		if err == nil && logits == nil {
@@ -217,20 +242,30 @@ func (c *Client) callContext(ctx context.Context) (context.Context, context.Canc
 	return context.WithCancel(ctx)
 }
 
-// stream is one call's response stream, whichever RPC it belongs to.
+// stream is one call's response stream, whichever RPC it belongs to: recv returns the
+// responses of its next message (one, or a packed message's several).
 type stream struct {
-	recv    func() (response, error)
+	recv    func() ([]response, error)
 	trailer func() metadata.MD
 }
 
-func streamOf(call grpc.ClientStream, recv func() (response, error)) stream {
+func streamOf(call grpc.ClientStream, recv func() ([]response, error)) stream {
 	if call == nil {
 		return stream{}
 	}
 	return stream{recv: recv, trailer: call.Trailer}
 }
 
-type startCall func(ctx context.Context, items []*esm2v1.Item) (stream, error)
+func responses[M response](messages []M) []response {
+	out := make([]response, len(messages))
+	for i, message := range messages {
+		out[i] = message
+	}
+	return out
+}
+
+// startCall starts one request's call: the packed method (`packed`) or the plain one.
+type startCall func(ctx context.Context, items []*esm2v1.Item, packed bool) (stream, error)
 
 // run sends `sequences` in requests of BatchSize, MaxConcurrency at a time, and hands
 // each completed item to `keep` with its index in `sequences`. Refusals
@@ -287,27 +322,34 @@ func (c *Client) run(ctx context.Context, sequences []string, start startCall, k
 }
 
 func (c *Client) runBatch(ctx context.Context, offset int, batch []string, start startCall) ([]completedItem, error) {
-	ctx, cancel := c.callContext(ctx)
+	callCtx, cancel := c.callContext(ctx)
 	defer cancel()
 	items := make([]*esm2v1.Item, len(batch))
 	for i, sequence := range batch {
 		items[i] = &esm2v1.Item{Sequence: sequence}
 	}
-	call, err := start(ctx, items)
+	packed := !c.plainOnly.Load()
+	call, err := start(callCtx, items, packed)
 	if err != nil {
 		return nil, callError(err, nil, offset)
 	}
 	assembler := newStreamAssembler(len(batch))
 	for {
-		message, err := call.recv()
+		messages, err := call.recv()
 		if err == io.EOF {
 			break
+		}
+		if packed && status.Code(err) == codes.Unimplemented { // a server from before them
+			c.plainOnly.Store(true)
+			return c.runBatch(ctx, offset, batch, start)
 		}
 		if err != nil {
 			return nil, callError(err, call.trailer(), offset)
 		}
-		if err := assembler.add(message); err != nil {
-			return nil, err
+		for _, message := range messages {
+			if err := assembler.add(message); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return assembler.finish()

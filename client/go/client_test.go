@@ -2,12 +2,17 @@ package esm2
 
 import (
 	"context"
+	"encoding/binary"
 	"math"
+	"net"
 	"os"
+	"reflect"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 
 	esm2v1 "esm2service/esm2/v1"
@@ -100,6 +105,95 @@ func TestViolationsAreRenumberedForTheCallersList(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------
+// Against a server from before the packed methods, in this process.
+
+// olderServer serves Encode only (a mean tensor [index, 1] per item) and records calls.
+type olderServer struct {
+	esm2v1.UnimplementedEsm2ServiceServer
+	mutex sync.Mutex
+	calls []string
+}
+
+func (s *olderServer) record(method string) {
+	s.mutex.Lock()
+	defer s.mutex.Unlock()
+	s.calls = append(s.calls, method)
+}
+
+func (s *olderServer) Encode(request *esm2v1.EncodeRequest, call esm2v1.Esm2Service_EncodeServer) error {
+	s.record("Encode")
+	for i := range request.GetItems() {
+		data := make([]byte, 8)
+		binary.LittleEndian.PutUint32(data, math.Float32bits(float32(i)))
+		binary.LittleEndian.PutUint32(data[4:], math.Float32bits(1))
+		mean := &esm2v1.TensorChunk{Kind: esm2v1.Include_INCLUDE_MEAN, Layer: 6,
+			Tensor: &esm2v1.Tensor{Dtype: esm2v1.Dtype_DTYPE_FLOAT32, Shape: []int64{2}, Data: data}}
+		chunk := &esm2v1.EncodeResponse{SequenceIndex: int32(i), Payload: &esm2v1.EncodeResponse_Chunk{Chunk: mean}}
+		done := &esm2v1.EncodeResponse{SequenceIndex: int32(i),
+			Payload: &esm2v1.EncodeResponse_Complete{Complete: &esm2v1.ItemComplete{}}}
+		if err := call.Send(chunk); err != nil {
+			return err
+		}
+		if err := call.Send(done); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *olderServer) EncodePacked(request *esm2v1.EncodePackedRequest, call esm2v1.Esm2Service_EncodePackedServer) error {
+	s.record("EncodePacked")
+	return s.UnimplementedEsm2ServiceServer.EncodePacked(request, call)
+}
+
+// serverCodec is messageCodec under the older interface grpc.CustomCodec takes.
+type serverCodec struct{ messageCodec }
+
+func (serverCodec) String() string { return "proto" }
+
+func TestAServerWithoutThePackedMethodsGetsPlainCallsFromThenOn(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer(grpc.CustomCodec(serverCodec{}))
+	older := &olderServer{}
+	esm2v1.RegisterEsm2ServiceServer(server, older)
+	go server.Serve(listener)
+	defer server.Stop()
+	client, err := Dial(listener.Addr().String(), Options{MaxConcurrency: 1, Timeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	sequences := make([]string, 10) // two requests: 8, then 2
+	for i := range sequences {
+		sequences[i] = "MKV"
+	}
+	first, err := client.Encode(context.Background(), sequences, EncodeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := client.Encode(context.Background(), []string{"MKV"}, EncodeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"EncodePacked", "Encode", "Encode", "Encode"}; !reflect.DeepEqual(older.calls, want) {
+		t.Errorf("calls %v, want %v", older.calls, want)
+	}
+	var firsts []float32
+	for _, result := range first {
+		firsts = append(firsts, result.Embeddings[6].At(0))
+	}
+	if want := []float32{0, 1, 2, 3, 4, 5, 6, 7, 0, 1}; !reflect.DeepEqual(firsts, want) {
+		t.Errorf("first values %v, want %v", firsts, want)
+	}
+	if got := again[0].Embeddings[6].Data; !reflect.DeepEqual(got, []float32{0, 1}) {
+		t.Errorf("again %v", got)
+	}
+}
+
 // Against a live service: ESM2_TARGET (and ESM2_TOKEN when it requires one). The
 // repository's test command (make test) starts one and sets both.
 

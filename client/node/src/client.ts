@@ -1,5 +1,5 @@
 // Esm2Client: encode, predict and status against the esm2.v1.Esm2Service.
-import { ChannelCredentials, ClientReadableStream, Metadata, ServiceError, credentials } from "@grpc/grpc-js";
+import { ChannelCredentials, ClientReadableStream, Metadata, ServiceError, credentials, status } from "@grpc/grpc-js";
 
 import {
   Dtype,
@@ -73,7 +73,13 @@ export interface PredictResult {
   model?: ModelInfo;
 }
 
-type StartCall = (items: Item[], metadata: Metadata, deadline: Date | undefined) => ClientReadableStream<Response>;
+/** A message of a packed stream (EncodePacked, PredictPacked): several responses in order. */
+interface PackedResponse {
+  responses: Response[];
+}
+type Stream = ClientReadableStream<Response | PackedResponse>;
+/** Starts one request's call: the packed method (`packed`) or the plain one. */
+type StartCall = (items: Item[], metadata: Metadata, deadline: Date | undefined, packed: boolean) => Stream;
 
 function channelCredentials(tls: ClientOptions["tls"]): ChannelCredentials {
   if (!tls) return credentials.createInsecure();
@@ -90,6 +96,9 @@ export class Esm2Client {
   private readonly stub: Esm2ServiceClient;
   private readonly maxConcurrency: number;
   private readonly batchSize: number;
+  /** Encode and Predict go packed (several responses to a message: less CPU at both
+   * ends) until a server answers UNIMPLEMENTED; then this client calls the plain ones. */
+  private packed = true;
 
   constructor(
     target: string,
@@ -115,16 +124,20 @@ export class Esm2Client {
       dtype: lookup(DTYPE, options.dtype ?? "float32", "dtype"),
     };
     const layers = (params.reprLayers.length ? params.reprLayers : [-1]).map((l) => (l < 0 ? l + 7 : l));
-    const items = await this.run(sequences, (batch, metadata, deadline) =>
-      this.stub.encode({ items: batch, params }, metadata, { deadline }),
+    const items = await this.run(sequences, (batch, metadata, deadline, packed) =>
+      packed
+        ? (this.stub.encodePacked({ items: batch, params }, metadata, { deadline }) as Stream)
+        : (this.stub.encode({ items: batch, params }, metadata, { deadline }) as Stream),
     );
     return items.map((item, index) => encodeResult(item, index, params.include, layers));
   }
 
   async predict(sequences: string[], dtype: DtypeName = "float32"): Promise<PredictResult[]> {
     const params = { dtype: lookup(DTYPE, dtype, "dtype") };
-    const items = await this.run(sequences, (batch, metadata, deadline) =>
-      this.stub.predict({ items: batch, params }, metadata, { deadline }),
+    const items = await this.run(sequences, (batch, metadata, deadline, packed) =>
+      packed
+        ? (this.stub.predictPacked({ items: batch, params }, metadata, { deadline }) as Stream)
+        : (this.stub.predict({ items: batch, params }, metadata, { deadline }) as Stream),
     );
     return items.map((item, index) => {
       const logits = single(item, index, Include.INCLUDE_LOGITS);
@@ -168,7 +181,7 @@ export class Esm2Client {
     }
     const refusals = new Map<number, Esm2Error>();
     const results: CompletedItem[][] = new Array(batches.length);
-    const active = new Set<ClientReadableStream<Response>>();
+    const active = new Set<Stream>();
     let next = 0;
     let failed = false;
     const worker = async (): Promise<void> => {
@@ -195,25 +208,31 @@ export class Esm2Client {
     return results.flat();
   }
 
-  private async runBatch(
-    batch: string[],
-    start: StartCall,
-    active: Set<ClientReadableStream<Response>>,
-  ): Promise<CompletedItem[]> {
+  private async runBatch(batch: string[], start: StartCall, active: Set<Stream>): Promise<CompletedItem[]> {
     const assembler = new StreamAssembler(batch.length);
+    const packed = this.packed;
     const call = start(
       batch.map((sequence) => ({ sequence })),
       this.metadata(),
       this.deadline(),
+      packed,
     );
     active.add(call);
+    let olderServer = false; // one from before the packed methods: call the plain ones
     try {
-      for await (const message of call) assembler.add(message);
+      for await (const message of call) {
+        if (packed) for (const response of (message as PackedResponse).responses) assembler.add(response);
+        else assembler.add(message as Response);
+      }
+    } catch (error) {
+      olderServer = packed && isServiceError(error) && error.code === status.UNIMPLEMENTED;
+      if (!olderServer) throw error;
+      this.packed = false;
     } finally {
       active.delete(call);
       call.cancel(); // a no-op once the stream has ended
     }
-    return assembler.finish();
+    return olderServer ? this.runBatch(batch, start, active) : assembler.finish();
   }
 }
 

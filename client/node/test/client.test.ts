@@ -3,9 +3,9 @@ import { describe, it } from "node:test";
 
 import { Esm2Client, Esm2Error } from "../src";
 import { mergeRefusals, shiftItem } from "../src/errors";
-import { Dtype, Include } from "../src/gen/esm2/v1/esm2";
+import { Dtype, EncodeRequest, EncodeResponse, Esm2ServiceService, Include } from "../src/gen/esm2/v1/esm2";
 import { StreamAssembler, TensorAssembler, decodeFloats, float16ToFloat32 } from "../src/tensor";
-import { status } from "@grpc/grpc-js";
+import { Server, ServerCredentials, ServerWritableStream, status } from "@grpc/grpc-js";
 
 describe("decoding and reassembly, without a service", () => {
   it("widens float16 exactly", () => {
@@ -64,6 +64,53 @@ describe("decoding and reassembly, without a service", () => {
     );
     assert.deepEqual(merged.violations.map((v) => v.field), ["items[3].sequence", "items[10].sequence", "params.repr_layers[0]"]);
     assert.deepEqual(merged.requestIds, ["a", "b"]);
+  });
+});
+
+describe("against a server without the packed methods", () => {
+  it("calls EncodePacked once, then Encode for good", async () => {
+    const calls: string[] = [];
+    const mean = (index: number) => ({
+      sequenceIndex: index,
+      chunk: {
+        kind: Include.INCLUDE_MEAN,
+        layer: 6,
+        offset: 0,
+        tensor: { dtype: Dtype.DTYPE_FLOAT32, shape: [2], data: Buffer.from(new Float32Array([index, 1]).buffer) },
+      },
+    });
+    const done = (index: number) => ({ sequenceIndex: index, complete: { vocabTokens: [], sequenceTokens: [], model: undefined } });
+    const server = new Server();
+    server.addService(Esm2ServiceService, {
+      encode: (call: ServerWritableStream<EncodeRequest, EncodeResponse>) => {
+        calls.push("Encode");
+        call.request.items.forEach((_, index) => {
+          call.write(mean(index));
+          call.write(done(index));
+        });
+        call.end();
+      },
+      encodePacked: (call: ServerWritableStream<EncodeRequest, unknown>) => {
+        calls.push("EncodePacked"); // answered as a server without the method answers
+        call.emit("error", { code: status.UNIMPLEMENTED, details: "Method not found!" });
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (error, bound) =>
+        error ? reject(error) : resolve(bound),
+      ),
+    );
+    const c = new Esm2Client(`127.0.0.1:${port}`, { timeoutS: 30, maxConcurrency: 1 });
+    try {
+      const first = await c.encode(Array(10).fill("MKV"));
+      const [again] = await c.encode(["MKV"]);
+      assert.deepEqual(calls, ["EncodePacked", "Encode", "Encode", "Encode"]);
+      assert.deepEqual(first.map((result) => result.embeddings.get(6)!.data[0]), [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]);
+      assert.deepEqual([...again.embeddings.get(6)!.data], [0, 1]);
+    } finally {
+      c.close();
+      server.forceShutdown();
+    }
   });
 });
 
