@@ -17,6 +17,8 @@ def redact_url(url: str) -> str:
     """The URL with any password (in the userinfo or a `password=` query parameter,
     both of which redis-py reads) replaced, fit for logs and reprs."""
     parts = urlsplit(url)
+    if parts.password is None and "password" not in parts.query:
+        return url  # as given: unsplitting drops the // of unix:///path
     if parts.password is not None:
         user = parts.username or ""
         host = parts.hostname or ""

@@ -99,6 +99,8 @@ def test_registries_are_separate():
         ("rediss://user:s3cret@redis.internal/1", "rediss://user:***@redis.internal/1"),
         ("redis://:s3cret@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
         ("redis://h:1/0?password=s3cret&db=2", "redis://h:1/0?password=***&db=2"),
+        ("unix:///tmp/esm2/redis.sock?db=0", "unix:///tmp/esm2/redis.sock?db=0"),
+        ("unix://:s3cret@/tmp/esm2/redis.sock?db=0", "unix://:***@/tmp/esm2/redis.sock?db=0"),
     ],
 )
 def test_redact_url(url, redacted):
