@@ -36,8 +36,8 @@ _CHUNK = _schema(
 )
 _TENSOR = _schema(pb.Tensor, {"dtype": _NUMBER, "shape": _REPEATED_NUMBER, "data": _BYTES})
 _VARINT, _LENGTH_DELIMITED = 0, 2
-_PACKED_RESPONSE_KEY = pb.EncodePackedResponse.DESCRIPTOR.fields_by_name["responses"].number << 3
-_PACKED_RESPONSE_KEY |= _LENGTH_DELIMITED
+_PACKED_RESPONSES = pb.EncodePackedResponse.DESCRIPTOR.fields_by_name["responses"].number
+_PACKED_RESPONSE_KEY = _PACKED_RESPONSES << 3 | _LENGTH_DELIMITED
 _FIELD_NUMBER_LIMIT = 1 << 29
 
 

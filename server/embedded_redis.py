@@ -99,8 +99,7 @@ class EmbeddedRedis:
         return self.url_for_db(0)
 
     def url_for_db(self, db: int) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+        return f"redis://{self._auth}127.0.0.1:{self.port}/{db}"
 
     @property
     def local_url(self) -> str:
@@ -108,8 +107,11 @@ class EmbeddedRedis:
         trip there costs Redis about half its CPU over TCP on loopback), else `url`."""
         if self.socket_path is None:
             return self.url
-        auth = f":{self.password}@" if self.password else ""
-        return f"unix://{auth}{self.socket_path}?db=0"
+        return f"unix://{self._auth}{self.socket_path}?db=0"
+
+    @property
+    def _auth(self) -> str:
+        return f":{self.password}@" if self.password else ""
 
     def _wait_ready(self, timeout_s: float = 10.0) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

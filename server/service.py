@@ -39,27 +39,23 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
         self.worker_timeout_s = worker_timeout_s
         self._cleanups: set[asyncio.Task] = set()  # referenced until done
 
-    # Streams yield response messages already serialized by the workers: one at a time,
-    # or packed, as many as arrived together in each message.
+    # Streams relay the response messages the workers serialized: one to a gRPC message,
+    # or packed, those that arrived together in as few messages as `pack` makes.
     async def Encode(self, request, context) -> AsyncIterator[bytes]:
-        async for responses in self._run("Encode", validate_encode, request, context):
-            for response in responses:
-                yield response
+        async for message in self._run("Encode", validate_encode, request, context):
+            yield message
 
     async def EncodePacked(self, request, context) -> AsyncIterator[bytes]:
-        async for responses in self._run("EncodePacked", validate_encode, request, context):
-            for message in pack(responses):
-                yield message
+        async for message in self._run("EncodePacked", validate_encode, request, context, True):
+            yield message
 
     async def Predict(self, request, context) -> AsyncIterator[bytes]:
-        async for responses in self._run("Predict", validate_predict, request, context):
-            for response in responses:
-                yield response
+        async for message in self._run("Predict", validate_predict, request, context):
+            yield message
 
     async def PredictPacked(self, request, context) -> AsyncIterator[bytes]:
-        async for responses in self._run("PredictPacked", validate_predict, request, context):
-            for message in pack(responses):
-                yield message
+        async for message in self._run("PredictPacked", validate_predict, request, context, True):
+            yield message
 
     async def Score(self, request, context) -> AsyncIterator[pb.ScoreResponse]:
         async def run(request_id: str):
@@ -91,7 +87,14 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
         except InvalidRequest as error:
             await _abort(context, error)
 
-    async def _run(self, method: str, validate: Callable[..., ValidRequest], request, context):
+    async def _run(
+        self,
+        method: str,
+        validate: Callable[..., ValidRequest],
+        request,
+        context,
+        packed: bool = False,
+    ):
         async def run(request_id: str):
             valid = validate(request)
             deadline = await self.broker.submit(valid, request_id, context.time_remaining())
@@ -99,7 +102,8 @@ class Esm2Service(esm2_pb2_grpc.Esm2ServiceServicer):
             return items, self.broker.results(request_id, items, deadline)
 
         async for responses in self._serve(method, run, context):
-            yield responses
+            for message in pack(responses) if packed else responses:
+                yield message
 
     async def _serve(self, method: str, start: StartRequest, context):
         """Relays what `start(request_id)` streams, turning every error into a status and

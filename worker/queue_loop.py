@@ -17,6 +17,7 @@ more than `lane_max_wait_s` gets every other batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -182,7 +183,8 @@ class QueueWorker:
             self.write_behind.close()
             self.behind_replies.direct.close()
         prefetched, self._prefetched = self._prefetched or [], None
-        self._hand_back(self.held + [job for job in map(self._admit_entry, prefetched) if job])
+        admitted = itertools.starmap(self._admit, prefetched)
+        self._hand_back(self.held + [job for job in admitted if job])
         self.direct.close()
         heartbeat.join(timeout=self.settings.heartbeat_s + 1)
         self._sign_off()
@@ -203,7 +205,7 @@ class QueueWorker:
                 entries = self._take_new(room)
         if room > 0 and not entries and not self.held:
             entries = self._wait_for_new(room)
-        admitted = map(self._admit_entry, entries)
+        admitted = itertools.starmap(self._admit, entries)
         held = [job for job in self.held if not self._skipped(job)]
         jobs = held + [job for job in admitted if job]
         if not jobs:
@@ -339,9 +341,6 @@ class QueueWorker:
         self._ack([(stream, entry_id)])
         return False
 
-    def _admit_entry(self, entry: tuple[int, bytes, dict]) -> Job | None:
-        return self._admit(*entry)
-
     def _admit(self, lane: int, entry_id: bytes, fields) -> Job | None:
         """The job for an entry, or None (acknowledged) if it must not run."""
         item = _decode(fields)
@@ -420,11 +419,12 @@ class QueueWorker:
                 abandoned = replies.abandoned.get(item_key(job.item))
                 outcomes.append(abandoned_outcome(abandoned[0]) if abandoned else "completed")
                 replies.complete(job.item, job.work.predict)
-            take = self._take_along(replies)
+            check_waits = self._take_along(replies)  # None: no take rode along
             try:
                 cancelled = self._ack(refs, replies)
             finally:
-                self._prefetched = take and self._taken_along(*take)
+                if check_waits is not None:
+                    self._prefetched = self._taken_along(check_waits)
         except redis.RedisError as error:
             replies.discard()
             self.in_flight.difference_update(refs)
@@ -447,10 +447,11 @@ class QueueWorker:
         self.metrics.batch(len(jobs), tokens, seconds, padded_tokens=0)  # packed: no padding
         log.debug("batch of %d (%d tokens) in %.1f ms", len(jobs), tokens, 1000 * seconds)
 
-    def _take_along(self, replies: ReplyWriter) -> tuple[bool] | None:
+    def _take_along(self, replies: ReplyWriter) -> bool | None:
         """Has the next step's first take ride along with the batch's final write on the
         loop's connection (one round trip for both: Redis's and the worker's cost of one
-        less), when that step will take and need not claim first."""
+        less), when that step will take and need not claim first. Returns whether that
+        take asks about lane waits; None if none rides along."""
         room = self.settings.batch_size - len(self.held)
         claim_due = time.monotonic() - self._last_claim >= _CLAIM_EVERY_S
         if replies is not self.replies or room <= 0 or claim_due:
@@ -458,7 +459,7 @@ class QueueWorker:
         args, check_waits = self._take_args(min(room, READ_SIZE))
         lanes = queue.QUEUE_LANES
         self.direct.ride_along("EVALSHA", self._take.sha, len(lanes), *lanes, *args)
-        return (check_waits,)
+        return check_waits
 
     def _taken_along(self, check_waits: bool) -> list[tuple[int, bytes, dict]] | None:
         """The entries of the take that rode along; None if it was not sent or Redis
