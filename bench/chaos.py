@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from esm2_service.alphabet import token_ids
+from esm2_service.client.rich_errors import cancelled_unseen
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
 from esm2_service.server.embedded_redis import EmbeddedRedis, free_port
@@ -34,6 +35,7 @@ EXPECTED_FAILURES = {
     grpc.StatusCode.UNAVAILABLE,  # Redis or the frontend away
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # queue full
     grpc.StatusCode.DEADLINE_EXCEEDED,  # only for requests sent with a short deadline
+    grpc.StatusCode.CANCELLED,  # only before the service took it (rich_errors.cancelled_unseen)
 }
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -182,9 +184,11 @@ def client_loop(target: str, seed: int, stop: threading.Event, tally: Tally, ref
 
 def _record_failure(tally: Tally, error: grpc.RpcError, short_deadline: bool) -> None:
     code = error.code()
-    right = code in EXPECTED_FAILURES and (
-        code != grpc.StatusCode.DEADLINE_EXCEEDED or short_deadline
-    )
+    right = code in EXPECTED_FAILURES
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        right = short_deadline
+    elif code == grpc.StatusCode.CANCELLED:  # the frontend restarting as the call arrived
+        right = cancelled_unseen(error)
     with tally.lock:
         if right:
             tally.failed_right[code] += 1

@@ -25,15 +25,18 @@ from esm2_service.validation import MAX_TOKENS
 from .bulk_records import Accepted, Reject, merge_windows, window_starts
 from .client import Esm2Client
 from .h5store import JobMismatch, ShardedStore
+from .interrupts import CtrlC
 from .output import record_arrays
 from .results import EncodeResult
-from .rich_errors import InvalidArgumentError, ServiceUnreachableError
+from .rich_errors import InvalidArgumentError, ServiceUnreachableError, cancelled_unseen
 
 REQUEST_ITEMS = 8
 # A request the service could not take now (queue full, restarting) is retried after
 # these pauses; then the job stops, resumable.
 RETRY_PAUSES_S = (1, 2, 4, 8, 15, 30)
 _RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# How often the wait for a request checks for a Ctrl-C that Python swallowed (interrupts.py).
+CTRL_C_CHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,11 @@ class BulkEncoder:
         store: ShardedStore,
         concurrency: int,
         progress: tqdm,
+        ctrl_c: CtrlC | None = None,
     ):
         self.client, self.settings, self.store = client, settings, store
         self.concurrency, self.progress = concurrency, progress
+        self.ctrl_c = ctrl_c or CtrlC()
         self.summary = Summary()
         self._pending: dict[str, _Pending] = {}
         self._batches: dict[bool, list[Piece]] = {False: [], True: []}
@@ -183,7 +188,7 @@ class BulkEncoder:
                 self._outage_reported = False
                 return results
             except grpc.RpcError as error:
-                if pause is None or error.code() not in _RETRIED:
+                if pause is None or not _retried(error):
                     raise
                 self._report_outage(error)
                 if self._stopping.wait(pause):
@@ -208,7 +213,10 @@ class BulkEncoder:
         )
 
     def _collect(self) -> None:
-        finished, _ = wait(list(self._in_flight), return_when=FIRST_COMPLETED)
+        finished: set[Future] = set()
+        while not finished:
+            self.ctrl_c.check()
+            finished, _ = wait(list(self._in_flight), CTRL_C_CHECK_S, FIRST_COMPLETED)
         for future in finished:
             _, pieces = self._in_flight.pop(future)
             for piece, result in zip(pieces, future.result(), strict=True):
@@ -282,6 +290,11 @@ class BulkEncoder:
         if results[0].logits is not None:
             arrays["logits"] = merge_windows(length, starts, [r.logits for r in results])
         return dict(sorted(arrays.items()))
+
+
+def _retried(error: grpc.RpcError) -> bool:
+    """The service could not take the request now: full, restarting or unreachable."""
+    return error.code() in _RETRIED or cancelled_unseen(error)
 
 
 def count_residues(screened: Iterator[Accepted | Reject]) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from .cli_options import (
 from .client import Esm2Client
 from .fasta import iter_fasta
 from .h5store import H5_LAYOUT, SHARD_RECORDS, JobMismatch, ShardedStore
+from .interrupts import ctrl_c_stops
 from .params import INCLUDE_NAMES, EncodeSpec
 
 # `esm2 encode` finished, but some records were rejected (listed in OUT.rejects.tsv).
@@ -146,8 +147,9 @@ def run_encode(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         concurrency = args.concurrency or _default_concurrency(client)
         disable = True if args.no_progress else None
-        with tqdm(total=total, unit="res", unit_scale=True, desc="encode", disable=disable) as bar:
-            encoder = BulkEncoder(client, settings, store, concurrency, bar)
+        progress = tqdm(total=total, unit="res", unit_scale=True, desc="encode", disable=disable)
+        with progress as bar, ctrl_c_stops() as ctrl_c:
+            encoder = BulkEncoder(client, settings, store, concurrency, bar, ctrl_c)
             try:
                 summary = encoder.run(_screened(args.fasta, settings), done)
             except JobMismatch as error:

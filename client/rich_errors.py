@@ -102,6 +102,13 @@ def request_id(error: grpc.RpcError) -> str | None:
     return None
 
 
+def cancelled_unseen(error: grpc.RpcError) -> bool:
+    """CANCELLED on a call the service never took (no request id), which the caller did
+    not cancel: gRPC cancels the calls that reach a server as it stops, before a handler
+    takes them (grpc/grpc#41785), as in a frontend's rolling restart. Safe to send again."""
+    return error.code() == grpc.StatusCode.CANCELLED and request_id(error) is None
+
+
 def _trailers(error: grpc.RpcError):
     return error.trailing_metadata() or () if hasattr(error, "trailing_metadata") else ()
 

@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from esm2_service import metadata
 from esm2_service.alphabet import TOKEN_INDEX, VOCAB_TOKENS, split_tokens
 from esm2_service.esm2.v1 import esm2_pb2 as pb
 from esm2_service.esm2.v1 import esm2_pb2_grpc
@@ -79,6 +80,10 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
         self.max_in_flight = 0
         self.packed_methods = True
         self.methods: list[str] = []  # every call's method, in order
+        # Calls to end CANCELLED, as gRPC ends those that reach a stopping server before a
+        # handler takes them (no request id); with one if `cancel_with_request_id`.
+        self.calls_to_cancel = 0
+        self.cancel_with_request_id = False
         self._in_flight = 0
         self._lock = threading.Lock()
 
@@ -155,6 +160,13 @@ class FakeEsm2(esm2_pb2_grpc.Esm2ServiceServicer):
             context.abort_with_status(rpc_status.to_status(status))
         with self._lock:
             self.methods.append(type(request).__name__.removesuffix("Request"))
+            cancel = self.calls_to_cancel > 0
+            self.calls_to_cancel -= cancel
+        if cancel:
+            if self.cancel_with_request_id:
+                context.set_trailing_metadata(((metadata.REQUEST_ID, "r-taken"),))
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        with self._lock:
             self.requests.append(sequences)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)

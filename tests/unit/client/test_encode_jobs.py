@@ -65,6 +65,35 @@ def test_an_unreachable_service_is_named_at_once_and_no_kept_records_are_claimed
     assert not (tmp_path / "out.h5.partial").exists()
 
 
+def test_a_call_cancelled_before_the_service_took_it_is_sent_again(
+    fake_server, fasta, tmp_path, monkeypatch
+):
+    """gRPC cancels the calls that reach a stopping frontend before a handler takes them."""
+    monkeypatch.setattr(bulk, "RETRY_PAUSES_S", (0.01,))
+    target, servicer = fake_server
+    servicer.calls_to_cancel = 1
+    output = tmp_path / "out.h5"
+
+    assert encode(fasta, output, target, "--concurrency", "1") == 0
+
+    assert servicer.methods[:2] == ["EncodePacked", "EncodePacked"]  # the first one again
+    with h5py.File(output) as data:
+        assert len(data) == 40
+
+
+def test_a_cancelled_call_the_service_had_taken_stops_the_job(
+    fake_server, fasta, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(bulk, "RETRY_PAUSES_S", (0.01,))
+    target, servicer = fake_server
+    servicer.calls_to_cancel, servicer.cancel_with_request_id = 1, True
+
+    assert encode(fasta, tmp_path / "out.h5", target, "--concurrency", "1") == 1
+
+    assert servicer.methods == ["EncodePacked"]
+    assert "CANCELLED" in capsys.readouterr().err
+
+
 def test_a_fasta_without_records_leaves_no_partial_job(tmp_path, capsys):
     empty = tmp_path / "empty.fasta"
     empty.write_text("\n")
