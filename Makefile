@@ -104,7 +104,9 @@ test-images: setup-dev
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
-	ESM2_TEST_IMAGES=1 $(BIN)/python -m pytest -q -rs tests/images $(ARGS)
+	# Builds are bounded by their own timeout (harness.build), not pytest's per-test one:
+	# the GPU image's CUDA wheels alone can take minutes to download.
+	ESM2_TEST_IMAGES=1 $(BIN)/python -m pytest -q -rs -o timeout_func_only=true tests/images $(ARGS)
 
 # Regenerates every client's code from protos/ (tests fail while any is stale).
 protos: setup-dev

@@ -1,8 +1,10 @@
-"""Test helpers: fair-esm's reference outputs, the real FASTA data, comparisons."""
+"""Test helpers: fair-esm's reference outputs, the real FASTA data, comparisons, ports."""
 
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,26 @@ import torch
 from esm2_service.alphabet import MASK_INDEX, MASK_TOKEN, TOKEN_INDEX, token_ids
 
 ESM2 = [sys.executable, "-m", "esm2_service.client.cli"]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` consecutive loopback ports nothing holds now: `esm2 serve` listens on the
+    ports after --metrics-port too, so separately chosen free ports can collide."""
+    for _ in range(200):
+        start = random.randrange(10000, 32000)  # below Linux's ephemeral ports (32768 up)
+        ports = list(range(start, start + count))
+        if all(map(_bindable, ports)):
+            return ports
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def esm2(*args, env=None, timeout=120) -> subprocess.CompletedProcess:

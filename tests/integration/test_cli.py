@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from conftest import ServiceProcesses
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ESM2, esm2
+from support import ESM2, esm2, free_ports
 
 from esm2_service.client import Esm2Client
 from esm2_service.server.embedded_redis import free_port
@@ -42,7 +42,7 @@ def test_invalid_input_prints_the_violations_and_exits_2(service):
 
 
 def test_serve_runs_the_whole_service_and_ctrl_c_stops_it_cleanly(tiny_checkpoint, tmp_path):
-    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    port, http_port, metrics_port, *_ = free_ports(2 + 5)  # metrics: 2 frontends, 2 workers, HTTP
     argv = ["serve", "--port", port, "--metrics-port", metrics_port, "--workers", "2"]
     argv += ["--frontends", "2"]
     argv += ["--http-port", http_port, "--weights", tiny_checkpoint]
