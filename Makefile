@@ -97,6 +97,7 @@ test: lint
 # Debian's docker.io, mmdebstrap (base images without a registry) and docker-compose where
 # it can; where no daemon can run, the tests are skipped with the reason printed.
 # ESM2_SKIP_GPU_IMAGE=1 leaves out the GPU worker's image (a 3 GB download).
+# Builds are bounded by their own timeout (harness.build), not by pytest's per-test one.
 IMAGE_PACKAGES := docker.io mmdebstrap docker-compose
 test-images: setup-dev
 	@missing=$$(for p in $(IMAGE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -104,8 +105,6 @@ test-images: setup-dev
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
-	# Builds are bounded by their own timeout (harness.build), not pytest's per-test one:
-	# the GPU image's CUDA wheels alone can take minutes to download.
 	ESM2_TEST_IMAGES=1 $(BIN)/python -m pytest -q -rs -o timeout_func_only=true tests/images $(ARGS)
 
 # Regenerates every client's code from protos/ (tests fail while any is stale).
